@@ -1,0 +1,14 @@
+//! lorafleet engine: Hugging Face causal LMs in candle with NF4 frozen weights and
+//! trainable LoRA adapters (PEFT-exact), data loading, training, evaluation and
+//! generation. No networking: the worker and the CLI call this library.
+//!
+//! Module map (see docs/architecture.md):
+//! - `model`: the `CausalLm` contract, HF config parsing, Llama-family and Falcon models.
+//! - `nf4`: bitsandbytes-exact NF4 quantization and the frozen linear custom ops.
+//! - `lora`: LoRA layers and PEFT adapter files.
+//! - `data`, `optim`, `train`, `eval`, `generate`: the training side.
+
+pub mod error;
+pub mod model;
+
+pub use error::{EngineError, Result};
