@@ -550,7 +550,7 @@ output: { dir: ./out/faq-falcon }
     fn unknown_key_is_named_with_its_path() {
         let y = MINIMAL.replace("data: { train: ./faq.json }", "data: { train: ./faq.json, shufle: true }");
         let e = JobSpec::from_yaml(&y, SpecContext::Local).unwrap_err();
-        assert_eq!(e.errors[0].path, "data");
+        assert_eq!(e.errors[0].path, "data.shufle");
         assert!(e.to_string().contains("unknown field `shufle`"), "{e}");
     }
 
