@@ -10,5 +10,9 @@
 
 pub mod error;
 pub mod model;
+pub mod tokenizer;
+pub mod data;
+pub mod optim;
+pub mod schedule;
 
 pub use error::{EngineError, Result};
