@@ -1,6 +1,6 @@
 //! A job's lifecycle on the control plane, and the small domain types that the
-//! coordinator and the worker share (failure classes, dataset references, the object
-//! key layout of an attempt).
+//! coordinator and the worker share (failure classes). The object-key layout lives in
+//! `lorafleet-storage` (`layout`).
 //!
 //! ```text
 //!                 Cancel
@@ -28,7 +28,6 @@
 //! persisted, since the worker starts right after acquiring and the lease TTL covers a
 //! worker that never starts.
 
-use crate::ids::{Epoch, JobId};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -148,50 +147,6 @@ impl FailureClass {
     }
 }
 
-/// A content-addressed dataset uploaded through the coordinator:
-/// `dataset://sha256/<64 lowercase hex>`, stored under `datasets/sha256/<hex>`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct DatasetRef {
-    sha256_hex: String,
-}
-
-pub const DATASET_SCHEME: &str = "dataset://sha256/";
-
-impl DatasetRef {
-    /// From a lowercase hex sha256 digest (64 characters).
-    pub fn from_sha256_hex(hex: &str) -> Option<Self> {
-        let ok = hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        ok.then(|| Self { sha256_hex: hex.to_string() })
-    }
-
-    /// Parse `dataset://sha256/<hex>`; `None` for anything else.
-    pub fn parse(s: &str) -> Option<Self> {
-        s.strip_prefix(DATASET_SCHEME).and_then(Self::from_sha256_hex)
-    }
-
-    pub fn sha256_hex(&self) -> &str {
-        &self.sha256_hex
-    }
-
-    /// The object key holding the bytes.
-    pub fn storage_key(&self) -> String {
-        format!("datasets/sha256/{}", self.sha256_hex)
-    }
-}
-
-impl fmt::Display for DatasetRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{DATASET_SCHEME}{}", self.sha256_hex)
-    }
-}
-
-/// Object-key prefix under which the attempt with this epoch writes everything
-/// (checkpoints, adapter, manifests): `jobs/<job_id>/epoch-<n>/`. The epoch in the key
-/// keeps a stale worker from overwriting a newer attempt's objects.
-pub fn attempt_prefix(job_id: &JobId, epoch: Epoch) -> String {
-    format!("jobs/{job_id}/epoch-{}/", epoch.get())
-}
-
 #[cfg(test)]
 mod tests {
     use super::JobState::*;
@@ -286,22 +241,5 @@ mod tests {
             assert_eq!(s.as_str().parse::<JobState>().unwrap(), s);
         }
         assert!("leased".parse::<JobState>().is_err());
-    }
-
-    #[test]
-    fn dataset_refs() {
-        let hex = "ab".repeat(32);
-        let r = DatasetRef::parse(&format!("dataset://sha256/{hex}")).unwrap();
-        assert_eq!(r.storage_key(), format!("datasets/sha256/{hex}"));
-        assert_eq!(r.to_string(), format!("dataset://sha256/{hex}"));
-        assert!(DatasetRef::parse("dataset://sha256/../../etc/passwd").is_none());
-        assert!(DatasetRef::parse(&format!("dataset://sha256/{}", "AB".repeat(32))).is_none());
-        assert!(DatasetRef::parse(&format!("s3://x/{hex}")).is_none());
-    }
-
-    #[test]
-    fn attempt_prefix_carries_job_and_epoch() {
-        let j: JobId = "6f1c1f5e-8d1a-4d5e-9a8b-0c1d2e3f4a5b".parse().unwrap();
-        assert_eq!(attempt_prefix(&j, Epoch(3)), "jobs/6f1c1f5e-8d1a-4d5e-9a8b-0c1d2e3f4a5b/epoch-3/");
     }
 }
