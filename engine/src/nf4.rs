@@ -1,0 +1,353 @@
+//! bitsandbytes-exact NF4 quantization (blocksize 64) with optional double quantization
+//! of the absmax statistics (signed dynamic 8-bit map, blocksize 256).
+//!
+//! Layout: the row-major flattened `[out, in]` weight is cut into blocks of 64 values;
+//! each block stores `absmax = max |x|`; every value is scaled by `1/absmax` (a multiply
+//! by the reciprocal, as bitsandbytes does), clamped to [-1, 1] and mapped to the nearest
+//! of the 16 NF4 codes (ties go to the lower index). Two codes per byte, the first
+//! element in the high nibble.
+
+use crate::{EngineError, Result};
+
+/// The 16 NF4 code values (bitsandbytes `get_4bit_type("nf4")`).
+pub const NF4_CODE: [f32; 16] = [
+    -1.0,
+    -0.696_192_800_998_687_7,
+    -0.525_073_051_452_636_7,
+    -0.394_917_488_098_144_53,
+    -0.284_441_381_692_886_35,
+    -0.184_773_430_228_233_34,
+    -0.091_050_036_251_544_95,
+    0.0,
+    0.079_580_299_556_255_34,
+    0.160_930_201_411_247_25,
+    0.246_112_301_945_686_34,
+    0.337_915_241_718_292_24,
+    0.440_709_829_330_444_34,
+    0.562_617_003_917_694_1,
+    0.722_956_836_223_602_3,
+    1.0,
+];
+
+pub const NF4_BLOCKSIZE: usize = 64;
+pub const NESTED_BLOCKSIZE: usize = 256;
+
+/// `torch.linspace(start, end, steps, dtype=float32)` in the scalar form of the CPU
+/// kernel (first half counted up from `start`, second half down from `end`).
+fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
+    if steps == 1 {
+        return vec![start];
+    }
+    let step = (end as f64 - start as f64) / (steps - 1) as f64;
+    let halfway = steps / 2;
+    (0..steps)
+        .map(|i| {
+            if i < halfway {
+                (start as f64 + step * i as f64) as f32
+            } else {
+                (end as f64 - step * (steps - i - 1) as f64) as f32
+            }
+        })
+        .collect()
+}
+
+/// bitsandbytes `create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)`
+/// recomputed from its definition: the 256-entry signed dynamic 8-bit code, sorted.
+/// PyTorch's vectorized `linspace` rounds a handful of entries differently (by one ulp),
+/// so quantization uses [`DYNAMIC_MAP`], the exact table bitsandbytes produces; this
+/// function exists to check that table against the formula.
+pub fn create_dynamic_map() -> Vec<f32> {
+    let max_exponent_bits = 7i32;
+    let non_sign_bits = 7i32;
+    let mut data: Vec<f32> = Vec::with_capacity(256);
+    for i in 0..max_exponent_bits {
+        let fraction_items = 2usize.pow((i + non_sign_bits - max_exponent_bits) as u32) + 1;
+        let b = linspace_f32(0.1, 1.0, fraction_items);
+        let means: Vec<f32> = b.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+        let scale = 10f64.powi(-(max_exponent_bits - 1) + i) as f32;
+        data.extend(means.iter().map(|m| scale * m));
+        data.extend(means.iter().map(|m| -scale * m));
+    }
+    data.push(0.0);
+    data.push(1.0);
+    while data.len() < 256 {
+        data.push(0.0);
+    }
+    data.sort_by(|a, b| a.total_cmp(b));
+    data
+}
+
+/// The dynamic map exactly as bitsandbytes stores it (`nested_quant_map`), f32 bit
+/// patterns, ascending.
+const DYNAMIC_MAP_BITS: [u32; 256] = [
+    0xbf7e3333, 0xbf7a999a, 0xbf770000, 0xbf736666, 0xbf6fcccd, 0xbf6c3333, 0xbf68999a, 0xbf650000,
+    0xbf616666, 0xbf5dcccd, 0xbf5a3333, 0xbf56999a, 0xbf530000, 0xbf4f6666, 0xbf4bcccd, 0xbf483333,
+    0xbf44999a, 0xbf410000, 0xbf3d6666, 0xbf39cccd, 0xbf363334, 0xbf32999a, 0xbf2f0000, 0xbf2b6666,
+    0xbf27cccd, 0xbf243334, 0xbf20999a, 0xbf1d0000, 0xbf196666, 0xbf15cccd, 0xbf123334, 0xbf0e999a,
+    0xbf0b0000, 0xbf076666, 0xbf03cccc, 0xbf003333, 0xbef93332, 0xbef20000, 0xbeeacccc, 0xbee3999a,
+    0xbedc6666, 0xbed53333, 0xbece0000, 0xbec6cccc, 0xbebf999a, 0xbeb86666, 0xbeb13333, 0xbeaa0000,
+    0xbea2cccc, 0xbe9b999a, 0xbe946666, 0xbe8d3334, 0xbe860000, 0xbe7d9999, 0xbe6f3333, 0xbe60cccd,
+    0xbe526666, 0xbe440000, 0xbe35999a, 0xbe273333, 0xbe18cccd, 0xbe0a6666, 0xbdf80000, 0xbddb3334,
+    0xbdc9eb85, 0xbdc428f7, 0xbdbe6667, 0xbdb8a3d7, 0xbdb2e148, 0xbdad1eb8, 0xbda75c2a, 0xbda1999a,
+    0xbd9bd70a, 0xbd96147b, 0xbd9051eb, 0xbd8a8f5d, 0xbd84cccd, 0xbd7e147b, 0xbd728f5d, 0xbd670a3d,
+    0xbd5b851f, 0xbd500000, 0xbd447ae1, 0xbd38f5c3, 0xbd2d70a3, 0xbd21eb85, 0xbd166667, 0xbd0ae148,
+    0xbcfeb852, 0xbce7ae15, 0xbcd0a3d7, 0xbcb9999a, 0xbca28f5d, 0xbc8b851f, 0xbc68f5c3, 0xbc3ae148,
+    0xbc1f3b64, 0xbc160418, 0xbc0ccccd, 0xbc039581, 0xbbf4bc6a, 0xbbe24dd3, 0xbbcfdf3b, 0xbbbd70a4,
+    0xbbab020d, 0xbb989374, 0xbb8624dd, 0xbb676c8a, 0xbb428f5c, 0xbb1db22d, 0xbaf1a9fc, 0xbaa7ef9d,
+    0xba7765ff, 0xba59e83e, 0xba3c6a80, 0xba1eecc1, 0xba016f01, 0xb9c7e283, 0xb98ce705, 0xb923d70b,
+    0xb8ba1f4b, 0xb88aefb3, 0xb8378034, 0xb7b24206, 0xb70205ff, 0xb65a1a94, 0xb513a3b7, 0x00000000,
+    0x3513a3b7, 0x365a1a94, 0x370205ff, 0x37b24206, 0x38378034, 0x388aefb3, 0x38ba1f4b, 0x3923d70b,
+    0x398ce705, 0x39c7e283, 0x3a016f01, 0x3a1eecc1, 0x3a3c6a80, 0x3a59e83e, 0x3a7765ff, 0x3aa7ef9d,
+    0x3af1a9fc, 0x3b1db22d, 0x3b428f5c, 0x3b676c8a, 0x3b8624dd, 0x3b989374, 0x3bab020d, 0x3bbd70a4,
+    0x3bcfdf3b, 0x3be24dd3, 0x3bf4bc6a, 0x3c039581, 0x3c0ccccd, 0x3c160418, 0x3c1f3b64, 0x3c3ae148,
+    0x3c68f5c3, 0x3c8b851f, 0x3ca28f5d, 0x3cb9999a, 0x3cd0a3d7, 0x3ce7ae15, 0x3cfeb852, 0x3d0ae148,
+    0x3d166667, 0x3d21eb85, 0x3d2d70a3, 0x3d38f5c3, 0x3d447ae1, 0x3d500000, 0x3d5b851f, 0x3d670a3d,
+    0x3d728f5d, 0x3d7e147b, 0x3d84cccd, 0x3d8a8f5d, 0x3d9051eb, 0x3d96147b, 0x3d9bd70a, 0x3da1999a,
+    0x3da75c2a, 0x3dad1eb8, 0x3db2e148, 0x3db8a3d7, 0x3dbe6667, 0x3dc428f7, 0x3dc9eb85, 0x3ddb3334,
+    0x3df80000, 0x3e0a6666, 0x3e18cccd, 0x3e273333, 0x3e35999a, 0x3e440000, 0x3e526666, 0x3e60cccd,
+    0x3e6f3333, 0x3e7d9999, 0x3e860000, 0x3e8d3334, 0x3e946666, 0x3e9b999a, 0x3ea2cccc, 0x3eaa0000,
+    0x3eb13333, 0x3eb86666, 0x3ebf999a, 0x3ec6cccc, 0x3ece0000, 0x3ed53333, 0x3edc6666, 0x3ee3999a,
+    0x3eeacccc, 0x3ef20000, 0x3ef93332, 0x3f003333, 0x3f03cccc, 0x3f076666, 0x3f0b0000, 0x3f0e999a,
+    0x3f123334, 0x3f15cccd, 0x3f196666, 0x3f1d0000, 0x3f20999a, 0x3f243334, 0x3f27cccd, 0x3f2b6666,
+    0x3f2f0000, 0x3f32999a, 0x3f363334, 0x3f39cccd, 0x3f3d6666, 0x3f410000, 0x3f44999a, 0x3f483333,
+    0x3f4bcccd, 0x3f4f6666, 0x3f530000, 0x3f56999a, 0x3f5a3333, 0x3f5dcccd, 0x3f616666, 0x3f650000,
+    0x3f68999a, 0x3f6c3333, 0x3f6fcccd, 0x3f736666, 0x3f770000, 0x3f7a999a, 0x3f7e3333, 0x3f800000,
+];
+
+/// The 256-entry signed dynamic map used for double quantization.
+pub fn dynamic_map() -> &'static [f32; 256] {
+    static MAP: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    MAP.get_or_init(|| DYNAMIC_MAP_BITS.map(f32::from_bits))
+}
+
+/// Index of the code nearest to `x` (`argmin |x - code|`, first index on ties) in a
+/// sorted code table.
+#[inline]
+fn nearest_code(code: &[f32], x: f32) -> u8 {
+    // Binary search for the first code >= x, then compare the two neighbours exactly the
+    // way `argmin(|x - code|)` does (the lower index wins a tie).
+    let mut lo = 0usize;
+    let mut hi = code.len();
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if code[mid] < x {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    let mut idx = lo.min(code.len() - 1);
+    while idx > 0 && (x - code[idx - 1]).abs() <= (x - code[idx]).abs() {
+        idx -= 1;
+    }
+    while idx + 1 < code.len() && (x - code[idx + 1]).abs() < (x - code[idx]).abs() {
+        idx += 1;
+    }
+    idx as u8
+}
+
+/// Blockwise absmax quantization of `values` with `code` (sorted). Returns codes and the
+/// absmax of every block.
+fn quantize_blockwise(values: &[f32], code: &[f32], blocksize: usize) -> (Vec<u8>, Vec<f32>) {
+    let mut q = Vec::with_capacity(values.len());
+    let mut absmax = Vec::with_capacity(values.len().div_ceil(blocksize));
+    for block in values.chunks(blocksize) {
+        let am = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        absmax.push(am);
+        let inv = 1.0 / am;
+        for &v in block {
+            let s = if am == 0.0 { 0.0 } else { (v * inv).clamp(-1.0, 1.0) };
+            q.push(nearest_code(code, s));
+        }
+    }
+    (q, absmax)
+}
+
+/// Double-quantized absmax statistics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NestedAbsmax {
+    /// One u8 code per 64-block.
+    pub absmax_q: Vec<u8>,
+    /// One f32 scale per 256 codes.
+    pub nested_absmax: Vec<f32>,
+    /// The 256-entry dynamic map.
+    pub nested_code: Vec<f32>,
+    /// `mean(absmax)`.
+    pub offset: f32,
+}
+
+impl NestedAbsmax {
+    /// `code2[q] * nested_absmax[i / 256] + offset`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.absmax_q
+            .iter()
+            .enumerate()
+            .map(|(i, &q)| self.nested_code[q as usize] * self.nested_absmax[i / NESTED_BLOCKSIZE] + self.offset)
+            .collect()
+    }
+}
+
+/// A 4-bit NF4 tensor (always 2-D `[rows, cols]` for weights; any shape flattens).
+#[derive(Debug, Clone)]
+pub struct Nf4Tensor {
+    pub shape: Vec<usize>,
+    /// `ceil(n / 2)` bytes, first element in the high nibble.
+    pub packed: Vec<u8>,
+    /// The absmax per 64-block actually used for dequantization (after the double
+    /// quantization round trip when `nested` is set).
+    pub absmax: Vec<f32>,
+    /// Present when the statistics are double quantized.
+    pub nested: Option<NestedAbsmax>,
+}
+
+impl Nf4Tensor {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Quantize `values` (row-major, `shape`).
+    pub fn quantize(values: &[f32], shape: &[usize], double_quant: bool) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if n != values.len() {
+            return Err(EngineError::Config(format!(
+                "nf4 quantize: shape {shape:?} does not match {} values",
+                values.len()
+            )));
+        }
+        let (q, absmax) = quantize_blockwise(values, &NF4_CODE, NF4_BLOCKSIZE);
+        let packed = pack_nibbles(&q);
+        let (absmax, nested) = if double_quant {
+            let nested = double_quantize(&absmax);
+            (nested.dequantize(), Some(nested))
+        } else {
+            (absmax, None)
+        };
+        Ok(Self { shape: shape.to_vec(), packed, absmax, nested })
+    }
+
+    /// Build from stored parts, checking their sizes.
+    pub fn from_parts(shape: Vec<usize>, packed: Vec<u8>, absmax: Vec<f32>, nested: Option<NestedAbsmax>) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if packed.len() != n.div_ceil(2) {
+            return Err(EngineError::Config(format!(
+                "nf4: {} packed bytes for shape {shape:?} (expected {})",
+                packed.len(),
+                n.div_ceil(2)
+            )));
+        }
+        if absmax.len() != n.div_ceil(NF4_BLOCKSIZE) {
+            return Err(EngineError::Config(format!(
+                "nf4: {} absmax values for shape {shape:?} (expected {})",
+                absmax.len(),
+                n.div_ceil(NF4_BLOCKSIZE)
+            )));
+        }
+        Ok(Self { shape, packed, absmax, nested })
+    }
+
+    /// Dequantize everything to f32.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.numel()];
+        self.dequantize_into(&mut out);
+        out
+    }
+
+    /// Dequantize into `out` (length `numel`). Uses a 256-entry pair table so each byte
+    /// is one lookup; blocks of 64 values (32 bytes) share one absmax.
+    pub fn dequantize_into(&self, out: &mut [f32]) {
+        let lut = pair_lut();
+        let n = out.len().min(self.numel());
+        let full = n / 2;
+        for (bi, chunk) in out[..full * 2].chunks_mut(NF4_BLOCKSIZE).enumerate() {
+            let am = self.absmax[bi];
+            let bytes = &self.packed[bi * NF4_BLOCKSIZE / 2..bi * NF4_BLOCKSIZE / 2 + chunk.len() / 2];
+            for (o, &b) in chunk.chunks_exact_mut(2).zip(bytes) {
+                let (hi, lo) = lut[b as usize];
+                o[0] = hi * am;
+                o[1] = lo * am;
+            }
+        }
+        if n % 2 == 1 {
+            let b = self.packed[full];
+            out[n - 1] = NF4_CODE[(b >> 4) as usize] * self.absmax[(n - 1) / NF4_BLOCKSIZE];
+        }
+    }
+
+    /// Dequantize rows `[r0, r1)` of a 2-D tensor into `out` (converted by `f`).
+    pub fn dequantize_rows_with<T>(&self, r0: usize, r1: usize, out: &mut [T], f: impl Fn(f32) -> T) {
+        let cols = self.shape.last().copied().unwrap_or(1);
+        let start = r0 * cols;
+        let end = r1 * cols;
+        for (o, i) in out.iter_mut().zip(start..end) {
+            let b = self.packed[i / 2];
+            let c = if i % 2 == 0 { b >> 4 } else { b & 15 };
+            *o = f(NF4_CODE[c as usize] * self.absmax[i / NF4_BLOCKSIZE]);
+        }
+    }
+}
+
+fn pair_lut() -> &'static [(f32, f32); 256] {
+    static LUT: std::sync::OnceLock<[(f32, f32); 256]> = std::sync::OnceLock::new();
+    LUT.get_or_init(|| {
+        let mut t = [(0f32, 0f32); 256];
+        for (b, e) in t.iter_mut().enumerate() {
+            *e = (NF4_CODE[b >> 4], NF4_CODE[b & 15]);
+        }
+        t
+    })
+}
+
+fn pack_nibbles(q: &[u8]) -> Vec<u8> {
+    q.chunks(2).map(|p| (p[0] << 4) | p.get(1).copied().unwrap_or(0)).collect()
+}
+
+/// `torch.mean` of an f32 vector as the CPU kernel sums it: 8 f32 lanes, lanes added in
+/// order, then the tail.
+fn mean_f32(v: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let n = v.len() / 8 * 8;
+    for (i, &x) in v[..n].iter().enumerate() {
+        lanes[i % 8] += x;
+    }
+    let mut s = 0f32;
+    for l in lanes {
+        s += l;
+    }
+    for &x in &v[n..] {
+        s += x;
+    }
+    s / v.len().max(1) as f32
+}
+
+/// bitsandbytes `compress_statistics`: `offset = mean(absmax)`, then `absmax - offset`
+/// quantized blockwise (256) with the dynamic map.
+pub fn double_quantize(absmax: &[f32]) -> NestedAbsmax {
+    let offset = mean_f32(absmax);
+    let centered: Vec<f32> = absmax.iter().map(|&v| v - offset).collect();
+    let code = dynamic_map().to_vec();
+    let (absmax_q, nested_absmax) = quantize_blockwise(&centered, &code, NESTED_BLOCKSIZE);
+    NestedAbsmax { absmax_q, nested_absmax, nested_code: code, offset }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_roundtrip_odd_length() {
+        let v = [0.5f32, -1.0, 0.25];
+        let t = Nf4Tensor::quantize(&v, &[3], false).unwrap();
+        assert_eq!(t.packed.len(), 2);
+        assert_eq!(t.packed[1] & 15, 0);
+        let d = t.dequantize();
+        assert_eq!(d[1], -1.0);
+        assert!((d[0] - 0.5).abs() < 0.07);
+    }
+
+    #[test]
+    fn zero_block_dequantizes_to_zero() {
+        let v = vec![0f32; 64];
+        let t = Nf4Tensor::quantize(&v, &[64], true).unwrap();
+        assert!(t.dequantize().iter().all(|&x| x == 0.0));
+    }
+}
