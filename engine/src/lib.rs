@@ -14,5 +14,7 @@ pub mod tokenizer;
 pub mod data;
 pub mod optim;
 pub mod schedule;
+pub mod eval;
+pub mod generate;
 
 pub use error::{EngineError, Result};
