@@ -1,6 +1,7 @@
 //! lorafleet gRPC API (`package lorafleet.v1`): the generated prost messages and tonic
 //! clients/servers for `JobService` and `WorkerService`, plus the encoded file
-//! descriptor set that the coordinator serves through gRPC reflection.
+//! descriptor set that the coordinator serves through gRPC reflection, and the
+//! conversions to and from the domain types ([`convert`]).
 //!
 //! The source of truth is `proto/lorafleet/v1/lorafleet.proto`; read its comments for
 //! the semantics of each call (fencing epochs, long polls, streaming layouts).
@@ -12,6 +13,8 @@ pub mod v1 {
 
 /// Encoded `FileDescriptorSet` of `lorafleet.v1`, for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("lorafleet_v1_descriptor");
+
+pub mod convert;
 
 pub use v1::*;
 
