@@ -16,5 +16,7 @@ pub mod optim;
 pub mod schedule;
 pub mod eval;
 pub mod generate;
+pub mod demo;
+pub mod checkpoint;
 
 pub use error::{EngineError, Result};
