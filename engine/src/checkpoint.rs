@@ -8,14 +8,12 @@
 //! A checkpoint is written to `step-N.tmp` and renamed, so a directory named `step-N`
 //! is always complete.
 
-use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::data::DataCursor;
-use crate::model::LoraSettings;
+use crate::model::CausalLm;
 use crate::optim::AdamW;
 use crate::schedule::LrSchedule;
 use crate::{EngineError, Result};
@@ -60,89 +58,15 @@ pub fn checkpoint_dir(work_dir: &Path, step: u64) -> PathBuf {
     work_dir.join("checkpoints").join(format!("step-{step}"))
 }
 
-/// Write the PEFT adapter files (`{"format": "pt"}` metadata, f32 weights).
-pub fn save_adapter(dir: &Path, params: &BTreeMap<String, Var>, lora: &LoraSettings, base_model: &str) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| EngineError::file(dir, format!("cannot create directory: {e}")))?;
-    let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    for (k, v) in params {
-        tensors.push((k.clone(), v.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?));
-    }
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
-        .iter()
-        .map(|(k, t)| -> Result<_> {
-            let data: Vec<f32> = t.flatten_all()?.to_vec1()?;
-            let raw: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-            Ok((k.clone(), raw, t.dims().to_vec()))
-        })
-        .collect::<Result<_>>()?;
-    let mut views = Vec::new();
-    for (k, raw, shape) in &bytes {
-        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), raw)
-            .map_err(|e| EngineError::Config(format!("adapter tensor {k}: {e}")))?;
-        views.push((k.clone(), view));
-    }
-    let meta: HashMap<String, String> = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let path = dir.join(ADAPTER_WEIGHTS);
-    safetensors::serialize_to_file(views, Some(meta), &path)
-        .map_err(|e| EngineError::file(&path, format!("cannot write adapter weights: {e}")))?;
-    let config = serde_json::json!({
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "r": lora.r,
-        "lora_alpha": lora.alpha,
-        "lora_dropout": lora.dropout,
-        "target_modules": lora.target_modules,
-        "bias": "none",
-        "fan_in_fan_out": false,
-        "use_rslora": lora.rslora,
-        "use_dora": false,
-        "modules_to_save": null,
-        "base_model_name_or_path": base_model,
-        "inference_mode": true,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    });
-    let path = dir.join(ADAPTER_CONFIG);
-    std::fs::write(&path, serde_json::to_string_pretty(&config).expect("json"))
-        .map_err(|e| EngineError::file(&path, format!("cannot write adapter config: {e}")))?;
-    Ok(())
-}
-
-/// Set the LoRA parameters from an adapter's weights file (every parameter must be
-/// present with its shape).
-pub fn load_adapter_weights(dir: &Path, params: &BTreeMap<String, Var>) -> Result<()> {
-    let path = dir.join(ADAPTER_WEIGHTS);
-    if !path.is_file() {
-        return Err(EngineError::file(&path, "adapter weights not found"));
-    }
-    let map = candle_core::safetensors::load(&path, &Device::Cpu)
-        .map_err(|e| EngineError::file(&path, format!("cannot read adapter weights: {e}")))?;
-    for (k, var) in params {
-        let t = map.get(k).ok_or_else(|| EngineError::file(&path, format!("missing tensor {k}")))?;
-        if t.dims() != var.dims() {
-            return Err(EngineError::file(&path, format!("tensor {k} has shape {:?}, the model expects {:?}", t.dims(), var.dims())));
-        }
-        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
-    }
-    Ok(())
-}
-
 /// Write a complete checkpoint.
-pub fn save(
-    work_dir: &Path,
-    state: &TrainState,
-    params: &BTreeMap<String, Var>,
-    lora: &LoraSettings,
-    base_model: &str,
-    opt: &AdamW,
-) -> Result<PathBuf> {
+pub fn save(work_dir: &Path, state: &TrainState, model: &dyn CausalLm, base_model: &str, opt: &AdamW) -> Result<PathBuf> {
     let dir = checkpoint_dir(work_dir, state.step);
     let tmp = dir.with_extension("tmp");
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| EngineError::file(&tmp, format!("cannot clear: {e}")))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| EngineError::file(&tmp, format!("cannot create checkpoint directory: {e}")))?;
-    save_adapter(&tmp, params, lora, base_model)?;
+    crate::peft::save_adapter(model, &tmp, base_model)?;
     opt.save(&tmp.join(OPTIMIZER_FILE))?;
     let sp = tmp.join(STATE_FILE);
     std::fs::write(&sp, serde_json::to_string_pretty(state).expect("json")).map_err(|e| EngineError::file(&sp, format!("cannot write: {e}")))?;
@@ -154,11 +78,11 @@ pub fn save(
 }
 
 /// Read a checkpoint's state, restoring the LoRA weights and optimizer moments.
-pub fn restore(dir: &Path, params: &BTreeMap<String, Var>, opt: &mut AdamW) -> Result<TrainState> {
+pub fn restore(dir: &Path, model: &dyn CausalLm, opt: &mut AdamW) -> Result<TrainState> {
     let sp = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&sp).map_err(|e| EngineError::file(&sp, format!("not a checkpoint: {e}")))?;
     let state: TrainState = serde_json::from_str(&text).map_err(|e| EngineError::file(&sp, format!("malformed checkpoint state: {e}")))?;
-    load_adapter_weights(dir, params)?;
+    crate::peft::load_adapter_weights(model, dir)?;
     opt.load(&dir.join(OPTIMIZER_FILE))?;
     Ok(state)
 }

@@ -18,5 +18,7 @@ pub mod eval;
 pub mod generate;
 pub mod demo;
 pub mod checkpoint;
+pub mod train;
+pub mod bench;
 
 pub use error::{EngineError, Result};

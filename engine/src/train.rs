@@ -1,0 +1,444 @@
+//! The training loop: LoRA fine-tuning of a (possibly NF4-quantized) base model.
+//!
+//! Loss convention (that of Hugging Face's Trainer with a model computing a mean loss):
+//! each micro-batch's loss is the total NLL of its target tokens divided by their count;
+//! the loss backpropagated is that divided by `grad_accum`, so gradients of the
+//! micro-batches add up to the gradient of their mean. The reported step loss is the
+//! mean of the micro-batch losses.
+//!
+//! Determinism: one `training.seed` drives the data order (ChaCha8 per epoch), the eval
+//! split and the LoRA dropout masks (`checkpoint::dropout_seed(seed, step, micro)`), so
+//! a run resumed from a checkpoint gives the same later losses as an uninterrupted one.
+//!
+//! Outputs in `output_dir`: the PEFT adapter (`adapter_config.json`,
+//! `adapter_model.safetensors`), `metrics.jsonl` (one line per step and per eval),
+//! `loss.svg` and `train_summary.json`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use lorafleet_shared::spec::{ComputeDtype, JobSpec, Optimizer, QuantMethod};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, StepRecord, TrainState};
+use crate::data::{self, Batcher, DataReport, Dataset};
+use crate::eval;
+use crate::generate;
+use crate::model::{CausalLm, LoadOptions, LoraInit, LoraSettingsRequest, Quant};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::schedule::LrSchedule;
+use crate::tokenizer::Tokenizer;
+use crate::{EngineError, Result};
+
+/// Everything a training run needs. Paths are local (the worker downloads first).
+pub struct TrainRun {
+    pub spec: JobSpec,
+    pub model_dir: PathBuf,
+    pub train_data: PathBuf,
+    pub eval_data: Option<PathBuf>,
+    /// Start from this PEFT adapter instead of a fresh LoRA init.
+    pub init_adapter: Option<PathBuf>,
+    pub output_dir: PathBuf,
+    /// Scratch: checkpoints are written under `work_dir/checkpoints/step-N/`.
+    pub work_dir: PathBuf,
+    /// Resume from this checkpoint directory.
+    pub resume_from: Option<PathBuf>,
+    pub device: Device,
+}
+
+/// Called by the loop; all methods have defaults.
+pub trait TrainObserver {
+    fn on_start(&mut self, _total_steps: u64) {}
+    fn on_step(&mut self, _m: &StepMetrics) {}
+    fn on_eval(&mut self, _m: &EvalMetrics) {}
+    /// A checkpoint was written to `dir` (e.g. upload it). An error stops training.
+    fn on_checkpoint(&mut self, _step: u64, _dir: &Path) -> Result<()> {
+        Ok(())
+    }
+    /// Polled before every step; true cancels the run (`EngineError::Cancelled`).
+    fn should_stop(&self) -> bool {
+        false
+    }
+}
+
+/// An observer that does nothing.
+pub struct NoObserver;
+impl TrainObserver for NoObserver {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: f64,
+    pub loss: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Non-padding tokens processed in this step.
+    pub tokens: u64,
+    pub tokens_per_sec: f64,
+    pub elapsed_secs: f64,
+    pub eta_secs: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    pub step: u64,
+    pub loss: f64,
+    pub perplexity: f64,
+    pub tokens: u64,
+    /// `(prompt, greedy answer)` for `training.sample_prompts`.
+    pub samples: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub total_steps: u64,
+    /// Loss of the last step.
+    pub final_loss: f64,
+    pub final_eval: Option<EvalMetrics>,
+    pub adapter_dir: PathBuf,
+    pub tokens: u64,
+    pub elapsed_secs: f64,
+    pub train_data: DataReport,
+    pub eval_data: Option<DataReport>,
+    pub resumed_from_step: Option<u64>,
+}
+
+/// Number of optimizer steps: `max_steps` and/or `ceil(epochs * steps_per_epoch)`
+/// (whichever ends first when both are set), where an epoch is
+/// `max(1, ceil(sequences / micro_batch_size) / grad_accum)` steps as in HF's Trainer.
+pub fn total_steps(spec: &JobSpec, sequences: usize) -> u64 {
+    let t = &spec.training;
+    let batches = sequences.div_ceil(t.micro_batch_size.max(1) as usize) as u64;
+    let per_epoch = (batches / t.grad_accum.max(1) as u64).max(1);
+    let by_epochs = t.epochs.map(|e| ((e * per_epoch as f64).ceil() as u64).max(1));
+    match (t.max_steps, by_epochs) {
+        (Some(m), Some(e)) => m.min(e),
+        (Some(m), None) => m,
+        (None, Some(e)) => e,
+        (None, None) => per_epoch,
+    }
+}
+
+/// The model load options a spec asks for (LoRA from `init_adapter` when given, else
+/// PEFT's init seeded with `training.seed`).
+pub fn load_options(spec: &JobSpec, init_adapter: Option<&Path>, device: &Device) -> LoadOptions {
+    let quant = match spec.quantization.method {
+        QuantMethod::Nf4 => Quant::Nf4 { double_quant: spec.quantization.double_quant },
+        QuantMethod::None => Quant::None,
+    };
+    let compute_dtype = match spec.quantization.compute_dtype {
+        ComputeDtype::F32 => DType::F32,
+        ComputeDtype::Bf16 => DType::BF16,
+    };
+    let init = match init_adapter {
+        Some(p) => LoraInit::FromAdapter(p.to_path_buf()),
+        None => LoraInit::PeftDefault { seed: spec.training.seed },
+    };
+    LoadOptions {
+        quant,
+        compute_dtype,
+        device: device.clone(),
+        lora: Some(LoraSettingsRequest {
+            r: spec.lora.r as usize,
+            alpha: spec.lora.alpha,
+            dropout: spec.lora.dropout,
+            rslora: spec.lora.rslora,
+            target_modules: spec.lora.target_modules.clone(),
+            init,
+        }),
+    }
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> EngineError {
+    EngineError::file(path, e.to_string())
+}
+
+/// Run training; see the module docs.
+pub fn train(run: &TrainRun, observer: &mut dyn TrainObserver) -> Result<TrainSummary> {
+    let spec = &run.spec;
+    let t = &spec.training;
+    let started = Instant::now();
+    let model = crate::model::load_model(&run.model_dir, &load_options(spec, run.init_adapter.as_deref(), &run.device))?;
+    let model: &dyn CausalLm = model.as_ref();
+    let info = model.info().clone();
+    if info.lora.is_none() {
+        return Err(EngineError::Config("the model was loaded without lora".into()));
+    }
+    let tok = Tokenizer::from_model_dir(&run.model_dir, info.eos_token_ids.first().copied(), info.pad_token_id)?;
+    let (train_ds, eval_ds) = data::load_train_eval(&run.train_data, run.eval_data.as_deref(), &tok, &spec.data, t.seed)?;
+    tracing::info!(
+        rows = train_ds.report.rows,
+        examples = train_ds.report.examples,
+        skipped = train_ds.report.skipped.len(),
+        truncated = train_ds.report.truncated,
+        sequences = train_ds.report.sequences,
+        target_tokens = train_ds.report.target_tokens,
+        eval_examples = eval_ds.as_ref().map(|d| d.report.examples).unwrap_or(0),
+        "training data loaded"
+    );
+    let total = total_steps(spec, train_ds.sequences.len());
+    let schedule = LrSchedule::from_spec(t, total);
+    let mut opt = AdamW::new(AdamWConfig {
+        beta1: t.betas[0],
+        beta2: t.betas[1],
+        eps: t.eps,
+        weight_decay: t.weight_decay,
+        eight_bit: t.optimizer == Optimizer::AdamW8bit,
+    });
+    let mut batcher = Batcher::new(&train_ds, spec.data.shuffle, t.seed, t.micro_batch_size as usize, tok.pad_id());
+    let mut state = TrainState {
+        version: 1,
+        step: 0,
+        total_steps: total,
+        cursor: batcher.cursor,
+        seed: t.seed,
+        dropout_stream: "splitmix64(seed, step, micro)".into(),
+        schedule,
+        tokens_seen: 0,
+        history: vec![],
+    };
+    let mut resumed_from = None;
+    if let Some(ck) = &run.resume_from {
+        let st = checkpoint::restore(ck, model, &mut opt)?;
+        if st.total_steps != total || st.seed != t.seed {
+            return Err(EngineError::file(
+                ck,
+                format!("checkpoint is for another run (total_steps {} seed {}, this run {} and {})", st.total_steps, st.seed, total, t.seed),
+            ));
+        }
+        batcher.cursor = st.cursor;
+        resumed_from = Some(st.step);
+        tracing::info!(step = st.step, checkpoint = %ck.display(), "resuming");
+        state = st;
+    }
+    model.set_gradient_checkpointing(t.gradient_checkpointing);
+    std::fs::create_dir_all(&run.output_dir).map_err(|e| io_err(&run.output_dir, e))?;
+    let metrics_path = run.output_dir.join("metrics.jsonl");
+    let mut metrics = MetricsFile::create(&metrics_path, &state.history)?;
+    observer.on_start(total);
+    let base_model = spec.model.source.clone();
+    let ga = t.grad_accum.max(1) as u64;
+    let run_start = Instant::now();
+    let mut run_tokens = 0u64;
+    let first_step = state.step;
+    let mut last_loss = state.history.last().map(|h| h.loss).unwrap_or(f64::NAN);
+    let mut last_eval = None;
+    let eval_batches = eval_ds.as_ref().map(|d| data::eval_batches(d, t.micro_batch_size as usize, tok.pad_id()));
+    while state.step < total {
+        if observer.should_stop() {
+            return Err(EngineError::Cancelled);
+        }
+        model.set_training(true);
+        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut loss_sum = 0f64;
+        let mut step_tokens = 0u64;
+        for micro in 0..ga {
+            let mb = batcher.next_batch();
+            let n = mb.target_count();
+            step_tokens += mb.tokens as u64;
+            if n == 0 {
+                continue;
+            }
+            model.set_dropout_seed(checkpoint::dropout_seed(t.seed, state.step, micro));
+            let bt = mb.to_tensors(&run.device)?;
+            let nll = eval::nll_sum(model, &bt)?;
+            let loss = (nll / (n as f64 * ga as f64))?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            let g = model.backward(&loss)?;
+            for (k, v) in g {
+                let v = v.detach();
+                match grads.remove(&k) {
+                    Some(acc) => {
+                        grads.insert(k, (acc + v)?);
+                    }
+                    None => {
+                        grads.insert(k, v);
+                    }
+                }
+            }
+        }
+        let lr = schedule.lr(state.step);
+        let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
+        opt.step(model.lora_params(), &grads, lr)?;
+        drop(grads);
+        state.step += 1;
+        state.cursor = batcher.cursor;
+        state.tokens_seen += step_tokens;
+        run_tokens += step_tokens;
+        // with ga micro-batches, loss_sum is already the mean of the micro-batch losses
+        let loss = loss_sum;
+        last_loss = loss;
+        if !loss.is_finite() {
+            return Err(EngineError::Config(format!("training diverged: loss is {loss} at step {} (lower training.lr?)", state.step)));
+        }
+        let elapsed = run_start.elapsed().as_secs_f64();
+        let done = state.step - first_step;
+        let m = StepMetrics {
+            step: state.step,
+            total_steps: total,
+            epoch: batcher.epoch(),
+            loss,
+            lr,
+            grad_norm,
+            tokens: step_tokens,
+            tokens_per_sec: run_tokens as f64 / elapsed.max(1e-9),
+            elapsed_secs: elapsed,
+            eta_secs: elapsed / done as f64 * (total - state.step) as f64,
+        };
+        if state.step % t.log_every.max(1) == 0 || state.step == total {
+            tracing::info!(step = m.step, total_steps = total, loss = m.loss, lr = m.lr, grad_norm = m.grad_norm, tokens_per_sec = m.tokens_per_sec, epoch = m.epoch, "train step");
+        }
+        state.history.push(StepRecord { step: state.step, loss, lr, grad_norm });
+        metrics.step(&m)?;
+        observer.on_step(&m);
+
+        let eval_now = (t.eval_every > 0 && state.step % t.eval_every == 0) || state.step == total;
+        if eval_now && (eval_batches.is_some() || (!t.sample_prompts.is_empty() && t.eval_every > 0)) {
+            let em = run_eval(model, &tok, spec, eval_batches.as_deref(), state.step, &run.device)?;
+            tracing::info!(step = em.step, eval_loss = em.loss, perplexity = em.perplexity, tokens = em.tokens, "eval");
+            for (p, a) in &em.samples {
+                tracing::info!(prompt = %p, answer = %a, "sample");
+            }
+            metrics.eval(&em)?;
+            observer.on_eval(&em);
+            last_eval = Some(em);
+        }
+        if t.checkpoint_every > 0 && state.step % t.checkpoint_every == 0 && state.step < total {
+            let dir = checkpoint::save(&run.work_dir, &state, model, &base_model, &opt)?;
+            tracing::info!(step = state.step, dir = %dir.display(), "checkpoint written");
+            observer.on_checkpoint(state.step, &dir)?;
+        }
+    }
+    crate::peft::save_adapter(model, &run.output_dir, &base_model)?;
+    let svg = run.output_dir.join("loss.svg");
+    std::fs::write(&svg, loss_svg(&state.history)).map_err(|e| io_err(&svg, e))?;
+    let summary = TrainSummary {
+        steps: state.step,
+        total_steps: total,
+        final_loss: last_loss,
+        final_eval: last_eval,
+        adapter_dir: run.output_dir.clone(),
+        tokens: state.tokens_seen,
+        elapsed_secs: started.elapsed().as_secs_f64(),
+        train_data: train_ds.report.clone(),
+        eval_data: eval_ds.as_ref().map(|d| d.report.clone()),
+        resumed_from_step: resumed_from,
+    };
+    let sp = run.output_dir.join("train_summary.json");
+    std::fs::write(&sp, serde_json::to_string_pretty(&summary).expect("json")).map_err(|e| io_err(&sp, e))?;
+    tracing::info!(steps = summary.steps, final_loss = summary.final_loss, adapter = %run.output_dir.display(), "training finished");
+    Ok(summary)
+}
+
+fn run_eval(
+    model: &dyn CausalLm,
+    tok: &Tokenizer,
+    spec: &JobSpec,
+    batches: Option<&[data::MicroBatch]>,
+    step: u64,
+    device: &Device,
+) -> Result<EvalMetrics> {
+    let r = match batches {
+        Some(b) => eval::evaluate(model, b, device)?,
+        None => eval::EvalResult { loss: f64::NAN, perplexity: f64::NAN, tokens: 0 },
+    };
+    let mut samples = Vec::new();
+    for p in &spec.training.sample_prompts {
+        let a = generate::answer(model, tok, &spec.data.template, p, spec.training.sample_max_new_tokens as usize, device)?;
+        samples.push((p.clone(), a));
+    }
+    model.set_training(true);
+    Ok(EvalMetrics { step, loss: r.loss, perplexity: r.perplexity, tokens: r.tokens, samples })
+}
+
+/// `metrics.jsonl`: `{"type":"step",...}` and `{"type":"eval",...}` lines.
+struct MetricsFile {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl MetricsFile {
+    fn create(path: &Path, history: &[StepRecord]) -> Result<Self> {
+        let mut file = std::fs::File::create(path).map_err(|e| io_err(path, e))?;
+        for h in history {
+            let line = serde_json::json!({"type": "step", "step": h.step, "loss": h.loss, "lr": h.lr, "grad_norm": h.grad_norm, "resumed": true});
+            writeln!(file, "{line}").map_err(|e| io_err(path, e))?;
+        }
+        Ok(Self { path: path.to_path_buf(), file })
+    }
+    fn write(&mut self, v: serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{v}").map_err(|e| io_err(&self.path, e))
+    }
+    fn step(&mut self, m: &StepMetrics) -> Result<()> {
+        let mut v = serde_json::to_value(m).expect("json");
+        v["type"] = "step".into();
+        self.write(v)
+    }
+    fn eval(&mut self, m: &EvalMetrics) -> Result<()> {
+        let mut v = serde_json::to_value(m).expect("json");
+        v["type"] = "eval".into();
+        self.write(v)
+    }
+}
+
+/// A self-contained SVG line chart of the training loss per step.
+pub fn loss_svg(history: &[StepRecord]) -> String {
+    let (w, h, ml, mr, mt, mb) = (720.0, 360.0, 60.0, 20.0, 30.0, 40.0);
+    let pts: Vec<(f64, f64)> = history.iter().filter(|r| r.loss.is_finite()).map(|r| (r.step as f64, r.loss)).collect();
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">training loss</text>\n",
+        w / 2.0
+    );
+    if pts.is_empty() {
+        s.push_str("<text x=\"360\" y=\"180\" text-anchor=\"middle\">no steps</text>\n</svg>\n");
+        return s;
+    }
+    let xmin = pts.first().unwrap().0;
+    let xmax = pts.last().unwrap().0.max(xmin + 1.0);
+    let ymin = pts.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let ymax = pts.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let (ymin, ymax) = if ymax - ymin < 1e-9 { (ymin - 0.5, ymax + 0.5) } else { (ymin, ymax) };
+    let px = |x: f64| ml + (x - xmin) / (xmax - xmin) * (w - ml - mr);
+    let py = |y: f64| mt + (ymax - y) / (ymax - ymin) * (h - mt - mb);
+    // axes and ticks
+    s.push_str(&format!(
+        "<line x1=\"{ml}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{ml}\" y1=\"{mt}\" x2=\"{ml}\" y2=\"{}\" stroke=\"black\"/>\n",
+        h - mb,
+        w - mr,
+        h - mb,
+        h - mb
+    ));
+    for i in 0..=4 {
+        let y = ymin + (ymax - ymin) * i as f64 / 4.0;
+        s.push_str(&format!(
+            "<line x1=\"{}\" y1=\"{:.1}\" x2=\"{}\" y2=\"{:.1}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{:.3}</text>\n",
+            ml,
+            py(y),
+            w - mr,
+            py(y),
+            ml - 6.0,
+            py(y) + 4.0,
+            y
+        ));
+        let x = xmin + (xmax - xmin) * i as f64 / 4.0;
+        s.push_str(&format!("<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{:.0}</text>\n", px(x), h - mb + 16.0, x));
+    }
+    s.push_str(&format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">step</text>\n", (ml + w - mr) / 2.0, h - 6.0));
+    let path: Vec<String> = pts.iter().map(|(x, y)| format!("{:.1},{:.1}", px(*x), py(*y))).collect();
+    s.push_str(&format!("<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n</svg>\n", path.join(" ")));
+    s
+}
+
+/// Convenience for tests and the CLI: the dataset a spec would train on.
+pub fn load_training_data(spec: &JobSpec, model_dir: &Path, train: &Path, eval: Option<&Path>) -> Result<(Tokenizer, Dataset, Option<Dataset>)> {
+    let tok = Tokenizer::from_model_dir(model_dir, None, None)?;
+    let (tr, ev) = data::load_train_eval(train, eval, &tok, &spec.data, spec.training.seed)?;
+    Ok((tok, tr, ev))
+}
+
