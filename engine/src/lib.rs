@@ -10,6 +10,10 @@
 
 pub mod error;
 pub mod model;
+pub mod nf4;
+pub mod ops;
+pub mod lora;
+pub mod peft;
 pub mod tokenizer;
 pub mod data;
 pub mod optim;

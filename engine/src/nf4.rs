@@ -301,22 +301,73 @@ fn pack_nibbles(q: &[u8]) -> Vec<u8> {
     q.chunks(2).map(|p| (p[0] << 4) | p.get(1).copied().unwrap_or(0)).collect()
 }
 
-/// `torch.mean` of an f32 vector as the CPU kernel sums it: 8 f32 lanes, lanes added in
-/// order, then the tail.
+/// `torch.mean` of a contiguous f32 vector exactly as PyTorch's CPU kernel computes it:
+/// `cascade_sum` over 8-lane vectors with 4 interleaved accumulators (and the cascade
+/// levels for long inputs), scalar tail first, then the lanes, then divided by `n`.
 fn mean_f32(v: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let n = v.len() / 8 * 8;
-    for (i, &x) in v[..n].iter().enumerate() {
-        lanes[i % 8] += x;
+    const VS: usize = 8;
+    type V8 = [f32; VS];
+    fn add(a: &mut V8, b: &[f32]) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x += *y;
+        }
     }
-    let mut s = 0f32;
-    for l in lanes {
-        s += l;
+    let n = v.len();
+    let nvec = n / VS;
+    let vec = |i: usize| &v[i * VS..(i + 1) * VS];
+    let size_ilp = nvec / 4;
+    let ceil_log2 = |x: usize| if x <= 2 { 1 } else { (usize::BITS - (x - 1).leading_zeros()) as usize };
+    let level_power = 4usize.max(ceil_log2(size_ilp) / 4);
+    let level_step = 1usize << level_power;
+    let level_mask = level_step - 1;
+    let mut acc = [[[0f32; VS]; 4]; 4];
+    let mut i = 0usize;
+    while i + level_step <= size_ilp {
+        for _ in 0..level_step {
+            for k in 0..4 {
+                add(&mut acc[0][k], vec(i * 4 + k));
+            }
+            i += 1;
+        }
+        for j in 1..4 {
+            for k in 0..4 {
+                let prev = acc[j - 1][k];
+                add(&mut acc[j][k], &prev);
+                acc[j - 1][k] = [0f32; VS];
+            }
+            if i & (level_mask << (j * level_power)) != 0 {
+                break;
+            }
+        }
     }
-    for &x in &v[n..] {
-        s += x;
+    while i < size_ilp {
+        for k in 0..4 {
+            add(&mut acc[0][k], vec(i * 4 + k));
+        }
+        i += 1;
     }
-    s / v.len().max(1) as f32
+    for j in 1..4 {
+        for k in 0..4 {
+            let a = acc[j][k];
+            add(&mut acc[0][k], &a);
+        }
+    }
+    let mut partial = acc[0];
+    for i in size_ilp * 4..nvec {
+        add(&mut partial[0], vec(i));
+    }
+    for k in 1..4 {
+        let p = partial[k];
+        add(&mut partial[0], &p);
+    }
+    let mut total = 0f32;
+    for &x in &v[nvec * VS..] {
+        total += x;
+    }
+    for l in partial[0] {
+        total += l;
+    }
+    total / n.max(1) as f32
 }
 
 /// bitsandbytes `compress_statistics`: `offset = mean(absmax)`, then `absmax - offset`

@@ -11,6 +11,16 @@ use std::collections::BTreeMap;
 
 use crate::Result;
 
+pub mod config;
+pub mod falcon;
+pub mod llama;
+pub mod loader;
+pub mod transformer;
+pub mod weights;
+
+pub use config::{ArchConfig, ModelConfig};
+pub use loader::{load_model, read_model_config, read_model_info, LoadOptions, LoraInit, LoraSettingsRequest, Quant};
+
 /// What every architecture exposes.
 pub trait CausalLm: Send + Sync {
     /// Facts the training side needs (vocab, eos, architecture name...).

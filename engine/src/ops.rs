@@ -1,0 +1,338 @@
+//! Custom ops and differentiable building blocks.
+//!
+//! - [`FrozenLinear`]: `y = x W^T (+ b)` for a frozen weight (NF4 or full precision). On
+//!   CPU it is a candle `CustomOp1` that calls the `gemm` crate directly on the input
+//!   buffer (NF4 weights dequantized per call through a byte-pair lookup table) and whose
+//!   backward returns only `grad_x = grad_y W`: no gradient for `W` is computed or kept.
+//! - [`CheckpointHook`]: the hook gradient checkpointing hangs a recomputation on.
+//! - Differentiable forms of RMSNorm, LayerNorm, softmax, rotary embedding (rotate
+//!   half), exact GELU and SiLU (candle's fused versions have no backward).
+
+use std::sync::Arc;
+
+use candle_core::{
+    backend::{BackendDevice, BackendStorage}, CpuStorage, DType, Device, Layout, Shape, Storage, Tensor, D,
+};
+use half::bf16;
+
+use crate::nf4::Nf4Tensor;
+
+/// A frozen weight `[out, in]`.
+#[derive(Debug, Clone)]
+pub enum FrozenWeight {
+    /// Full precision, contiguous, in the compute dtype.
+    Dense(Tensor),
+    /// NF4 (dequantized on the fly).
+    Nf4(Arc<Nf4Tensor>),
+}
+
+#[derive(Debug)]
+struct FrozenInner {
+    weight: FrozenWeight,
+    bias: Option<Tensor>,
+    bias_f32: Option<Vec<f32>>,
+    out_dim: usize,
+    in_dim: usize,
+    dtype: DType,
+}
+
+/// A frozen linear layer.
+#[derive(Debug, Clone)]
+pub struct FrozenLinear {
+    inner: Arc<FrozenInner>,
+}
+
+impl FrozenLinear {
+    /// `weight` `[out, in]`, `bias` `[out]`; `dtype` is the compute dtype (F32 or BF16).
+    pub fn new(weight: FrozenWeight, bias: Option<Tensor>, dtype: DType) -> candle_core::Result<Self> {
+        let (out_dim, in_dim) = match &weight {
+            FrozenWeight::Dense(w) => w.dims2()?,
+            FrozenWeight::Nf4(q) => match q.shape.as_slice() {
+                [o, i] => (*o, *i),
+                s => candle_core::bail!("nf4 linear weight must be 2-d, got {s:?}"),
+            },
+        };
+        let weight = match weight {
+            FrozenWeight::Dense(w) => FrozenWeight::Dense(w.to_dtype(dtype)?.contiguous()?),
+            q => q,
+        };
+        let bias = bias.map(|b| b.to_dtype(dtype)).transpose()?;
+        let bias_f32 = bias.as_ref().map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>()).transpose()?;
+        if let Some(b) = &bias_f32 {
+            if b.len() != out_dim {
+                candle_core::bail!("linear bias has {} values, weight has {out_dim} rows", b.len());
+            }
+        }
+        Ok(Self { inner: Arc::new(FrozenInner { weight, bias, bias_f32, out_dim, in_dim, dtype }) })
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.inner.out_dim
+    }
+    pub fn in_dim(&self) -> usize {
+        self.inner.in_dim
+    }
+    pub fn weight(&self) -> &FrozenWeight {
+        &self.inner.weight
+    }
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias.as_ref()
+    }
+
+    /// The weight as a dense f32 tensor `[out, in]` on `device`.
+    pub fn dense_weight_f32(&self, device: &Device) -> candle_core::Result<Tensor> {
+        match &self.inner.weight {
+            FrozenWeight::Dense(w) => w.to_dtype(DType::F32)?.to_device(device),
+            FrozenWeight::Nf4(q) => Tensor::from_vec(q.dequantize(), (self.inner.out_dim, self.inner.in_dim), device),
+        }
+    }
+
+    /// `x [..., in] -> [..., out]` in the compute dtype.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let Some((&k, lead)) = dims.split_last() else { candle_core::bail!("frozen linear: scalar input") };
+        if k != self.inner.in_dim {
+            candle_core::bail!("frozen linear: input has {k} features, weight expects {}", self.inner.in_dim);
+        }
+        let m: usize = lead.iter().product();
+        let x2 = x.to_dtype(self.inner.dtype)?.reshape((m, k))?;
+        let y = if x2.device().is_cpu() {
+            x2.contiguous()?.apply_op1_arc(Arc::new(Box::new(FrozenLinearFwd { inner: self.inner.clone() })))?
+        } else {
+            // Other devices: plain matmul against the (dequantized) weight. The weight is
+            // a constant, so the result is right, but candle's matmul backward computes
+            // its unused gradient.
+            let w = match &self.inner.weight {
+                FrozenWeight::Dense(w) => w.clone(),
+                FrozenWeight::Nf4(_) => self.dense_weight_f32(x.device())?.to_dtype(self.inner.dtype)?,
+            };
+            let y = x2.matmul(&w.t()?)?;
+            match &self.inner.bias {
+                Some(b) => y.broadcast_add(&b.to_device(x.device())?)?,
+                None => y,
+            }
+        };
+        let mut out_dims = lead.to_vec();
+        out_dims.push(self.inner.out_dim);
+        y.reshape(out_dims)
+    }
+}
+
+fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<std::borrow::Cow<'a, [f32]>> {
+    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{what}: input must be contiguous") };
+    Ok(match s {
+        CpuStorage::F32(v) => std::borrow::Cow::Borrowed(&v[a..b]),
+        CpuStorage::BF16(v) => std::borrow::Cow::Owned(v[a..b].iter().map(|x| x.to_f32()).collect()),
+        CpuStorage::F16(v) => std::borrow::Cow::Owned(v[a..b].iter().map(|x| x.to_f32()).collect()),
+        CpuStorage::F64(v) => std::borrow::Cow::Owned(v[a..b].iter().map(|&x| x as f32).collect()),
+        _ => candle_core::bail!("{what}: unsupported dtype {:?}", s.dtype()),
+    })
+}
+
+fn to_storage(v: Vec<f32>, dtype: DType) -> candle_core::Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(v),
+        DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
+        DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f32).collect()),
+        DType::F64 => CpuStorage::F64(v.into_iter().map(|x| x as f64).collect()),
+        d => candle_core::bail!("unsupported compute dtype {d:?}"),
+    })
+}
+
+/// Run `f` with the weight as a row-major f32 `[out, in]` slice.
+fn with_weight_f32<R>(inner: &FrozenInner, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    match &inner.weight {
+        FrozenWeight::Nf4(q) => {
+            let mut buf = vec![0f32; inner.out_dim * inner.in_dim];
+            q.dequantize_into(&mut buf);
+            Ok(f(&buf))
+        }
+        FrozenWeight::Dense(w) => {
+            let (storage, layout) = w.storage_and_layout();
+            match &*storage {
+                Storage::Cpu(s) => {
+                    let v = cpu_f32(s, layout, "frozen weight")?;
+                    Ok(f(&v))
+                }
+                _ => candle_core::bail!("frozen linear: weight is not on the cpu"),
+            }
+        }
+    }
+}
+
+fn parallelism() -> gemm::Parallelism {
+    let n = candle_core::utils::get_num_threads();
+    if n > 1 {
+        gemm::Parallelism::Rayon(n)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// `dst[m, n] = lhs[m, k] * rhs` where rhs element `(kk, nn)` sits at
+/// `kk * rhs_rs + nn * rhs_cs`; `read_dst` adds to what is in `dst`.
+#[allow(clippy::too_many_arguments)]
+fn sgemm(m: usize, n: usize, k: usize, dst: &mut [f32], read_dst: bool, lhs: &[f32], rhs: &[f32], rhs_rs: isize, rhs_cs: isize) {
+    assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= k * n);
+    // SAFETY: the asserts above bound every index the strides reach.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            read_dst,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        )
+    }
+}
+
+struct FrozenLinearFwd {
+    inner: Arc<FrozenInner>,
+}
+
+impl candle_core::CustomOp1 for FrozenLinearFwd {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        let n = self.inner.out_dim;
+        let x = cpu_f32(s, l, "frozen linear")?;
+        let mut dst = vec![0f32; m * n];
+        let read_dst = if let Some(b) = &self.inner.bias_f32 {
+            for row in dst.chunks_exact_mut(n) {
+                row.copy_from_slice(b);
+            }
+            true
+        } else {
+            false
+        };
+        // rhs = W^T: element (kk, nn) = W[nn, kk] at nn * k + kk.
+        with_weight_f32(&self.inner, |w| sgemm(m, n, k, &mut dst, read_dst, &x, w, 1, k as isize))?;
+        Ok((to_storage(dst, s.dtype())?, Shape::from((m, n))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = grad_res.contiguous()?;
+        Ok(Some(g.apply_op1_no_bwd(&FrozenLinearBwd { inner: self.inner.clone() })?))
+    }
+}
+
+/// `grad_x [m, in] = grad_y [m, out] W [out, in]`.
+struct FrozenLinearBwd {
+    inner: Arc<FrozenInner>,
+}
+
+impl candle_core::CustomOp1 for FrozenLinearBwd {
+    fn name(&self) -> &'static str {
+        "frozen-linear-bwd"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, n) = l.shape().dims2()?;
+        let k = self.inner.in_dim;
+        let g = cpu_f32(s, l, "frozen linear backward")?;
+        let mut dst = vec![0f32; m * k];
+        // rhs = W: element (nn, kk) at nn * k + kk.
+        with_weight_f32(&self.inner, |w| sgemm(m, k, n, &mut dst, false, &g, w, k as isize, 1))?;
+        Ok((to_storage(dst, s.dtype())?, Shape::from((m, k))))
+    }
+}
+
+/// Backward function of a checkpointed block: `(block input, grad of block output) ->
+/// grad of block input`.
+pub type RecomputeFn = dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync;
+
+/// Gradient checkpointing hook: `hook(x, anchor)` is all zeros shaped like `x` in the
+/// forward pass (the caller adds it to the block output computed without a graph); its
+/// backward calls the recompute function. `anchor` is any variable: it keeps the hook in
+/// candle's graph even when `x` itself depends on no variable (the first block).
+pub struct CheckpointHook {
+    pub recompute: Arc<RecomputeFn>,
+}
+
+impl candle_core::CustomOp2 for CheckpointHook {
+    fn name(&self) -> &'static str {
+        "checkpoint-hook"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, _s2: &CpuStorage, _l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((candle_core::cpu_backend::CpuDevice.zeros_impl(l1.shape(), s1.dtype())?, l1.shape().clone()))
+    }
+
+    fn bwd(&self, arg1: &Tensor, _arg2: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some((self.recompute)(arg1, grad_res)?), None))
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Differentiable building blocks.
+
+/// Llama RMSNorm: computed in f32, normalized value cast back, then scaled by `w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let dt = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xf.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
+    y.to_dtype(dt)?.broadcast_mul(w)
+}
+
+/// LayerNorm with weight and bias (biased variance), computed in f32.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let dt = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let mean = xf.mean_keepdim(D::Minus1)?;
+    let xc = xf.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    y.broadcast_mul(&w.to_dtype(DType::F32)?)?.broadcast_add(&b.to_dtype(DType::F32)?)?.to_dtype(dt)
+}
+
+/// Softmax over the last dimension (differentiable composite form).
+pub fn softmax_last(x: &Tensor) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    e.broadcast_div(&s)
+}
+
+/// `cat(-x2, x1)` over the last dimension.
+pub fn rotate_half(x: &Tensor) -> candle_core::Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// Rotary embedding (non-interleaved, "rotate half"): `x [b, h, s, d]`, `cos`/`sin`
+/// `[b, s, d]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let cos = cos.unsqueeze(1)?.to_dtype(x.dtype())?;
+    let sin = sin.unsqueeze(1)?.to_dtype(x.dtype())?;
+    x.broadcast_mul(&cos)? + rotate_half(x)?.broadcast_mul(&sin)?
+}
+
+/// Exact (erf) GELU.
+pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.gelu_erf()
+}
+
+/// SiLU `x * sigmoid(x)`.
+pub fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.silu()
+}
