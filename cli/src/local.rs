@@ -1,9 +1,449 @@
-//! local commands (being written).
-use clap::Subcommand;
+//! Local commands: run the engine in this process.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+use lorafleet_engine::bench::{bench_train, BenchOptions};
+use lorafleet_engine::data::{self, format_prompt};
+use lorafleet_engine::demo::RandomLlama;
+use lorafleet_engine::eval;
+use lorafleet_engine::generate::{self, GenerateOptions};
+use lorafleet_engine::model::{load_model, LoadOptions, LoraInit, LoraSettingsRequest, Quant};
+use lorafleet_engine::tokenizer::Tokenizer;
+use lorafleet_engine::train::{self, TrainRun};
+use lorafleet_shared::spec::{DataFormat, DataSpec, JobSpec, QuantMethod, SpecContext};
+
+mod progress;
 
 #[derive(Debug, Subcommand)]
-pub enum LocalCommand {}
+pub enum LocalCommand {
+    /// Fine-tune a LoRA adapter on this machine from a job spec.
+    ///
+    /// Writes the PEFT adapter (adapter_config.json, adapter_model.safetensors),
+    /// metrics.jsonl (one line per step and eval), loss.svg and train_summary.json to
+    /// the spec's output.dir, and resumable checkpoints to output.dir/checkpoints/step-N
+    /// when training.checkpoint_every is set. Relative paths in the spec are taken from
+    /// the current directory, then from the spec's directory.
+    ///
+    /// Examples:
+    ///   lorafleet demo-model --out models/demo
+    ///   lorafleet train examples/faq.yaml
+    ///   lorafleet train examples/faq.yaml --resume out/faq/checkpoints/step-200
+    #[command(verbatim_doc_comment)]
+    Train(TrainArgs),
+    /// Loss and perplexity of a model (+ adapter) on a data file.
+    ///
+    /// The loss is the mean negative log-likelihood of the answer tokens.
+    ///
+    /// Examples:
+    ///   lorafleet eval --model models/demo --adapter out/faq --data examples/faq.json
+    ///   lorafleet eval --model models/demo --data examples/faq.json --quantization none --json
+    #[command(verbatim_doc_comment)]
+    Eval(EvalArgs),
+    /// Generate text from a prompt, streaming tokens as they come.
+    ///
+    /// The prompt is wrapped in the training template ("<human>: {question}\n<assistant>:")
+    /// unless --raw is given. Greedy by default; --temperature > 0 samples (seeded).
+    ///
+    /// Examples:
+    ///   lorafleet generate --model models/demo --adapter out/faq --prompt "How do I reset my password?"
+    ///   lorafleet generate --model models/demo --prompt "Once upon a time" --raw --temperature 0.8 --top-p 0.9 --seed 7
+    #[command(verbatim_doc_comment)]
+    Generate(GenerateArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Write the deterministic random demo base model (Llama, 4 layers, hidden 128,
+    /// bilingual tokenizer) as a Hugging Face directory. Nothing is downloaded.
+    ///
+    /// Example:
+    ///   lorafleet demo-model --out models/demo
+    #[command(verbatim_doc_comment)]
+    DemoModel {
+        /// Directory to write config.json, model.safetensors, tokenizer.json into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// LoRA training throughput on a random Llama (4 layers, hidden 512, vocab 32000,
+    /// seq 256, batch 1, r=8 on all seven projections, AdamW): tokens/s and peak RSS.
+    ///
+    /// Examples:
+    ///   lorafleet bench train
+    ///   lorafleet bench train --quant nf4 --checkpointing on --steps 5
+    #[command(verbatim_doc_comment)]
+    Train {
+        /// Frozen weights: full precision or NF4.
+        #[arg(long, value_enum, default_value = "none")]
+        quant: QuantArg,
+        /// Gradient checkpointing (recompute activations in the backward pass).
+        #[arg(long, value_enum, default_value = "off")]
+        checkpointing: OnOff,
+        /// Timed steps (after 2 warm-up steps).
+        #[arg(long, default_value_t = 10)]
+        steps: u64,
+        /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QuantArg {
+    Nf4,
+    None,
+}
+
+impl From<QuantArg> for QuantMethod {
+    fn from(q: QuantArg) -> Self {
+        match q {
+            QuantArg::Nf4 => QuantMethod::Nf4,
+            QuantArg::None => QuantMethod::None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The job spec (YAML).
+    pub spec: PathBuf,
+    /// Resume from a checkpoint directory (output.dir/checkpoints/step-N).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Do not draw a progress bar (log lines only).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// Base model: a local Hugging Face directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A PEFT LoRA adapter directory to apply.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Frozen weight format.
+    #[arg(long, value_enum, default_value = "none")]
+    pub quantization: QuantArg,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Data file (JSON array, JSONL or CSV).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Data format.
+    #[arg(long, value_enum, default_value = "qa")]
+    pub format: FormatArg,
+    /// Prompt template (must contain {question}).
+    #[arg(long, default_value = lorafleet_shared::spec::DEFAULT_TEMPLATE)]
+    pub template: String,
+    #[arg(long, default_value_t = 512)]
+    pub max_seq_len: u32,
+    /// Print one JSON object {"loss", "perplexity", "tokens"}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    Qa,
+    Alpaca,
+    Messages,
+    Text,
+}
+
+impl From<FormatArg> for DataFormat {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Qa => DataFormat::Qa,
+            FormatArg::Alpaca => DataFormat::Alpaca,
+            FormatArg::Messages => DataFormat::Messages,
+            FormatArg::Text => DataFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The question (or raw text with --raw).
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// 0 = no top-k filter.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Use the prompt as is, without the template.
+    #[arg(long)]
+    pub raw: bool,
+    #[arg(long, default_value = lorafleet_shared::spec::DEFAULT_TEMPLATE)]
+    pub template: String,
+}
 
 pub fn run(c: LocalCommand) -> anyhow::Result<()> {
-    match c {}
+    match c {
+        LocalCommand::Train(a) => run_train(a),
+        LocalCommand::Eval(a) => run_eval(a),
+        LocalCommand::Generate(a) => run_generate(a),
+        LocalCommand::Bench(BenchCommand::Train { quant, checkpointing, steps, json }) => {
+            let opts = BenchOptions { quant: quant.into(), gradient_checkpointing: checkpointing == OnOff::On, steps, ..Default::default() };
+            let r = bench_train(&opts, &candle_core::Device::Cpu)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let rss = r.peak_rss_mib.map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "n/a".into());
+                println!(
+                    "lorafleet {:?} checkpointing {}: {:.1} tokens/s ({:.3} s/step), peak RSS {rss}, threads {}",
+                    quant,
+                    if opts.gradient_checkpointing { "on" } else { "off" },
+                    r.tokens_per_sec,
+                    r.secs_per_step,
+                    r.threads
+                );
+            }
+            Ok(())
+        }
+        LocalCommand::DemoModel { out } => {
+            RandomLlama::demo().write(&out)?;
+            println!("wrote the demo model to {}", out.display());
+            Ok(())
+        }
+    }
+}
+
+/// A spec path: as given (from the current directory), else next to the spec file.
+fn spec_path(spec_dir: &Path, p: &str) -> PathBuf {
+    let path = PathBuf::from(p);
+    if path.is_absolute() || path.exists() {
+        return path;
+    }
+    let beside = spec_dir.join(&path);
+    if beside.exists() {
+        beside
+    } else {
+        path
+    }
+}
+
+fn local_model_dir(source: &str) -> anyhow::Result<PathBuf> {
+    let s = source.strip_prefix("file://").unwrap_or(source);
+    if s.contains("://") {
+        bail!("model.source {source:?}: only local model directories are supported by local commands");
+    }
+    Ok(PathBuf::from(s))
+}
+
+pub fn load_spec(path: &Path) -> anyhow::Result<JobSpec> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read spec", path.display()))?;
+    JobSpec::from_yaml(&text, SpecContext::Local).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn run_train(a: TrainArgs) -> anyhow::Result<()> {
+    let spec = load_spec(&a.spec)?;
+    let dir = a.spec.parent().map(Path::to_path_buf).unwrap_or_default();
+    let model_dir = spec_path(&dir, local_model_dir(&spec.model.source)?.to_str().unwrap_or_default());
+    if !model_dir.is_dir() {
+        bail!("model.source: {} is not a directory (create the demo model with `lorafleet demo-model --out {}`)", model_dir.display(), model_dir.display());
+    }
+    let train_data = spec_path(&dir, &spec.data.train);
+    let eval_data = spec.data.eval.as_deref().map(|e| spec_path(&dir, e));
+    let init_adapter = spec.lora.init_adapter.as_deref().map(|p| spec_path(&dir, p));
+    let output_dir = PathBuf::from(&spec.output.dir);
+    let run = TrainRun {
+        spec: spec.clone(),
+        model_dir,
+        train_data,
+        eval_data,
+        init_adapter,
+        output_dir: output_dir.clone(),
+        work_dir: output_dir.clone(),
+        resume_from: a.resume,
+        device: candle_core::Device::Cpu,
+    };
+    let mut obs = progress::CliObserver::new(!a.no_progress);
+    let summary = train::train(&run, &mut obs)?;
+    obs.finish();
+    println!(
+        "trained {} steps, final loss {:.4}{}; adapter, metrics.jsonl and loss.svg in {}",
+        summary.steps,
+        summary.final_loss,
+        summary.final_eval.as_ref().filter(|e| e.tokens > 0).map(|e| format!(", eval loss {:.4} (perplexity {:.2})", e.loss, e.perplexity)).unwrap_or_default(),
+        output_dir.display()
+    );
+    if !summary.train_data.skipped.is_empty() || summary.train_data.truncated > 0 {
+        println!("data: {} rows skipped, {} truncated (see the warnings above)", summary.train_data.skipped.len(), summary.train_data.truncated);
+    }
+    Ok(())
+}
+
+fn load(m: &ModelArgs) -> anyhow::Result<(Box<dyn lorafleet_engine::model::CausalLm>, Tokenizer)> {
+    let quant = match m.quantization {
+        QuantArg::Nf4 => Quant::Nf4 { double_quant: true },
+        QuantArg::None => Quant::None,
+    };
+    let lora = m.adapter.as_ref().map(|a| LoraSettingsRequest {
+        // r, alpha, rslora and targets come from the adapter's config
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        rslora: false,
+        target_modules: None,
+        init: LoraInit::FromAdapter(a.clone()),
+    });
+    let opts = LoadOptions { quant, compute_dtype: candle_core::DType::F32, device: candle_core::Device::Cpu, lora };
+    let model = load_model(&m.model, &opts)?;
+    let info = model.info();
+    let tok = Tokenizer::from_model_dir(&m.model, info.eos_token_ids.first().copied(), info.pad_token_id)?;
+    Ok((model, tok))
+}
+
+fn run_eval(a: EvalArgs) -> anyhow::Result<()> {
+    let (model, tok) = load(&a.model)?;
+    let spec = DataSpec { format: a.format.into(), template: a.template.clone(), max_seq_len: a.max_seq_len, shuffle: false, ..Default::default() };
+    if matches!(spec.format, DataFormat::Qa | DataFormat::Alpaca) && !spec.template.contains("{question}") {
+        bail!("--template must contain {{question}}");
+    }
+    let ds = data::load_dataset(&a.data, &tok, &spec)?;
+    let batches = data::eval_batches(&ds, 1, tok.pad_id());
+    let r = eval::evaluate(model.as_ref(), &batches, &candle_core::Device::Cpu)?;
+    if a.json {
+        println!("{}", serde_json::json!({"loss": r.loss, "perplexity": r.perplexity, "tokens": r.tokens}));
+    } else {
+        println!("loss {:.4}  perplexity {:.3}  tokens {}  ({} examples)", r.loss, r.perplexity, r.tokens, ds.report.examples);
+    }
+    Ok(())
+}
+
+fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
+    if a.temperature < 0.0 || !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--temperature must be >= 0 and --top-p in (0, 1]");
+    }
+    let (model, tok) = load(&a.model)?;
+    let prompt = if a.raw { tok.encode(&a.prompt, true)? } else { tok.encode_prompt(&format_prompt(&a.template, &a.prompt))? };
+    let opts = GenerateOptions { max_new_tokens: a.max_new_tokens, temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, seed: a.seed, stop_ids: vec![] };
+    let mut out = std::io::stdout().lock();
+    let mut first = true;
+    generate::generate(model.as_ref(), &tok, &prompt, &opts, &candle_core::Device::Cpu, &mut |piece| {
+        // the answer starts with the separating space of the protocol
+        let piece = if first && !a.raw { piece.trim_start() } else { piece };
+        first = false;
+        let _ = out.write_all(piece.as_bytes());
+        let _ = out.flush();
+    })?;
+    let _ = writeln!(out);
+    Ok(())
+}
+
+/// Progress-bar observer (see `progress.rs`).
+pub use progress::CliObserver;
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn fixtures() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf")
+    }
+
+    fn train_err(spec_text: &str) -> String {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("spec.yaml");
+        std::fs::write(&p, spec_text).unwrap();
+        let e = run(LocalCommand::Train(TrainArgs { spec: p, resume: None, no_progress: true })).unwrap_err();
+        format!("{e:#}")
+    }
+
+    fn spec_text(extra_data: &str, train: &Path, out: &Path) -> String {
+        format!(
+            "name: t\nmodel: {{ source: {} }}\nquantization: {{ method: none, compute_dtype: f32 }}\ndata: {{ train: {}{extra_data} }}\ntraining: {{ max_steps: 2, grad_accum: 1 }}\noutput: {{ dir: {} }}\n",
+            fixtures().join("models/tiny-llama").display(),
+            train.display(),
+            out.display()
+        )
+    }
+
+    #[test]
+    fn unknown_spec_key_is_named() {
+        let t = tempfile::tempdir().unwrap();
+        let e = train_err(&spec_text(", shufle: true", &fixtures().join("train/tiny-llama/data.jsonl"), &t.path().join("o")));
+        assert!(e.contains("spec.yaml") && e.contains("data") && e.contains("unknown field `shufle`"), "{e}");
+    }
+
+    #[test]
+    fn bad_data_is_named_through_the_cli() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("bad.csv");
+        std::fs::write(&d, "question,answer\na,b,c\n").unwrap();
+        let e = train_err(&spec_text("", &d, &t.path().join("o")));
+        assert!(e.contains("bad.csv") && e.contains("malformed csv at line 2"), "{e}");
+    }
+
+    #[test]
+    fn missing_model_dir_is_named() {
+        let t = tempfile::tempdir().unwrap();
+        let text = spec_text("", &fixtures().join("train/tiny-llama/data.jsonl"), &t.path().join("o")).replace("tiny-llama }", "nope }");
+        let e = train_err(&text);
+        assert!(e.contains("nope") && e.contains("not a directory"), "{e}");
+    }
+
+    #[test]
+    fn train_writes_adapter_metrics_and_curve() {
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("o");
+        let p = t.path().join("spec.yaml");
+        std::fs::write(&p, spec_text("", &fixtures().join("train/tiny-llama/data.jsonl"), &out)).unwrap();
+        run(LocalCommand::Train(TrainArgs { spec: p, resume: None, no_progress: true })).unwrap();
+        for f in ["adapter_model.safetensors", "adapter_config.json", "metrics.jsonl", "loss.svg"] {
+            assert!(out.join(f).is_file(), "{f}");
+        }
+        let svg = std::fs::read_to_string(out.join("loss.svg")).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("<polyline"));
+        let m = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let first: serde_json::Value = serde_json::from_str(m.lines().next().unwrap()).unwrap();
+        assert_eq!(first["step"], 1);
+        assert!(first["loss"].as_f64().unwrap() > 0.0);
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct TestCli {
+        #[command(subcommand)]
+        c: LocalCommand,
+    }
+
+    #[test]
+    fn commands_parse() {
+        let c = TestCli::try_parse_from(["x", "generate", "--model", "m", "--prompt", "hi", "--temperature", "0.7", "--top-k", "5", "--raw"]).unwrap();
+        assert!(matches!(c.c, LocalCommand::Generate(GenerateArgs { raw: true, top_k: 5, .. })));
+        let c = TestCli::try_parse_from(["x", "eval", "--model", "m", "--data", "d.json", "--quantization", "nf4", "--json"]).unwrap();
+        assert!(matches!(c.c, LocalCommand::Eval(EvalArgs { json: true, model: ModelArgs { quantization: QuantArg::Nf4, .. }, .. })));
+        let c = TestCli::try_parse_from(["x", "bench", "train", "--quant", "nf4", "--checkpointing", "on", "--steps", "3"]).unwrap();
+        assert!(matches!(c.c, LocalCommand::Bench(BenchCommand::Train { steps: 3, checkpointing: OnOff::On, .. })));
+        assert!(TestCli::try_parse_from(["x", "bench", "train", "--quant", "int3"]).is_err());
+    }
 }
