@@ -1,1 +1,271 @@
-//! lorafleet worker library.
+//! lorafleet worker library (the `lorafleet-worker` binary is a thin `main.rs`; the
+//! embedded `lorafleet dev` mode and the tests drive [`Worker`] directly).
+//!
+//! Life of a worker:
+//! 1. open storage and check that it refuses a second create-only put (fencing relies
+//!    on create-only manifests), then `RegisterWorker` (retried until the coordinator
+//!    answers);
+//! 2. a heartbeat task ([`heartbeat`]) runs on its own tokio task every
+//!    `heartbeat_interval_secs`, whatever training is doing, and applies the
+//!    coordinator's directives (cancel, abandon) to the running job;
+//! 3. `AcquireJob` long-polls; a lease runs in [`job`]: fetch and verify the model,
+//!    datasets and resume checkpoint, train on a dedicated std thread, upload each
+//!    checkpoint under `jobs/<job>/attempts/<epoch>/checkpoints/step-<n>/` (manifest
+//!    last, create-only) and commit it, upload the adapter under
+//!    `jobs/<job>/attempts/<epoch>/adapter/`, then `CompleteAttempt`;
+//! 4. a call refused for a stale epoch (or an ABANDON directive) stops the job at once
+//!    and nothing more is written for it.
+
+pub mod config;
+pub mod heartbeat;
+pub mod job;
+pub mod trainer;
+
+pub use config::{parse_devices, DeviceSel, WorkerArgs, WorkerConfig, CUDA_BUILT};
+pub use trainer::{EngineTrainer, Trainer};
+
+use lorafleet_proto as pb;
+use lorafleet_proto::worker_service_client::WorkerServiceClient;
+use lorafleet_storage::{Cache, Storage};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{error, info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Storage(#[from] lorafleet_storage::Error),
+    #[error("coordinator refused registration: {0}")]
+    Register(String),
+}
+
+/// Stop flags of one running job, shared by the heartbeat task, the progress reporter
+/// and the training thread.
+#[derive(Debug)]
+pub struct JobControl {
+    pub job_id: String,
+    pub epoch: u64,
+    cancel: AtomicBool,
+    abandon: AtomicBool,
+    shutdown: AtomicBool,
+}
+
+impl JobControl {
+    pub fn new(job_id: String, epoch: u64) -> Self {
+        Self { job_id, epoch, cancel: AtomicBool::new(false), abandon: AtomicBool::new(false), shutdown: AtomicBool::new(false) }
+    }
+    /// The user cancelled the job.
+    pub fn cancel(&self) {
+        if !self.cancel.swap(true, Ordering::SeqCst) {
+            info!(job_id = %self.job_id, epoch = self.epoch, "job cancelled; stopping");
+        }
+    }
+    /// The lease is gone (stale epoch): stop and write nothing more.
+    pub fn abandon(&self, why: &str) {
+        if !self.abandon.swap(true, Ordering::SeqCst) {
+            warn!(job_id = %self.job_id, epoch = self.epoch, reason = why, "lease lost; abandoning job");
+        }
+    }
+    /// This worker is shutting down.
+    pub fn shutdown(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+    pub fn is_abandoned(&self) -> bool {
+        self.abandon.load(Ordering::SeqCst)
+    }
+    pub fn is_shutdown(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
+    pub fn should_stop(&self) -> bool {
+        self.is_cancelled() || self.is_abandoned() || self.is_shutdown()
+    }
+}
+
+/// State shared between the worker's tasks.
+pub struct Shared {
+    worker_id: RwLock<String>,
+    running: Mutex<HashMap<String, Arc<JobControl>>>,
+    heartbeat_ms: AtomicU64,
+    lease_ttl_ms: AtomicU64,
+}
+
+impl Shared {
+    pub fn worker_id(&self) -> String {
+        self.worker_id.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    fn set_worker_id(&self, id: String) {
+        *self.worker_id.write().unwrap_or_else(|e| e.into_inner()) = id;
+    }
+    pub fn running(&self) -> Vec<Arc<JobControl>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+    fn insert(&self, c: Arc<JobControl>) {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(c.job_id.clone(), c);
+    }
+    fn remove(&self, job_id: &str) {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(job_id);
+    }
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms.load(Ordering::SeqCst).max(100))
+    }
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease_ttl_ms.load(Ordering::SeqCst).max(1000))
+    }
+}
+
+/// A worker process: one job at a time on its devices.
+#[derive(Clone)]
+pub struct Worker {
+    pub(crate) cfg: Arc<WorkerConfig>,
+    pub(crate) client: WorkerServiceClient<Channel>,
+    pub(crate) storage: Storage,
+    pub(crate) cache: Cache,
+    pub(crate) trainer: Arc<dyn Trainer>,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Worker {
+    /// Open storage (and self-check it) and prepare a client; nothing is sent yet.
+    pub async fn new(cfg: WorkerConfig, trainer: Arc<dyn Trainer>) -> Result<Self, WorkerError> {
+        if cfg.devices.is_empty() {
+            return Err(WorkerError::Config("no devices".into()));
+        }
+        let storage = Storage::open_with(&cfg.storage_url, &cfg.storage_options)?;
+        if cfg.check_create_only {
+            storage.check_create_only().await?;
+        }
+        let endpoint = Endpoint::from_shared(cfg.coordinator.clone())
+            .map_err(|e| WorkerError::Config(format!("--coordinator {:?}: {e}", cfg.coordinator)))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true);
+        let client = WorkerServiceClient::new(endpoint.connect_lazy());
+        std::fs::create_dir_all(&cfg.cache).map_err(|e| WorkerError::Config(format!("--cache {}: {e}", cfg.cache.display())))?;
+        Ok(Self {
+            cache: Cache::new(cfg.cache.clone()),
+            cfg: Arc::new(cfg),
+            client,
+            storage,
+            trainer,
+            shared: Arc::new(Shared {
+                worker_id: RwLock::new(String::new()),
+                running: Mutex::new(HashMap::new()),
+                heartbeat_ms: AtomicU64::new(2000),
+                lease_ttl_ms: AtomicU64::new(10_000),
+            }),
+        })
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Register (retrying while the coordinator is unreachable); returns the worker id.
+    pub(crate) async fn register(&self) -> Result<String, WorkerError> {
+        let req = pb::RegisterWorkerRequest {
+            name: self.cfg.name.clone(),
+            devices: self.cfg.devices.iter().map(|d| d.to_pb()).collect(),
+            labels: self.cfg.labels.iter().cloned().collect(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.client.clone().register_worker(req.clone()).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    self.shared.heartbeat_ms.store(r.heartbeat_interval_secs.max(1) as u64 * 1000, Ordering::SeqCst);
+                    self.shared.lease_ttl_ms.store(r.lease_ttl_secs.max(1) as u64 * 1000, Ordering::SeqCst);
+                    self.shared.set_worker_id(r.worker_id.clone());
+                    info!(worker_id = %r.worker_id, heartbeat_secs = r.heartbeat_interval_secs, lease_ttl_secs = r.lease_ttl_secs, "registered");
+                    return Ok(r.worker_id);
+                }
+                Err(s) if is_transient(&s) => {
+                    warn!(code = ?s.code(), error = %s.message(), "coordinator unreachable; retrying registration");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(s) => return Err(WorkerError::Register(s.message().to_string())),
+            }
+        }
+    }
+
+    /// Run until `shutdown` resolves: register, heartbeat, lease and run jobs. On
+    /// shutdown a running job is stopped and handed back as a retryable failure.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
+        self.register().await?;
+        let hb = tokio::spawn(heartbeat::run(self.clone()));
+        tokio::pin!(shutdown);
+        let result = loop {
+            let acquired = tokio::select! {
+                _ = &mut shutdown => break Ok(()),
+                r = self.acquire() => r,
+            };
+            match acquired {
+                Ok(Some(lease)) => {
+                    let job = self.clone();
+                    let mut task = tokio::spawn(async move { job.run_lease(lease).await });
+                    tokio::select! {
+                        _ = &mut task => {}
+                        _ = &mut shutdown => {
+                            info!("shutting down: stopping the running job");
+                            for c in self.shared.running() {
+                                c.shutdown();
+                            }
+                            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+                            break Ok(());
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    warn!(error = %s.message(), "coordinator does not know this worker; registering again");
+                    self.register().await?;
+                }
+                Err(s) => {
+                    warn!(code = ?s.code(), error = %s.message(), "acquire failed; retrying");
+                    tokio::select! {
+                        _ = &mut shutdown => break Ok(()),
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        };
+        hb.abort();
+        result
+    }
+
+    async fn acquire(&self) -> Result<Option<pb::Lease>, tonic::Status> {
+        let wait = self.cfg.acquire_wait.as_secs() as u32;
+        let mut req = tonic::Request::new(pb::AcquireJobRequest { worker_id: self.shared.worker_id(), wait_secs: wait });
+        req.set_timeout(self.cfg.acquire_wait + Duration::from_secs(10));
+        Ok(self.client.clone().acquire_job(req).await?.into_inner().lease)
+    }
+
+    async fn run_lease(&self, lease: pb::Lease) {
+        let ctl = Arc::new(JobControl::new(lease.job_id.clone(), lease.epoch));
+        self.shared.insert(ctl.clone());
+        info!(job_id = %lease.job_id, epoch = lease.epoch, attempt = lease.attempt, resume = %lease.resume_checkpoint_key, "lease acquired");
+        let outcome = job::execute(self, &lease, &ctl).await;
+        job::finish(self, &ctl, outcome).await;
+        self.shared.remove(&lease.job_id);
+        let scratch = job::scratch_dir(&self.cfg.cache, &lease.job_id, lease.epoch);
+        if let Err(e) = std::fs::remove_dir_all(&scratch) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                error!(path = %scratch.display(), error = %e, "could not remove scratch directory");
+            }
+        }
+    }
+}
+
+/// Worth retrying: the coordinator is down, restarting or overloaded.
+pub(crate) fn is_transient(s: &tonic::Status) -> bool {
+    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::ResourceExhausted | tonic::Code::Aborted)
+}

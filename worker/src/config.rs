@@ -1,0 +1,158 @@
+//! Worker settings: command-line flags (each also an environment variable) and device
+//! parsing.
+
+use clap::Parser;
+use lorafleet_proto as pb;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Whether this build can drive CUDA devices.
+pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
+
+/// Run a lorafleet worker: register with a coordinator, lease jobs, fine-tune them with
+/// the engine, upload checkpoints and adapters to object storage.
+///
+/// Examples:
+///   lorafleet-worker --coordinator http://10.0.0.5:50051 --storage s3://bucket/lorafleet
+///   lorafleet-worker --coordinator http://127.0.0.1:50051 --storage file:///srv/lorafleet --devices cpu
+///   lorafleet-worker --devices cuda:0,1     (only in builds with the `cuda` feature)
+///
+/// S3 settings come from the standard AWS variables: AWS_ENDPOINT_URL, AWS_REGION,
+/// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_ALLOW_HTTP=true for a plain-http server).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "lorafleet-worker", version, verbatim_doc_comment)]
+pub struct WorkerArgs {
+    /// Coordinator gRPC URL.
+    #[arg(long, env = "LORAFLEET_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    pub coordinator: String,
+    /// Name shown in `lorafleet workers` (default: the host name).
+    #[arg(long, env = "LORAFLEET_WORKER_NAME")]
+    pub name: Option<String>,
+    /// Devices to offer: `cpu`, or `cuda:0,1` (CUDA needs a build with the `cuda` feature).
+    #[arg(long, env = "LORAFLEET_DEVICES", default_value = "cpu")]
+    pub devices: String,
+    /// Local cache for models, datasets and scratch space.
+    #[arg(long, env = "LORAFLEET_CACHE", default_value = ".lorafleet/worker-cache")]
+    pub cache: PathBuf,
+    /// Object storage shared with the coordinator: `file:///dir` or `s3://bucket/prefix`.
+    #[arg(long, env = "LORAFLEET_STORAGE", default_value = "file:///var/lib/lorafleet/storage")]
+    pub storage: String,
+    /// Labels offered to job placement, `key=value` (repeatable).
+    #[arg(long = "label", env = "LORAFLEET_WORKER_LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// Long-poll wait of one AcquireJob call, in seconds.
+    #[arg(long, env = "LORAFLEET_ACQUIRE_WAIT_SECS", default_value_t = 20)]
+    pub acquire_wait_secs: u32,
+    /// Skip the startup check that the storage refuses a second create-only put.
+    #[arg(long, env = "LORAFLEET_SKIP_CREATE_ONLY_CHECK")]
+    pub skip_create_only_check: bool,
+}
+
+/// One device this worker offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSel {
+    Cpu,
+    Cuda(u32),
+}
+
+impl DeviceSel {
+    pub fn to_pb(self) -> pb::Device {
+        match self {
+            DeviceSel::Cpu => pb::Device { kind: pb::DeviceKind::Cpu as i32, index: 0, name: "cpu".into(), memory_mib: 0 },
+            DeviceSel::Cuda(i) => pb::Device { kind: pb::DeviceKind::Cuda as i32, index: i, name: format!("cuda:{i}"), memory_mib: 0 },
+        }
+    }
+
+    /// The candle device; CUDA only in builds with the `cuda` feature.
+    pub fn open(self) -> Result<candle_core::Device, String> {
+        match self {
+            DeviceSel::Cpu => Ok(candle_core::Device::Cpu),
+            #[cfg(feature = "cuda")]
+            DeviceSel::Cuda(i) => candle_core::Device::new_cuda(i as usize).map_err(|e| format!("cuda:{i}: {e}")),
+            #[cfg(not(feature = "cuda"))]
+            DeviceSel::Cuda(i) => Err(format!("cuda:{i}: this lorafleet-worker was built without the `cuda` feature")),
+        }
+    }
+}
+
+/// Parse `cpu` or `cuda:0,1` (also `cuda:0,cuda:1`).
+pub fn parse_devices(s: &str) -> Result<Vec<DeviceSel>, String> {
+    let s = s.trim();
+    if s == "cpu" {
+        return Ok(vec![DeviceSel::Cpu]);
+    }
+    let Some(list) = s.strip_prefix("cuda:") else {
+        return Err(format!("--devices: expected `cpu` or `cuda:0,1`, got {s:?}"));
+    };
+    if !CUDA_BUILT {
+        return Err("--devices cuda:...: this lorafleet-worker was built without the `cuda` feature (rebuild with `cargo build -p lorafleet-worker --features cuda`)".into());
+    }
+    let mut out = Vec::new();
+    for part in list.split(',') {
+        let part = part.trim().trim_start_matches("cuda:");
+        let i: u32 = part.parse().map_err(|_| format!("--devices: {part:?} is not a CUDA device index"))?;
+        if out.contains(&DeviceSel::Cuda(i)) {
+            return Err(format!("--devices: cuda:{i} listed twice"));
+        }
+        out.push(DeviceSel::Cuda(i));
+    }
+    Ok(out)
+}
+
+/// Everything the worker loop needs, validated.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub coordinator: String,
+    pub name: String,
+    pub devices: Vec<DeviceSel>,
+    pub labels: Vec<(String, String)>,
+    pub cache: PathBuf,
+    pub storage_url: String,
+    pub storage_options: lorafleet_storage::StorageOptions,
+    pub acquire_wait: Duration,
+    pub check_create_only: bool,
+}
+
+impl WorkerConfig {
+    pub fn from_args(a: &WorkerArgs) -> Result<Self, String> {
+        let devices = parse_devices(&a.devices)?;
+        let mut labels = Vec::new();
+        for l in &a.labels {
+            let (k, v) = l.split_once('=').ok_or_else(|| format!("--label: expected key=value, got {l:?}"))?;
+            labels.push((k.to_string(), v.to_string()));
+        }
+        let name = match &a.name {
+            Some(n) => n.clone(),
+            None => std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "worker".into()),
+        };
+        Ok(Self {
+            coordinator: a.coordinator.clone(),
+            name,
+            devices,
+            labels,
+            cache: a.cache.clone(),
+            storage_url: a.storage.clone(),
+            storage_options: Default::default(),
+            acquire_wait: Duration::from_secs(a.acquire_wait_secs as u64),
+            check_create_only: !a.skip_create_only_check,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices() {
+        assert_eq!(parse_devices("cpu").unwrap(), vec![DeviceSel::Cpu]);
+        assert!(parse_devices("gpu").is_err());
+        let cuda = parse_devices("cuda:0,1");
+        if CUDA_BUILT {
+            assert_eq!(cuda.unwrap(), vec![DeviceSel::Cuda(0), DeviceSel::Cuda(1)]);
+        } else {
+            assert!(cuda.unwrap_err().contains("built without the `cuda` feature"));
+        }
+        assert!(DeviceSel::Cpu.open().is_ok());
+    }
+}

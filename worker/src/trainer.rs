@@ -1,0 +1,18 @@
+//! What runs a training job: the engine, behind a trait so tests can drive the worker's
+//! plumbing with a scripted trainer.
+
+use lorafleet_engine::train::{TrainObserver, TrainRun};
+
+/// Runs one training job on the calling (dedicated) thread; returns the final loss.
+pub trait Trainer: Send + Sync + 'static {
+    fn train(&self, run: &TrainRun, observer: &mut dyn TrainObserver) -> lorafleet_engine::Result<f64>;
+}
+
+/// The real thing: `lorafleet_engine::train::train`.
+pub struct EngineTrainer;
+
+impl Trainer for EngineTrainer {
+    fn train(&self, run: &TrainRun, observer: &mut dyn TrainObserver) -> lorafleet_engine::Result<f64> {
+        lorafleet_engine::train::train(run, observer).map(|s| s.final_loss)
+    }
+}
