@@ -283,10 +283,19 @@ impl candle_core::CustomOp2 for CheckpointHook {
 // ---------------------------------------------------------------------------------
 // Differentiable building blocks.
 
+/// The dtype reductions run in: f32, or f64 for f64 inputs.
+pub fn wide(dt: DType) -> DType {
+    if dt == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// Llama RMSNorm: computed in f32, normalized value cast back, then scaled by `w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let dt = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
+    let xf = x.to_dtype(wide(dt))?;
     let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
     let y = xf.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)?;
     y.to_dtype(dt)?.broadcast_mul(w)
@@ -295,12 +304,13 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor>
 /// LayerNorm with weight and bias (biased variance), computed in f32.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let dt = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
+    let wd = wide(dt);
+    let xf = x.to_dtype(wd)?;
     let mean = xf.mean_keepdim(D::Minus1)?;
     let xc = xf.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
     let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    y.broadcast_mul(&w.to_dtype(DType::F32)?)?.broadcast_add(&b.to_dtype(DType::F32)?)?.to_dtype(dt)
+    y.broadcast_mul(&w.to_dtype(wd)?)?.broadcast_add(&b.to_dtype(wd)?)?.to_dtype(dt)
 }
 
 /// Softmax over the last dimension (differentiable composite form).

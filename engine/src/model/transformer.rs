@@ -74,7 +74,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Te
     let v = repeat_kv(&v.contiguous()?, h / kvh)?;
     let scale = 1.0 / (d as f64).sqrt();
     let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
-    let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
+    let wd = ops::wide(q.dtype());
+    let scores = scores.to_dtype(wd)?.broadcast_add(&mask.to_dtype(wd)?)?;
     let p = ops::softmax_last(&scores)?.to_dtype(q.dtype())?;
     let o = p.matmul(&v)?;
     Ok(o.transpose(1, 2)?.contiguous()?.reshape((b, s, h * d))?)
