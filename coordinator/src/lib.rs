@@ -1,1 +1,147 @@
-//! lorafleet coordinator library.
+//! lorafleet coordinator: the durable job queue and lease authority of the control
+//! plane, served over gRPC (`lorafleet.v1.JobService` and `WorkerService`, plus health
+//! and reflection) with Prometheus metrics.
+//!
+//! - [`persistence`]: SQLite, the source of truth (what is stored and why).
+//! - [`control`]: the control loop thread that owns the writer connection and the
+//!   scheduler state, and commits commands in batches.
+//! - [`scheduler`]: queue order (priority, FIFO, aging) and resource matching with
+//!   reservations for large jobs.
+//! - [`service`]: the gRPC handlers, request checks and proto conversions.
+//!
+//! Embed it with [`serve`]: it takes a bound listener and a shutdown future, so tests
+//! and `lorafleet dev` run it in-process.
+
+pub mod control;
+pub mod error;
+pub mod metrics;
+pub mod persistence;
+pub mod readers;
+pub mod scheduler;
+pub mod service;
+
+pub use control::ControlConfig;
+pub use error::{CoordError, Result};
+
+use lorafleet_proto::job_service_server::JobServiceServer;
+use lorafleet_proto::worker_service_server::WorkerServiceServer;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{info, warn};
+
+/// Everything [`serve`] needs besides the listener.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// SQLite database file (created if missing).
+    pub db_path: PathBuf,
+    /// Object storage URL (`file:///dir`, `s3://bucket/prefix`, `memory://x`).
+    pub storage_url: String,
+    /// Start even if the store does not enforce create-only writes (fencing of
+    /// checkpoint manifests is then not guaranteed).
+    pub allow_unsafe_store: bool,
+    /// Where to serve `/metrics`, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    pub control: ControlConfig,
+}
+
+impl CoordinatorConfig {
+    pub fn new(db_path: impl Into<PathBuf>, storage_url: impl Into<String>) -> Self {
+        Self {
+            db_path: db_path.into(),
+            storage_url: storage_url.into(),
+            allow_unsafe_store: false,
+            metrics_listen: None,
+            control: ControlConfig::default(),
+        }
+    }
+}
+
+/// Run the coordinator on `listener` until `shutdown` resolves, then stop cleanly:
+/// long polls are answered, watch streams end, the control loop drains and the store
+/// is closed.
+pub async fn serve(listener: TcpListener, config: CoordinatorConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| CoordError::Internal(format!("cannot bind metrics on {addr}: {e}")))?),
+        None => None,
+    };
+    serve_with_metrics(listener, metrics_listener, config, shutdown).await
+}
+
+/// [`serve`] with an already bound metrics listener (tests bind `127.0.0.1:0`).
+pub async fn serve_with_metrics(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    config: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let storage = lorafleet_storage::Storage::open(&config.storage_url).map_err(service::jobs::storage_err)?;
+    match storage.check_create_only().await {
+        Ok(()) => info!(storage = %config.storage_url, "storage enforces create-only writes"),
+        Err(e) if config.allow_unsafe_store => {
+            warn!(storage = %config.storage_url, error = %e, "storage self-check failed; continuing because --allow-unsafe-store is set")
+        }
+        Err(e) => {
+            return Err(CoordError::Storage(format!("{e} (pass --allow-unsafe-store to run anyway)")));
+        }
+    }
+    let metrics = metrics::Metrics::new();
+    let (control, control_loop) = control::ControlLoop::start(config.db_path.clone(), config.control.clone(), metrics.clone())?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let shared = Arc::new(service::Shared {
+        control: control.clone(),
+        readers: readers::Readers::new(config.db_path.clone()),
+        storage,
+        shutdown: stop_rx.clone(),
+    });
+
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<JobServiceServer<service::jobs::JobSvc>>().await;
+    health.set_serving::<WorkerServiceServer<service::workers::WorkerSvc>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(lorafleet_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| CoordError::Internal(format!("reflection: {e}")))?;
+
+    // One shutdown signal fans out to the gRPC server, the metrics server, the watch
+    // streams and the long polls.
+    let drain = control.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        info!("shutting down");
+        let _ = stop_tx.send(true);
+        drain.drain().await;
+    });
+    let metrics_task = metrics_listener.map(|l| {
+        let mut rx = stop_rx.clone();
+        tokio::spawn(metrics::serve_metrics(l, metrics, async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }))
+    });
+
+    let addr = listener.local_addr().ok();
+    info!(addr = ?addr, db = %config.db_path.display(), "coordinator listening");
+    let mut rx = stop_rx.clone();
+    let result = tonic::transport::Server::builder()
+        .add_service(health_svc)
+        .add_service(reflection)
+        .add_service(JobServiceServer::new(service::jobs::JobSvc { shared: shared.clone() }))
+        .add_service(WorkerServiceServer::new(service::workers::WorkerSvc { shared: shared.clone() }))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = rx.wait_for(|s| *s).await;
+        })
+        .await
+        .map_err(|e| CoordError::Internal(format!("grpc server: {e}")));
+    drop(shared);
+    drop(control);
+    control_loop.join().await;
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    info!("coordinator stopped");
+    result
+}

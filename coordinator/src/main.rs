@@ -1,1 +1,71 @@
-fn main() {}
+//! `lorafleet-coordinator`: the control-plane server.
+
+use anyhow::Context;
+use clap::Parser;
+use lorafleet_coordinator::{serve, ControlConfig, CoordinatorConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(name = "lorafleet-coordinator", about = "lorafleet coordinator: durable job queue, leases, scheduling (gRPC)")]
+struct Args {
+    /// gRPC listen address.
+    #[arg(long, env = "LORAFLEET_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// SQLite database file (created if missing).
+    #[arg(long, env = "LORAFLEET_DB")]
+    db: PathBuf,
+    /// Object storage URL: file:///dir, s3://bucket/prefix.
+    #[arg(long, env = "LORAFLEET_STORAGE")]
+    storage: String,
+    /// Lease TTL in seconds: a worker silent this long loses its leases.
+    #[arg(long, env = "LORAFLEET_LEASE_TTL", default_value_t = 30)]
+    lease_ttl: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "LORAFLEET_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Start even if the storage does not enforce create-only writes.
+    #[arg(long, env = "LORAFLEET_ALLOW_UNSAFE_STORE")]
+    allow_unsafe_store: bool,
+    /// Seconds of waiting worth one priority level (0 disables aging).
+    #[arg(long, env = "LORAFLEET_AGING_SECS", default_value_t = 600)]
+    aging_secs: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    anyhow::ensure!(args.lease_ttl >= 2, "--lease-ttl must be at least 2 seconds");
+    let control = ControlConfig {
+        lease_ttl: Duration::from_secs(args.lease_ttl),
+        heartbeat_interval: Duration::from_secs((args.lease_ttl / 6).max(1)),
+        aging: Duration::from_secs(args.aging_secs),
+        ..ControlConfig::default()
+    };
+    let config = CoordinatorConfig {
+        db_path: args.db,
+        storage_url: args.storage,
+        allow_unsafe_store: args.allow_unsafe_store,
+        metrics_listen: args.metrics_listen,
+        control,
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let shutdown = async {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = ctrl_c.await;
+        }
+    };
+    serve(listener, config, shutdown).await.context("coordinator failed")?;
+    Ok(())
+}

@@ -1,0 +1,355 @@
+//! The control loop: one dedicated thread owns the writing SQLite connection and the
+//! in-memory scheduler state, and takes commands over a channel (no lock is shared with
+//! the async handlers).
+//!
+//! Group commit: the loop drains every pending command (up to [`ControlConfig::max_batch`])
+//! into one SQLite transaction, applies each against the state as it goes, commits once
+//! (one fsync with `synchronous=FULL`), and only then sends the replies and publishes the
+//! events. Nothing is acknowledged before it is durable. If a statement or the commit
+//! fails, every command of the batch gets `UNAVAILABLE` and the in-memory state is
+//! rebuilt from the store, which still holds the last committed state.
+
+mod handlers;
+pub mod state;
+
+use crate::error::{CoordError, Result};
+use crate::metrics::Metrics;
+use crate::persistence::{self as db, DeviceInfo, JobRow};
+use lorafleet_proto as pb;
+use lorafleet_shared::ids::{Epoch, JobId, WorkerId};
+use lorafleet_shared::job::{FailureClass, JobState};
+use lorafleet_shared::spec::JobSpec;
+use rusqlite::Connection;
+use state::State;
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::{debug, error, info, warn};
+
+/// Settings of the control loop.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// A lease (and a worker registration) expires this long after its last renewal.
+    pub lease_ttl: Duration,
+    /// What workers are told to heartbeat at.
+    pub heartbeat_interval: Duration,
+    /// Longest AcquireJob wait honoured.
+    pub max_acquire_wait: Duration,
+    /// Waiting this long is worth one priority level (zero disables aging).
+    pub aging: Duration,
+    /// Most commands grouped into one transaction.
+    pub max_batch: usize,
+    /// How often leases, workers and long polls are checked for expiry.
+    pub tick: Duration,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            lease_ttl: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(5),
+            max_acquire_wait: Duration::from_secs(60),
+            aging: Duration::from_secs(600),
+            max_batch: 1024,
+            tick: Duration::from_millis(100),
+        }
+    }
+}
+
+pub(crate) fn unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// The identity of a worker call about a job.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerCall {
+    pub job_id: JobId,
+    pub epoch: Epoch,
+    pub worker: WorkerId,
+}
+
+#[derive(Debug)]
+pub struct SubmitOutcome {
+    pub job: JobRow,
+    pub created: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewWorker {
+    pub name: String,
+    pub devices: Vec<DeviceInfo>,
+    pub labels: BTreeMap<String, String>,
+    pub version: String,
+}
+
+pub(crate) enum Command {
+    Submit { spec: JobSpec, key: Option<String>, reply: Reply<SubmitOutcome> },
+    Cancel { job_id: JobId, reason: String, reply: Reply<JobRow> },
+    Register { worker: NewWorker, reply: Reply<WorkerId> },
+    Heartbeat { worker: WorkerId, running: Vec<(JobId, Epoch)>, reply: Reply<Vec<pb::JobDirective>> },
+    Acquire { worker: WorkerId, wait: Duration, received: Instant, reply: Reply<Option<pb::Lease>> },
+    Progress { call: WorkerCall, steps: Vec<pb::StepMetrics>, evals: Vec<pb::EvalMetrics>, logs: Vec<pb::LogLine>, reply: Reply<bool> },
+    Checkpoint { call: WorkerCall, step: u64, manifest_key: String, reply: Reply<bool> },
+    Complete { call: WorkerCall, adapter_manifest_key: String, final_loss: Option<f64>, reply: Reply<JobState> },
+    Fail { call: WorkerCall, class: FailureClass, reason: String, reply: Reply<JobState> },
+    ListWorkers { include_dead: bool, reply: Reply<Vec<pb::Worker>> },
+    /// Shutting down: answer every long poll now and stop parking new ones.
+    Drain { reply: Reply<()> },
+    Tick,
+}
+
+impl Command {
+    /// Answer with an error without running the command.
+    fn reject(self, e: impl Fn() -> CoordError) {
+        match self {
+            Command::Submit { reply, .. } => drop(reply.send(Err(e()))),
+            Command::Cancel { reply, .. } => drop(reply.send(Err(e()))),
+            Command::Register { reply, .. } => drop(reply.send(Err(e()))),
+            Command::Heartbeat { reply, .. } => drop(reply.send(Err(e()))),
+            Command::Acquire { reply, .. } => drop(reply.send(Err(e()))),
+            Command::Progress { reply, .. } => drop(reply.send(Err(e()))),
+            Command::Checkpoint { reply, .. } => drop(reply.send(Err(e()))),
+            Command::Complete { reply, .. } => drop(reply.send(Err(e()))),
+            Command::Fail { reply, .. } => drop(reply.send(Err(e()))),
+            Command::ListWorkers { reply, .. } => drop(reply.send(Err(e()))),
+            Command::Drain { reply } => drop(reply.send(Err(e()))),
+            Command::Tick => {}
+        }
+    }
+}
+
+/// A long-polling AcquireJob.
+pub(crate) struct Waiter {
+    worker: WorkerId,
+    deadline: Instant,
+    received: Instant,
+    reply: Reply<Option<pb::Lease>>,
+}
+
+/// Cheap handle to the control loop; every method is one command and one reply.
+#[derive(Clone)]
+pub struct ControlHandle {
+    tx: mpsc::UnboundedSender<Command>,
+    events: broadcast::Sender<Arc<pb::JobEvent>>,
+    pub(crate) config: Arc<ControlConfig>,
+}
+
+impl ControlHandle {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).map_err(|_| CoordError::ShuttingDown)?;
+        rx.await.map_err(|_| CoordError::ShuttingDown)?
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<pb::JobEvent>> {
+        self.events.subscribe()
+    }
+
+    pub async fn submit(&self, spec: JobSpec, key: Option<String>) -> Result<SubmitOutcome> {
+        self.call(|reply| Command::Submit { spec, key, reply }).await
+    }
+    pub async fn cancel(&self, job_id: JobId, reason: String) -> Result<JobRow> {
+        self.call(|reply| Command::Cancel { job_id, reason, reply }).await
+    }
+    pub async fn register(&self, worker: NewWorker) -> Result<WorkerId> {
+        self.call(|reply| Command::Register { worker, reply }).await
+    }
+    pub async fn heartbeat(&self, worker: WorkerId, running: Vec<(JobId, Epoch)>) -> Result<Vec<pb::JobDirective>> {
+        self.call(|reply| Command::Heartbeat { worker, running, reply }).await
+    }
+    pub async fn acquire(&self, worker: WorkerId, wait: Duration) -> Result<Option<pb::Lease>> {
+        let wait = wait.min(self.config.max_acquire_wait);
+        let received = Instant::now();
+        self.call(|reply| Command::Acquire { worker, wait, received, reply }).await
+    }
+    pub async fn progress(
+        &self,
+        call: WorkerCall,
+        steps: Vec<pb::StepMetrics>,
+        evals: Vec<pb::EvalMetrics>,
+        logs: Vec<pb::LogLine>,
+    ) -> Result<bool> {
+        self.call(|reply| Command::Progress { call, steps, evals, logs, reply }).await
+    }
+    pub async fn checkpoint(&self, call: WorkerCall, step: u64, manifest_key: String) -> Result<bool> {
+        self.call(|reply| Command::Checkpoint { call, step, manifest_key, reply }).await
+    }
+    pub async fn complete(&self, call: WorkerCall, adapter_manifest_key: String, final_loss: Option<f64>) -> Result<JobState> {
+        self.call(|reply| Command::Complete { call, adapter_manifest_key, final_loss, reply }).await
+    }
+    pub async fn fail(&self, call: WorkerCall, class: FailureClass, reason: String) -> Result<JobState> {
+        self.call(|reply| Command::Fail { call, class, reason, reply }).await
+    }
+    pub async fn list_workers(&self, include_dead: bool) -> Result<Vec<pb::Worker>> {
+        self.call(|reply| Command::ListWorkers { include_dead, reply }).await
+    }
+    /// Answer every parked AcquireJob with "no job" and stop parking new ones.
+    pub async fn drain(&self) {
+        let _ = self.call(|reply| Command::Drain { reply }).await;
+    }
+}
+
+/// The running loop: its thread and ticker. Dropping every [`ControlHandle`] and
+/// calling [`ControlLoop::join`] stops it.
+pub struct ControlLoop {
+    thread: Option<std::thread::JoinHandle<()>>,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+impl ControlLoop {
+    /// Open the store, rebuild the state and start the loop thread and its ticker.
+    pub fn start(db_path: PathBuf, config: ControlConfig, metrics: Arc<Metrics>) -> Result<(ControlHandle, ControlLoop)> {
+        let mut conn = db::open_writer(&db_path)?;
+        let now = Instant::now();
+        let aging_ms = config.aging.as_millis() as i64;
+        let st = State::load(&conn, now, config.lease_ttl, aging_ms)?;
+        metrics.reset_jobs(&db::count_by_state(&conn)?);
+        metrics.workers.set(st.alive_workers() as i64);
+        metrics.live_leases.set(st.live_leases() as i64);
+        info!(db = %db_path.display(), active_jobs = st.jobs.len(), queued = st.queue.len(), workers = st.workers.len(), "state loaded");
+        // A restart may have left leases past their grace; nothing else to repair.
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(4096);
+        let config = Arc::new(config);
+        let handle = ControlHandle { tx: tx.clone(), events: events.clone(), config: config.clone() };
+        let cfg = config.clone();
+        let thread = std::thread::Builder::new()
+            .name("lorafleet-control".into())
+            .spawn(move || {
+                let mut lp = Loop { st, waiters: VecDeque::new(), cfg, metrics, events, aging_ms };
+                lp.run(&mut conn, rx);
+            })
+            .map_err(|e| CoordError::Internal(format!("cannot start the control thread: {e}")))?;
+        let tick = config.tick;
+        let weak = tx.downgrade();
+        drop(tx);
+        let ticker = tokio::spawn(async move {
+            let mut iv = tokio::time::interval(tick);
+            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                iv.tick().await;
+                let Some(tx) = weak.upgrade() else { break };
+                if tx.send(Command::Tick).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok((handle, ControlLoop { thread: Some(thread), ticker }))
+    }
+
+    /// Wait for the loop to finish (after every handle was dropped).
+    pub async fn join(mut self) {
+        self.ticker.abort();
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+struct Loop {
+    st: State,
+    waiters: VecDeque<Waiter>,
+    cfg: Arc<ControlConfig>,
+    metrics: Arc<Metrics>,
+    events: broadcast::Sender<Arc<pb::JobEvent>>,
+    aging_ms: i64,
+}
+
+impl Loop {
+    fn run(&mut self, conn: &mut Connection, mut rx: mpsc::UnboundedReceiver<Command>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut cmds = vec![first];
+            while cmds.len() < self.cfg.max_batch {
+                match rx.try_recv() {
+                    Ok(c) => cmds.push(c),
+                    Err(_) => break,
+                }
+            }
+            self.batch(conn, cmds);
+        }
+        for w in self.waiters.drain(..) {
+            let _ = w.reply.send(Err(CoordError::ShuttingDown));
+        }
+        debug!("control loop stopped");
+    }
+
+    fn batch(&mut self, conn: &mut Connection, cmds: Vec<Command>) {
+        let started = Instant::now();
+        let n = cmds.len();
+        let tx = match conn.transaction() {
+            Ok(tx) => tx,
+            Err(e) => {
+                error!(error = %e, "cannot begin a transaction");
+                for c in cmds {
+                    c.reject(|| CoordError::Internal("store unavailable".into()));
+                }
+                return;
+            }
+        };
+        let mut ctx = handlers::Ctx::new(&tx, &mut self.st, &self.cfg, &self.metrics);
+        let mut failed: Option<String> = None;
+        for c in cmds {
+            if failed.is_some() {
+                c.reject(|| CoordError::Internal("store write failed; nothing was changed, retry".into()));
+                continue;
+            }
+            if let Err(e) = ctx.handle(c, &mut self.waiters) {
+                failed = Some(e.to_string());
+            }
+        }
+        if failed.is_none() && ctx.wake {
+            if let Err(e) = ctx.serve_waiters(&mut self.waiters) {
+                failed = Some(e.to_string());
+            }
+        }
+        let out = ctx.finish();
+        let committed = match failed {
+            None => match tx.commit() {
+                Ok(()) => true,
+                Err(e) => {
+                    error!(error = %e, "commit failed");
+                    false
+                }
+            },
+            Some(e) => {
+                error!(error = %e, commands = n, "store write failed; rolling back the batch");
+                drop(tx);
+                false
+            }
+        };
+        self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics.batch_size.observe(n as f64);
+        if committed {
+            for (from, to) in &out.deltas {
+                self.metrics.job_moved(*from, *to);
+            }
+            if out.stale_refusals > 0 {
+                self.metrics.stale_epochs.inc_by(out.stale_refusals);
+            }
+            for r in out.replies {
+                r(true);
+            }
+            for e in out.events {
+                let _ = self.events.send(e);
+            }
+        } else {
+            for r in out.replies {
+                r(false);
+            }
+            match State::load(conn, Instant::now(), self.cfg.lease_ttl, self.aging_ms) {
+                Ok(mut st) => {
+                    warn!(active_jobs = st.jobs.len(), "state reloaded from the store after a failed batch");
+                    st.draining = self.st.draining;
+                    self.st = st;
+                }
+                Err(e) => error!(error = %e, "reloading state failed; keeping the previous state"),
+            }
+        }
+        self.metrics.workers.set(self.st.alive_workers() as i64);
+        self.metrics.live_leases.set(self.st.live_leases() as i64);
+    }
+}

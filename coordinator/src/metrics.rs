@@ -1,0 +1,110 @@
+//! Prometheus metrics, served as text at `/metrics` on `--metrics-listen`. Each
+//! coordinator has its own registry (tests run several in one process).
+
+use lorafleet_shared::job::JobState;
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use std::future::Future;
+use std::sync::Arc;
+use tracing::{info, warn};
+
+pub struct Metrics {
+    pub registry: Registry,
+    /// Jobs per state (final states included: everything in the database).
+    pub jobs: IntGaugeVec,
+    /// Alive registered workers.
+    pub workers: IntGauge,
+    /// Leases held by workers now.
+    pub live_leases: IntGauge,
+    /// AcquireJob arrival to committed lease.
+    pub dispatch_latency: Histogram,
+    /// Worker calls refused for a stale epoch (or an expired lease).
+    pub stale_epochs: IntCounter,
+    /// Commands per store transaction.
+    pub batch_size: Histogram,
+    /// Time to apply and commit one batch.
+    pub commit_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let registry = Registry::new();
+        let jobs = IntGaugeVec::new(Opts::new("lorafleet_jobs", "jobs per state"), &["state"]).expect("valid metric");
+        let workers = IntGauge::new("lorafleet_workers_alive", "alive registered workers").expect("valid metric");
+        let live_leases = IntGauge::new("lorafleet_live_leases", "leases held by workers").expect("valid metric");
+        let dispatch_latency = Histogram::with_opts(
+            HistogramOpts::new("lorafleet_dispatch_latency_seconds", "AcquireJob arrival to committed lease")
+                .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0]),
+        )
+        .expect("valid metric");
+        let stale_epochs =
+            IntCounter::new("lorafleet_stale_epoch_refusals_total", "worker calls refused for a stale epoch").expect("valid metric");
+        let batch_size = Histogram::with_opts(
+            HistogramOpts::new("lorafleet_store_batch_commands", "commands per store transaction")
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0]),
+        )
+        .expect("valid metric");
+        let commit_seconds = Histogram::with_opts(
+            HistogramOpts::new("lorafleet_store_batch_seconds", "time to apply and commit one batch")
+                .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5]),
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(jobs.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(workers.clone()),
+            Box::new(live_leases.clone()),
+            Box::new(dispatch_latency.clone()),
+            Box::new(stale_epochs.clone()),
+            Box::new(batch_size.clone()),
+            Box::new(commit_seconds.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        for s in JobState::ALL {
+            jobs.with_label_values(&[s.as_str()]).set(0);
+        }
+        Arc::new(Self { registry, jobs, workers, live_leases, dispatch_latency, stale_epochs, batch_size, commit_seconds })
+    }
+
+    pub fn reset_jobs(&self, counts: &[(JobState, u64)]) {
+        for s in JobState::ALL {
+            self.jobs.with_label_values(&[s.as_str()]).set(0);
+        }
+        for (s, n) in counts {
+            self.jobs.with_label_values(&[s.as_str()]).set(*n as i64);
+        }
+    }
+
+    pub fn job_moved(&self, from: Option<JobState>, to: JobState) {
+        if let Some(f) = from {
+            self.jobs.with_label_values(&[f.as_str()]).dec();
+        }
+        self.jobs.with_label_values(&[to.as_str()]).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            warn!(error = %e, "encoding metrics failed");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// Serve `/metrics` until `shutdown` resolves.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let m = metrics.clone();
+            async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()) }
+        }),
+    );
+    info!(addr = ?listener.local_addr().ok(), "metrics listening");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}

@@ -1,0 +1,328 @@
+//! The queue of runnable jobs and the matching of jobs to a worker's free devices. Pure
+//! data structure: no I/O, no clock (times are passed in), driven by the control loop.
+//!
+//! Order: higher `priority` first; FIFO (submission order) within a priority. With
+//! aging on (`aging_ms > 0`) a job gains one priority level per `aging_ms` it has waited,
+//! so a stream of higher-priority jobs cannot starve a low-priority one forever. Since
+//! every job ages at the same rate, that order is a static key,
+//! `priority * aging_ms - created_ms`, and the queue stays a `BTreeMap`.
+//!
+//! Large jobs vs small ones (reservation): when the first job in order that *could*
+//! run on a worker (enough matching devices in total) does not fit the worker's
+//! *currently free* devices, the worker is reserved for it and takes nothing else, so
+//! the devices it frees accumulate for the large job instead of being taken one by one
+//! by smaller jobs behind it. One worker per blocked job: a job already reserved on
+//! another worker is skipped, so other workers keep backfilling smaller jobs. Any worker
+//! whose free devices fit a reserved job takes it at once.
+
+use crate::persistence::DeviceInfo;
+use lorafleet_shared::ids::{JobId, WorkerId};
+use lorafleet_shared::spec::{DeviceKind, ResourceSpec};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedJob {
+    pub id: JobId,
+    /// Submission order.
+    pub seq: i64,
+    pub priority: i32,
+    pub created_ms: i64,
+    pub resources: ResourceSpec,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Key {
+    score: Reverse<i64>,
+    seq: i64,
+}
+
+fn kind_index(k: DeviceKind) -> usize {
+    match k {
+        DeviceKind::Cpu => 0,
+        DeviceKind::Cuda => 1,
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Queue {
+    /// One ordered queue per device kind, so a worker never scans jobs for devices it lacks.
+    by_kind: [BTreeMap<Key, QueuedJob>; 2],
+    keys: HashMap<JobId, (usize, Key)>,
+    reservations: HashMap<JobId, WorkerId>,
+    aging_ms: i64,
+}
+
+enum Candidate {
+    Take(Key, usize, Vec<u32>),
+    Hold(Key, JobId),
+}
+
+impl Candidate {
+    fn key(&self) -> Key {
+        match self {
+            Candidate::Take(k, ..) | Candidate::Hold(k, ..) => *k,
+        }
+    }
+}
+
+fn eligible(res: &ResourceSpec, d: &DeviceInfo) -> bool {
+    d.kind == res.device && (res.memory_mib == 0 || d.memory_mib >= res.memory_mib)
+}
+
+/// Enough matching devices in total (ignoring what is busy)?
+pub fn could_fit(res: &ResourceSpec, devices: &[DeviceInfo]) -> bool {
+    devices.iter().filter(|d| eligible(res, d)).count() >= res.count.max(1) as usize
+}
+
+/// The lowest-indexed free matching devices, if there are enough.
+pub fn fit_now(res: &ResourceSpec, devices: &[DeviceInfo], busy: &HashSet<u32>) -> Option<Vec<u32>> {
+    let mut free: Vec<u32> = devices.iter().filter(|d| eligible(res, d) && !busy.contains(&d.index)).map(|d| d.index).collect();
+    free.sort_unstable();
+    let n = res.count.max(1) as usize;
+    (free.len() >= n).then(|| free[..n].to_vec())
+}
+
+impl Queue {
+    /// `aging_ms`: waiting this long is worth one priority level (0 disables aging).
+    pub fn new(aging_ms: i64) -> Self {
+        Self { aging_ms: aging_ms.max(0), ..Default::default() }
+    }
+
+    fn key(&self, j: &QueuedJob) -> Key {
+        let score = if self.aging_ms > 0 {
+            (j.priority as i64).saturating_mul(self.aging_ms).saturating_sub(j.created_ms)
+        } else {
+            j.priority as i64
+        };
+        Key { score: Reverse(score), seq: j.seq }
+    }
+
+    pub fn push(&mut self, j: QueuedJob) {
+        if self.keys.contains_key(&j.id) {
+            return;
+        }
+        let k = self.key(&j);
+        let q = kind_index(j.resources.device);
+        self.keys.insert(j.id, (q, k));
+        self.by_kind[q].insert(k, j);
+    }
+
+    pub fn remove(&mut self, id: &JobId) -> Option<QueuedJob> {
+        self.reservations.remove(id);
+        let (q, k) = self.keys.remove(id)?;
+        self.by_kind[q].remove(&k)
+    }
+
+    pub fn contains(&self, id: &JobId) -> bool {
+        self.keys.contains_key(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn reserved_for(&self, id: &JobId) -> Option<WorkerId> {
+        self.reservations.get(id).copied()
+    }
+
+    /// Forget every reservation held by a worker (it died or left).
+    pub fn drop_reservations_of(&mut self, worker: &WorkerId) {
+        self.reservations.retain(|_, w| w != worker);
+    }
+
+    /// The job this worker should run next on its free devices, removed from the
+    /// queue, with the devices to use; `None` when nothing fits now (possibly because
+    /// the worker was just reserved for a larger job).
+    pub fn pick(&mut self, worker: WorkerId, devices: &[DeviceInfo], busy: &HashSet<u32>) -> Option<(QueuedJob, Vec<u32>)> {
+        let mut best: Option<Candidate> = None;
+        let mut kinds: Vec<usize> = devices.iter().map(|d| kind_index(d.kind)).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        for q in kinds {
+            for (k, j) in &self.by_kind[q] {
+                if best.as_ref().is_some_and(|b| b.key() < *k) {
+                    break;
+                }
+                if !could_fit(&j.resources, devices) {
+                    continue;
+                }
+                if let Some(devs) = fit_now(&j.resources, devices, busy) {
+                    best = Some(Candidate::Take(*k, q, devs));
+                    break;
+                }
+                match self.reservations.get(&j.id) {
+                    Some(w) if *w != worker => continue,
+                    _ => {
+                        best = Some(Candidate::Hold(*k, j.id));
+                        break;
+                    }
+                }
+            }
+        }
+        match best? {
+            Candidate::Take(k, q, devs) => {
+                let j = self.by_kind[q].remove(&k).expect("candidate is queued");
+                self.keys.remove(&j.id);
+                self.reservations.remove(&j.id);
+                Some((j, devs))
+            }
+            Candidate::Hold(_, id) => {
+                self.reservations.insert(id, worker);
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dev(kind: DeviceKind, index: u32, memory_mib: u64) -> DeviceInfo {
+        DeviceInfo { kind, index, name: format!("d{index}"), memory_mib }
+    }
+
+    fn job(seq: i64, priority: i32, device: DeviceKind, count: u32, memory_mib: u64) -> QueuedJob {
+        QueuedJob { id: JobId::new(), seq, priority, created_ms: seq * 1000, resources: ResourceSpec { device, count, memory_mib } }
+    }
+
+    fn cpu() -> Vec<DeviceInfo> {
+        vec![dev(DeviceKind::Cpu, 0, 0)]
+    }
+
+    #[test]
+    fn priority_then_fifo() {
+        let mut q = Queue::new(0);
+        let a = job(1, 0, DeviceKind::Cpu, 1, 0);
+        let b = job(2, 5, DeviceKind::Cpu, 1, 0);
+        let c = job(3, 0, DeviceKind::Cpu, 1, 0);
+        let d = job(4, 5, DeviceKind::Cpu, 1, 0);
+        for j in [&a, &b, &c, &d] {
+            q.push(j.clone());
+        }
+        let w = WorkerId::new();
+        let order: Vec<JobId> = (0..4).map(|_| q.pick(w, &cpu(), &HashSet::new()).unwrap().0.id).collect();
+        assert_eq!(order, vec![b.id, d.id, a.id, c.id]);
+        assert!(q.pick(w, &cpu(), &HashSet::new()).is_none());
+    }
+
+    #[test]
+    fn resources_are_matched() {
+        let mut q = Queue::new(0);
+        let big_mem = job(1, 9, DeviceKind::Cuda, 1, 80_000);
+        let two = job(2, 8, DeviceKind::Cuda, 2, 0);
+        let cpu_job = job(3, 0, DeviceKind::Cpu, 1, 0);
+        for j in [&big_mem, &two, &cpu_job] {
+            q.push(j.clone());
+        }
+        // A CPU-only worker never sees CUDA jobs.
+        let (got, devs) = q.pick(WorkerId::new(), &cpu(), &HashSet::new()).unwrap();
+        assert_eq!((got.id, devs), (cpu_job.id, vec![0]));
+        // One 24 GiB GPU fits neither the 80 GiB job nor the 2-GPU job.
+        let small_gpu = vec![dev(DeviceKind::Cuda, 0, 24_000)];
+        assert!(q.pick(WorkerId::new(), &small_gpu, &HashSet::new()).is_none());
+        // Two 24 GiB GPUs fit the 2-GPU job (the 80 GiB one first in order still cannot run).
+        let two_gpus = vec![dev(DeviceKind::Cuda, 0, 24_000), dev(DeviceKind::Cuda, 1, 24_000)];
+        let (got, devs) = q.pick(WorkerId::new(), &two_gpus, &HashSet::new()).unwrap();
+        assert_eq!((got.id, devs), (two.id, vec![0, 1]));
+        let h100 = vec![dev(DeviceKind::Cuda, 3, 81_000)];
+        let (got, devs) = q.pick(WorkerId::new(), &h100, &HashSet::new()).unwrap();
+        assert_eq!((got.id, devs), (big_mem.id, vec![3]));
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn busy_devices_are_not_assigned() {
+        let mut q = Queue::new(0);
+        let a = job(1, 0, DeviceKind::Cuda, 1, 0);
+        q.push(a.clone());
+        let gpus = vec![dev(DeviceKind::Cuda, 0, 0), dev(DeviceKind::Cuda, 1, 0)];
+        let (_, devs) = q.pick(WorkerId::new(), &gpus, &HashSet::from([0])).unwrap();
+        assert_eq!(devs, vec![1]);
+    }
+
+    #[test]
+    fn large_job_is_not_starved_by_small_ones() {
+        let mut q = Queue::new(0);
+        let gpus = vec![dev(DeviceKind::Cuda, 0, 0), dev(DeviceKind::Cuda, 1, 0)];
+        let w = WorkerId::new();
+        let big = job(1, 0, DeviceKind::Cuda, 2, 0);
+        q.push(big.clone());
+        for s in 2..10 {
+            q.push(job(s, 0, DeviceKind::Cuda, 1, 0));
+        }
+        // GPU 0 is busy with an earlier small job: the big job does not fit, so the
+        // worker is held for it instead of backfilling GPU 1 with a small job.
+        assert!(q.pick(w, &gpus, &HashSet::from([0])).is_none());
+        assert_eq!(q.reserved_for(&big.id), Some(w));
+        assert!(q.pick(w, &gpus, &HashSet::from([0])).is_none());
+        // Once GPU 0 frees up the big job runs on both.
+        let (got, devs) = q.pick(w, &gpus, &HashSet::new()).unwrap();
+        assert_eq!((got.id, devs), (big.id, vec![0, 1]));
+        assert_eq!(q.reserved_for(&big.id), None);
+    }
+
+    #[test]
+    fn without_reservation_small_jobs_would_win() {
+        // The contrast case: a job reserved on another worker lets this one backfill.
+        let mut q = Queue::new(0);
+        let gpus = vec![dev(DeviceKind::Cuda, 0, 0), dev(DeviceKind::Cuda, 1, 0)];
+        let (w1, w2) = (WorkerId::new(), WorkerId::new());
+        let big = job(1, 0, DeviceKind::Cuda, 2, 0);
+        let small = job(2, 0, DeviceKind::Cuda, 1, 0);
+        q.push(big.clone());
+        q.push(small.clone());
+        assert!(q.pick(w1, &gpus, &HashSet::from([0])).is_none());
+        let (got, _) = q.pick(w2, &gpus, &HashSet::from([1])).unwrap();
+        assert_eq!(got.id, small.id, "other workers keep backfilling");
+        // A worker that fits the reserved job right away takes it.
+        let (got, _) = q.pick(w2, &gpus, &HashSet::new()).unwrap();
+        assert_eq!(got.id, big.id);
+    }
+
+    #[test]
+    fn reservations_of_a_dead_worker_are_dropped() {
+        let mut q = Queue::new(0);
+        let gpus = vec![dev(DeviceKind::Cuda, 0, 0), dev(DeviceKind::Cuda, 1, 0)];
+        let (w1, w2) = (WorkerId::new(), WorkerId::new());
+        let big = job(1, 0, DeviceKind::Cuda, 2, 0);
+        q.push(big.clone());
+        assert!(q.pick(w1, &gpus, &HashSet::from([0])).is_none());
+        q.drop_reservations_of(&w1);
+        assert!(q.pick(w2, &gpus, &HashSet::from([1])).is_none());
+        assert_eq!(q.reserved_for(&big.id), Some(w2));
+    }
+
+    #[test]
+    fn aging_lets_old_low_priority_jobs_through() {
+        // One priority level per 10 s of waiting.
+        let mut q = Queue::new(10_000);
+        let old_low = QueuedJob { created_ms: 0, ..job(1, 0, DeviceKind::Cpu, 1, 0) };
+        let new_high = QueuedJob { created_ms: 30_000, ..job(2, 2, DeviceKind::Cpu, 1, 0) };
+        let newer_high = QueuedJob { created_ms: 50_000, ..job(3, 5, DeviceKind::Cpu, 1, 0) };
+        for j in [&old_low, &new_high, &newer_high] {
+            q.push(j.clone());
+        }
+        let w = WorkerId::new();
+        let order: Vec<JobId> = (0..3).map(|_| q.pick(w, &cpu(), &HashSet::new()).unwrap().0.id).collect();
+        // scores: old_low 0 - 0 = 0; new_high 20000 - 30000 = -10000; newer_high 50000 - 50000 = 0 (tie -> seq).
+        assert_eq!(order, vec![old_low.id, newer_high.id, new_high.id]);
+    }
+
+    #[test]
+    fn remove_and_duplicates() {
+        let mut q = Queue::new(0);
+        let a = job(1, 0, DeviceKind::Cpu, 1, 0);
+        q.push(a.clone());
+        q.push(a.clone());
+        assert_eq!(q.len(), 1);
+        assert_eq!(q.remove(&a.id), Some(a.clone()));
+        assert!(!q.contains(&a.id));
+        assert!(q.remove(&a.id).is_none());
+    }
+}

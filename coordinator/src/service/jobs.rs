@@ -1,0 +1,372 @@
+//! `JobService`: what users call.
+
+use super::{check_remote_spec, job_to_pb, Shared};
+use crate::error::{CoordError, Result};
+use crate::persistence as db;
+use lorafleet_proto as pb;
+use lorafleet_proto::convert::{parse_job_id, spec_from_pb, state_from_pb};
+use lorafleet_shared::job::JobState;
+use lorafleet_storage::{layout, manifest::manifest_key, Manifest, RelPath, Sha256Hex};
+use prost::Message;
+use sha2::{Digest, Sha256};
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Largest dataset accepted by UploadDataset.
+pub const MAX_DATASET_BYTES: u64 = 16 * 1024 * 1024 * 1024;
+const ADAPTER_CHUNK: usize = 256 * 1024;
+
+pub struct JobSvc {
+    pub(crate) shared: Arc<Shared>,
+}
+
+fn is_final_event(e: &pb::JobEvent) -> bool {
+    match &e.event {
+        Some(pb::job_event::Event::StateChange(sc)) => {
+            matches!(pb::JobState::try_from(sc.to), Ok(pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled))
+        }
+        _ => false,
+    }
+}
+
+impl JobSvc {
+    async fn get_row(&self, id: lorafleet_shared::ids::JobId) -> Result<db::JobRow> {
+        self.shared
+            .readers
+            .run(move |c| db::get_job(c, &id))
+            .await?
+            .ok_or(CoordError::NotFound { what: "job", id: id.to_string() })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::job_service_server::JobService for JobSvc {
+    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let req = req.into_inner();
+        let spec = req.spec.ok_or_else(|| CoordError::InvalidArgument("spec: missing".into()))?;
+        let spec = spec_from_pb(spec).map_err(CoordError::from)?;
+        spec.validate(lorafleet_shared::SpecContext::Remote).map_err(|e| CoordError::InvalidArgument(e.to_string()))?;
+        check_remote_spec(&spec)?;
+        let key = match req.idempotency_key.as_str() {
+            "" => None,
+            k if k.len() > 256 || k.chars().any(|c| c.is_control()) => {
+                return Err(CoordError::InvalidArgument("idempotency_key: at most 256 printable characters".into()).into())
+            }
+            k => Some(k.to_string()),
+        };
+        let out = self.shared.control.submit(spec, key).await?;
+        Ok(Response::new(pb::SubmitJobResponse { job: Some(job_to_pb(&out.job)), created: out.created }))
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let id = parse_job_id("job_id", &req.into_inner().job_id).map_err(CoordError::from)?;
+        Ok(Response::new(job_to_pb(&self.get_row(id).await?)))
+    }
+
+    async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let req = req.into_inner();
+        let states = req
+            .states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| state_from_pb(&format!("states[{i}]"), *s))
+            .collect::<Result<Vec<JobState>, _>>()
+            .map_err(CoordError::from)?;
+        let size = match req.page_size {
+            0 => 100,
+            n if n <= 1000 => n,
+            n => return Err(CoordError::InvalidArgument(format!("page_size: must be at most 1000, got {n}")).into()),
+        };
+        let before = match req.page_token.as_str() {
+            "" => None,
+            t => Some(t.parse::<i64>().map_err(|_| CoordError::InvalidArgument("page_token: invalid".into()))?),
+        };
+        let labels = req.labels.into_iter().collect();
+        let mut rows = self.shared.readers.run(move |c| db::list_jobs(c, &states, &labels, before, size + 1)).await?;
+        let next = if rows.len() > size as usize {
+            rows.truncate(size as usize);
+            rows.last().map(|r| r.seq.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListJobsResponse { jobs: rows.iter().map(job_to_pb).collect(), next_page_token: next }))
+    }
+
+    type WatchJobStream = Stream<pb::JobEvent>;
+
+    async fn watch_job(&self, req: Request<pb::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        let req = req.into_inner();
+        let id = parse_job_id("job_id", &req.job_id).map_err(CoordError::from)?;
+        // Subscribe before reading the store so no committed event falls in between.
+        let mut live = self.shared.control.subscribe();
+        self.get_row(id).await?;
+        let readers = self.shared.readers.clone();
+        let mut stop = self.shared.shutdown.clone();
+        let (tx, rx) = mpsc::channel::<Result<pb::JobEvent, Status>>(256);
+        let id_s = id.to_string();
+        tokio::spawn(async move {
+            let mut last = req.after_seq;
+            // Replay what is stored after `last`; true when the job has ended.
+            async fn replay(
+                readers: &Arc<crate::readers::Readers>,
+                id: lorafleet_shared::ids::JobId,
+                last: &mut u64,
+                tx: &mpsc::Sender<Result<pb::JobEvent, Status>>,
+            ) -> Option<bool> {
+                loop {
+                    let after = *last;
+                    let rows = match readers.run(move |c| db::events_after(c, &id, after, 512)).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into())).await;
+                            return None;
+                        }
+                    };
+                    let n = rows.len();
+                    for (seq, body) in rows {
+                        let Ok(ev) = pb::JobEvent::decode(body.as_slice()) else { continue };
+                        *last = seq;
+                        let fin = is_final_event(&ev);
+                        tx.send(Ok(ev)).await.ok()?;
+                        if fin {
+                            return Some(true);
+                        }
+                    }
+                    if n < 512 {
+                        return Some(false);
+                    }
+                }
+            }
+            match replay(&readers, id, &mut last, &tx).await {
+                Some(false) => {}
+                _ => return,
+            }
+            loop {
+                let next = tokio::select! {
+                    ev = live.recv() => Some(ev),
+                    _ = stop.wait_for(|s| *s) => None,
+                };
+                let Some(next) = next else {
+                    let _ = tx.send(Err(Status::unavailable("coordinator is shutting down"))).await;
+                    return;
+                };
+                match next {
+                    Ok(ev) if ev.job_id == id_s && ev.seq > last => {
+                        last = ev.seq;
+                        let fin = is_final_event(&ev);
+                        if tx.send(Ok((*ev).clone())).await.is_err() || fin {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => match replay(&readers, id, &mut last, &tx).await {
+                        Some(false) => {}
+                        _ => return,
+                    },
+                    Err(broadcast::error::RecvError::Closed) => {
+                        let _ = tx.send(Err(Status::unavailable("coordinator is shutting down"))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let req = req.into_inner();
+        let id = parse_job_id("job_id", &req.job_id).map_err(CoordError::from)?;
+        let reason: String = req.reason.chars().take(1024).collect();
+        let row = self.shared.control.cancel(id, reason).await?;
+        Ok(Response::new(pb::CancelJobResponse { job: Some(job_to_pb(&row)) }))
+    }
+
+    async fn list_checkpoints(&self, req: Request<pb::ListCheckpointsRequest>) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
+        let id = parse_job_id("job_id", &req.into_inner().job_id).map_err(CoordError::from)?;
+        self.get_row(id).await?;
+        let rows = self.shared.readers.run(move |c| db::list_checkpoints(c, &id)).await?;
+        Ok(Response::new(pb::ListCheckpointsResponse {
+            checkpoints: rows
+                .into_iter()
+                .map(|c| pb::Checkpoint {
+                    step: c.step,
+                    manifest_key: c.manifest_key,
+                    epoch: c.epoch.get(),
+                    attempt: c.attempt,
+                    created_at_unix_ms: c.created_ms,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn get_job_logs(&self, req: Request<pb::GetJobLogsRequest>) -> Result<Response<pb::GetJobLogsResponse>, Status> {
+        let req = req.into_inner();
+        let id = parse_job_id("job_id", &req.job_id).map_err(CoordError::from)?;
+        self.get_row(id).await?;
+        let limit = match req.limit {
+            0 => 1000,
+            n => n.min(10_000),
+        };
+        let (rows, truncated) = self.shared.readers.run(move |c| db::logs_after(c, &id, req.after_seq, limit)).await?;
+        Ok(Response::new(pb::GetJobLogsResponse {
+            lines: rows
+                .into_iter()
+                .map(|l| pb::JobLogLine {
+                    seq: l.seq,
+                    epoch: l.epoch.get(),
+                    line: Some(pb::LogLine { unix_ms: l.unix_ms, level: l.level, message: l.message }),
+                })
+                .collect(),
+            truncated,
+        }))
+    }
+
+    async fn upload_dataset(&self, req: Request<Streaming<pb::UploadDatasetRequest>>) -> Result<Response<pb::UploadDatasetResponse>, Status> {
+        use pb::upload_dataset_request::Part;
+        let mut stream = req.into_inner();
+        let header = match stream.next().await {
+            Some(Ok(pb::UploadDatasetRequest { part: Some(Part::Header(h)) })) => h,
+            Some(Ok(_)) => return Err(CoordError::InvalidArgument("header: the first message must carry the header".into()).into()),
+            Some(Err(e)) => return Err(e),
+            None => return Err(CoordError::InvalidArgument("header: missing".into()).into()),
+        };
+        let name_ok = !header.file_name.is_empty()
+            && header.file_name.len() <= 255
+            && !header.file_name.contains(['/', '\\', '\0'])
+            && header.file_name != ".."
+            && header.file_name != ".";
+        if !name_ok {
+            return Err(CoordError::InvalidArgument(format!("header.file_name: must be a plain file name, got {:?}", header.file_name)).into());
+        }
+        if header.size > MAX_DATASET_BYTES {
+            return Err(CoordError::InvalidArgument(format!("header.size: at most {MAX_DATASET_BYTES} bytes")).into());
+        }
+        let expected_sha = match header.sha256.as_str() {
+            "" => None,
+            s => Some(Sha256Hex::parse(s).map_err(|e| CoordError::InvalidArgument(format!("header.sha256: {e}")))?),
+        };
+        let tmp = tempfile::Builder::new().prefix("lorafleet-upload-").tempdir().map_err(|e| CoordError::Internal(e.to_string()))?;
+        let path = tmp.path().join("data");
+        let mut f = tokio::fs::File::create(&path).await.map_err(|e| CoordError::Internal(format!("temp file: {e}")))?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        while let Some(msg) = stream.next().await {
+            match msg?.part {
+                Some(Part::Data(d)) => {
+                    size += d.len() as u64;
+                    if size > header.size {
+                        return Err(CoordError::InvalidArgument(format!("data: more than the {} bytes announced", header.size)).into());
+                    }
+                    hasher.update(&d);
+                    f.write_all(&d).await.map_err(|e| CoordError::Internal(format!("temp file: {e}")))?;
+                }
+                Some(Part::Header(_)) => return Err(CoordError::InvalidArgument("header: sent twice".into()).into()),
+                None => {}
+            }
+        }
+        f.flush().await.map_err(|e| CoordError::Internal(format!("temp file: {e}")))?;
+        drop(f);
+        if size != header.size {
+            return Err(CoordError::InvalidArgument(format!("data: received {size} bytes, header announced {}", header.size)).into());
+        }
+        let sha = Sha256Hex::from_digest(&hasher.finalize());
+        if expected_sha.as_ref().is_some_and(|e| e != &sha) {
+            return Err(CoordError::InvalidArgument(format!("header.sha256: content has sha256 {sha}")).into());
+        }
+        let storage = &self.shared.storage;
+        let existed = storage.size(&layout::dataset(&sha)).await.map_err(storage_err)? == Some(size);
+        let (stored_sha, _) = storage.put_dataset_file(&path).await.map_err(storage_err)?;
+        if stored_sha != sha {
+            return Err(CoordError::Internal("dataset changed while uploading".into()).into());
+        }
+        let dataset_ref = lorafleet_storage::cache::dataset_ref(&sha);
+        info!(dataset = %dataset_ref, bytes = size, file_name = %header.file_name, already_existed = existed, "dataset uploaded");
+        Ok(Response::new(pb::UploadDatasetResponse { dataset_ref, sha256: sha.to_string(), size, already_existed: existed }))
+    }
+
+    type DownloadAdapterStream = Stream<pb::DownloadAdapterResponse>;
+
+    async fn download_adapter(&self, req: Request<pb::DownloadAdapterRequest>) -> Result<Response<Self::DownloadAdapterStream>, Status> {
+        use pb::download_adapter_response::Part;
+        let id = parse_job_id("job_id", &req.into_inner().job_id).map_err(CoordError::from)?;
+        let row = self.get_row(id).await?;
+        let key = match (row.state, row.adapter_manifest) {
+            (JobState::Succeeded, Some(k)) => k,
+            (s, _) => return Err(CoordError::FailedPrecondition(format!("job {id} has no adapter: it is {s}")).into()),
+        };
+        let key_path = RelPath::parse(&key).map_err(storage_err)?;
+        let dir = manifest_dir(&key_path).ok_or_else(|| CoordError::Internal(format!("adapter manifest key {key:?} has no directory")))?;
+        let storage = self.shared.storage.clone();
+        let bytes = storage.get_bytes(&manifest_key(&dir)).await.map_err(storage_err)?;
+        let manifest = Manifest::parse(&key, &bytes).map_err(storage_err)?;
+        let (tx, rx) = mpsc::channel::<Result<pb::DownloadAdapterResponse, Status>>(8);
+        let files: Vec<pb::AdapterFile> =
+            manifest.files.iter().map(|f| pb::AdapterFile { name: f.name.clone(), size: f.size, sha256: f.sha256.clone() }).collect();
+        tokio::spawn(async move {
+            if tx.send(Ok(pb::DownloadAdapterResponse { part: Some(Part::Manifest(pb::AdapterManifest { files })) })).await.is_err() {
+                return;
+            }
+            for (i, f) in manifest.files.iter().enumerate() {
+                let data = match RelPath::parse(&f.name).map(|rel| dir.join(&rel)) {
+                    Ok(k) => storage.get_bytes(&k).await,
+                    Err(e) => Err(e),
+                };
+                let data = match data {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let _ = tx.send(Err(storage_err(e).into())).await;
+                        return;
+                    }
+                };
+                let sha = hex::encode(Sha256::digest(&data));
+                if sha != f.sha256 || data.len() as u64 != f.size {
+                    warn!(job_id = %id, file = %f.name, "stored adapter file does not match its manifest");
+                    let _ = tx.send(Err(Status::data_loss(format!("stored file {} does not match its manifest", f.name)))).await;
+                    return;
+                }
+                for (n, chunk) in data.chunks(ADAPTER_CHUNK).enumerate() {
+                    let msg = pb::AdapterChunk { file_index: i as u32, offset: (n * ADAPTER_CHUNK) as u64, data: chunk.to_vec() };
+                    if tx.send(Ok(pb::DownloadAdapterResponse { part: Some(Part::Chunk(msg)) })).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_workers(&self, req: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let workers = self.shared.control.list_workers(req.into_inner().include_dead).await?;
+        Ok(Response::new(pb::ListWorkersResponse { workers }))
+    }
+}
+
+/// The directory a manifest key names: `a/b/manifest.json` -> `a/b`; a key that is
+/// already the directory is taken as is.
+fn manifest_dir(key: &RelPath) -> Option<RelPath> {
+    let segs = key.segments();
+    if key.file_name().as_str() == layout::MANIFEST {
+        if segs.len() < 2 {
+            return None;
+        }
+        RelPath::from_segments(segs[..segs.len() - 1].to_vec()).ok()
+    } else {
+        Some(key.clone())
+    }
+}
+
+pub(crate) fn storage_err(e: lorafleet_storage::Error) -> CoordError {
+    match e {
+        lorafleet_storage::Error::NotFound { key } => CoordError::NotFound { what: "object", id: key },
+        e => CoordError::Storage(e.to_string()),
+    }
+}
+

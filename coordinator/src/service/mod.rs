@@ -1,0 +1,151 @@
+//! The gRPC services and the request checks they share.
+
+pub mod jobs;
+pub mod workers;
+
+use crate::control::ControlHandle;
+use crate::error::CoordError;
+use crate::persistence::JobRow;
+use crate::readers::Readers;
+use lorafleet_proto as pb;
+use lorafleet_proto::convert::{failure_class_to_pb, spec_to_pb, state_to_pb};
+use lorafleet_shared::ids::JobId;
+use lorafleet_shared::spec::JobSpec;
+use lorafleet_storage::{RelPath, Storage};
+use std::sync::Arc;
+
+/// What both services use.
+pub struct Shared {
+    pub control: ControlHandle,
+    pub readers: Arc<Readers>,
+    pub storage: Storage,
+    /// Becomes true when the server shuts down (ends watch streams).
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+pub fn job_to_pb(j: &JobRow) -> pb::Job {
+    pb::Job {
+        job_id: j.id.to_string(),
+        spec: Some(spec_to_pb(&j.spec)),
+        state: state_to_pb(j.state) as i32,
+        attempt: j.attempt,
+        epoch: j.epoch.get(),
+        worker_id: j.worker_id.map(|w| w.to_string()).unwrap_or_default(),
+        step: j.step,
+        total_steps: j.total_steps,
+        latest_checkpoint_key: j.latest_checkpoint.clone().unwrap_or_default(),
+        adapter_manifest_key: j.adapter_manifest.clone().unwrap_or_default(),
+        error: j.error.clone().unwrap_or_default(),
+        failure_class: j.failure_class.map(failure_class_to_pb).unwrap_or(pb::FailureClass::Unspecified) as i32,
+        idempotency_key: j.idempotency_key.clone().unwrap_or_default(),
+        created_at_unix_ms: j.created_ms,
+        updated_at_unix_ms: j.updated_ms,
+        loss: j.loss,
+    }
+}
+
+/// A location a worker will read: an allowed URL scheme or a safe relative name, never
+/// an absolute path, a `..` component, a backslash or NUL.
+fn check_location(field: &str, s: &str, schemes: &[&str], allow_relative: bool) -> Result<(), CoordError> {
+    let bad = |why: &str| Err(CoordError::InvalidArgument(format!("{field}: {why}, got {:?}", s.escape_default().to_string())));
+    if s.contains('\0') {
+        return bad("must not contain NUL");
+    }
+    if s.contains('\\') {
+        return bad("must not contain backslashes");
+    }
+    let (scheme, rest) = match s.split_once("://") {
+        Some((sc, rest)) => (Some(sc), rest),
+        None => (None, s),
+    };
+    if rest.split('/').any(|c| c == "..") {
+        return bad("must not contain '..'");
+    }
+    match scheme {
+        Some(sc) if schemes.contains(&sc) => {
+            if sc == "dataset" {
+                match lorafleet_storage::parse_dataset_ref(s) {
+                    Some(Ok(_)) => {}
+                    _ => return bad("dataset refs look like dataset://sha256/<64 lowercase hex>"),
+                }
+            }
+            Ok(())
+        }
+        Some(_) => bad(&format!("scheme must be one of {}", schemes.join(", "))),
+        None if !allow_relative => bad(&format!("must be a URL ({}://...); upload local files first", schemes.join("://, "))),
+        None if s.starts_with('/') => bad("must not be an absolute path"),
+        None => Ok(()),
+    }
+}
+
+/// Remote-only checks beyond `JobSpec::validate(SpecContext::Remote)`: every location a
+/// worker will open must be safe on the worker's machine.
+pub fn check_remote_spec(spec: &JobSpec) -> Result<(), CoordError> {
+    check_location("model.source", &spec.model.source, &["hf", "s3"], true)?;
+    if let Some(a) = &spec.lora.init_adapter {
+        check_location("lora.init_adapter", a, &["hf", "s3"], true)?;
+    }
+    check_location("data.train", &spec.data.train, &["dataset", "s3"], false)?;
+    if let Some(e) = &spec.data.eval {
+        check_location("data.eval", e, &["dataset", "s3"], false)?;
+    }
+    Ok(())
+}
+
+/// A key a worker reports must be a safe relative key under `jobs/<job_id>/`.
+pub fn check_job_key(field: &str, job_id: &JobId, key: &str) -> Result<(), CoordError> {
+    let bad = |why: String| Err(CoordError::InvalidArgument(format!("{field}: {why}")));
+    let p = match RelPath::parse(key.trim_end_matches('/')) {
+        Ok(p) => p,
+        Err(e) => return bad(e.to_string()),
+    };
+    let segs = p.segments();
+    if segs.len() < 3 || segs[0].as_str() != "jobs" || segs[1].as_str() != job_id.to_string() {
+        return bad(format!("must be under jobs/{job_id}/, got {key:?}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lorafleet_shared::spec::SpecContext;
+
+    fn spec(train: &str, source: &str) -> JobSpec {
+        let y = format!("name: a\nmodel: {{ source: {source:?} }}\ndata: {{ train: {train:?} }}\noutput: {{ dir: o }}\n");
+        JobSpec::from_yaml(&y, SpecContext::Remote).unwrap()
+    }
+
+    #[test]
+    fn remote_locations() {
+        let ds = format!("dataset://sha256/{}", "a".repeat(64));
+        check_remote_spec(&spec(&ds, "hf://org/m")).unwrap();
+        check_remote_spec(&spec("s3://b/data.json", "models/tiny")).unwrap();
+        for (train, source, field) in [
+            ("./faq.json", "hf://o/m", "data.train"),
+            ("/etc/passwd", "hf://o/m", "data.train"),
+            ("dataset://sha256/../../x", "hf://o/m", "data.train"),
+            ("s3://b/../x", "hf://o/m", "data.train"),
+            ("file:///etc/x", "hf://o/m", "data.train"),
+            (&ds, "/models/llama", "model.source"),
+            (&ds, "../models", "model.source"),
+            (&ds, "file:///m", "model.source"),
+            (&ds, "a\\b", "model.source"),
+        ] {
+            match check_remote_spec(&spec(train, source)) {
+                Err(CoordError::InvalidArgument(m)) => assert!(m.starts_with(&format!("{field}: ")), "{m}"),
+                other => panic!("{train} {source}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn job_keys() {
+        let j = JobId::new();
+        check_job_key("k", &j, &format!("jobs/{j}/attempts/1/checkpoints/step-2/manifest.json")).unwrap();
+        check_job_key("k", &j, &format!("jobs/{j}/adapter")).unwrap();
+        for bad in [format!("jobs/{}/adapter", JobId::new()), format!("/jobs/{j}/a"), format!("jobs/{j}/../x/y"), "x".into(), format!("jobs/{j}")] {
+            assert!(check_job_key("k", &j, &bad).is_err(), "{bad}");
+        }
+    }
+}
