@@ -299,7 +299,7 @@ pub fn train(run: &TrainRun, observer: &mut dyn TrainObserver) -> Result<TrainSu
         observer.on_step(&m);
 
         let eval_now = (t.eval_every > 0 && state.step % t.eval_every == 0) || state.step == total;
-        if eval_now && (eval_batches.is_some() || (!t.sample_prompts.is_empty() && t.eval_every > 0)) {
+        if eval_now && (eval_batches.is_some() || !t.sample_prompts.is_empty()) {
             let em = run_eval(model, &tok, spec, eval_batches.as_deref(), state.step, &run.device)?;
             tracing::info!(step = em.step, eval_loss = em.loss, perplexity = em.perplexity, tokens = em.tokens, "eval");
             for (p, a) in &em.samples {
