@@ -14,6 +14,8 @@ pub mod nf4;
 pub mod ops;
 pub mod lora;
 pub mod peft;
+pub mod quantize;
+pub mod merge;
 pub mod tokenizer;
 pub mod data;
 pub mod optim;
