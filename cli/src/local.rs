@@ -52,6 +52,42 @@ pub enum LocalCommand {
     ///   lorafleet generate --model models/demo --prompt "Once upon a time" --raw --temperature 0.8 --top-p 0.9 --seed 7
     #[command(verbatim_doc_comment)]
     Generate(GenerateArgs),
+    /// Quantize a model's linear weights to NF4 (bitsandbytes layout, loadable by
+    /// transformers + bitsandbytes and by lorafleet without re-quantizing).
+    ///
+    /// Example:
+    ///   lorafleet quantize --model models/demo --out models/demo-nf4
+    #[command(verbatim_doc_comment)]
+    Quantize {
+        /// Source Hugging Face model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Skip double quantization of the absmax values.
+        #[arg(long)]
+        no_double_quant: bool,
+    },
+    /// Fold a LoRA adapter into its base model (a full checkpoint, servable without PEFT).
+    ///
+    /// Example:
+    ///   lorafleet merge --model models/demo --adapter out/faq --out models/demo-faq --dtype bf16
+    #[command(verbatim_doc_comment)]
+    Merge {
+        /// Base model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// PEFT adapter directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Weight dtype of the merged checkpoint.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DtypeArg,
+    },
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -106,6 +142,12 @@ impl From<QuantArg> for QuantMethod {
             QuantArg::None => QuantMethod::None,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    Bf16,
+    F32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -225,6 +267,20 @@ pub fn run(c: LocalCommand) -> anyhow::Result<()> {
                     r.threads
                 );
             }
+            Ok(())
+        }
+        LocalCommand::Quantize { model, out, no_double_quant } => {
+            lorafleet_engine::quantize::quantize_model(&model, &out, !no_double_quant)?;
+            println!("wrote the nf4 model to {}", out.display());
+            Ok(())
+        }
+        LocalCommand::Merge { model, adapter, out, dtype } => {
+            let dt = match dtype {
+                DtypeArg::Bf16 => candle_core::DType::BF16,
+                DtypeArg::F32 => candle_core::DType::F32,
+            };
+            lorafleet_engine::merge::merge_adapter(&model, &adapter, &out, dt)?;
+            println!("wrote the merged model to {}", out.display());
             Ok(())
         }
         LocalCommand::DemoModel { out } => {
@@ -445,5 +501,33 @@ mod tests {
         let c = TestCli::try_parse_from(["x", "bench", "train", "--quant", "nf4", "--checkpointing", "on", "--steps", "3"]).unwrap();
         assert!(matches!(c.c, LocalCommand::Bench(BenchCommand::Train { steps: 3, checkpointing: OnOff::On, .. })));
         assert!(TestCli::try_parse_from(["x", "bench", "train", "--quant", "int3"]).is_err());
+        let c = TestCli::try_parse_from(["x", "merge", "--model", "m", "--adapter", "a", "--out", "o", "--dtype", "bf16"]).unwrap();
+        assert!(matches!(c.c, LocalCommand::Merge { dtype: DtypeArg::Bf16, .. }));
+    }
+
+    #[test]
+    fn demo_model_quantize_merge_and_generate() {
+        let t = tempfile::tempdir().unwrap();
+        let m = t.path().join("demo");
+        run(LocalCommand::DemoModel { out: m.clone() }).unwrap();
+        let q = t.path().join("demo-nf4");
+        run(LocalCommand::Quantize { model: m.clone(), out: q.clone(), no_double_quant: false }).unwrap();
+        assert!(q.join("model.safetensors").is_file());
+        let args = |model: &Path| GenerateArgs {
+            model: ModelArgs { model: model.to_path_buf(), adapter: None, quantization: QuantArg::None },
+            prompt: "hi".into(),
+            max_new_tokens: 4,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+            raw: false,
+            template: lorafleet_shared::spec::DEFAULT_TEMPLATE.into(),
+        };
+        run(LocalCommand::Generate(args(&q))).unwrap();
+        let e = run(LocalCommand::Merge { model: m.clone(), adapter: t.path().join("none"), out: t.path().join("merged"), dtype: DtypeArg::F32 })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("none"), "{e}");
     }
 }
