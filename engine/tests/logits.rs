@@ -140,3 +140,301 @@ fn packed_segments_equal_separate_sequences() {
     }
 }
 
+
+// ---------------------------------------------------------------------------------
+// Config variants with small hand-written configs and random weights.
+
+mod variants {
+    use super::*;
+    use lorafleet_engine::model::config::{ArchConfig, ModelConfig, RopeScaling};
+    use lorafleet_engine::model::falcon::split_fused_qkv;
+    use rand::{Rng, SeedableRng};
+    use std::path::Path;
+
+    fn write_model(dir: &Path, config: serde_json::Value, tensors: &[(String, Vec<usize>)]) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
+        let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+            .iter()
+            .map(|(n, s)| {
+                let count: usize = s.iter().product();
+                let v: Vec<u8> = (0..count).flat_map(|_| rng.gen_range(-0.2f32..0.2).to_le_bytes()).collect();
+                (n.clone(), s.clone(), v)
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = data
+            .iter()
+            .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    }
+
+    fn llama_tensors(layers: usize, h: usize, nh: usize, nkv: usize, hd: usize, inter: usize, vocab: usize, qkv_bias: bool, tied: bool) -> Vec<(String, Vec<usize>)> {
+        let mut t = vec![("model.embed_tokens.weight".to_string(), vec![vocab, h]), ("model.norm.weight".into(), vec![h])];
+        if !tied {
+            t.push(("lm_head.weight".into(), vec![vocab, h]));
+        }
+        for i in 0..layers {
+            let p = format!("model.layers.{i}");
+            for (n, s) in [
+                ("self_attn.q_proj.weight", vec![nh * hd, h]),
+                ("self_attn.k_proj.weight", vec![nkv * hd, h]),
+                ("self_attn.v_proj.weight", vec![nkv * hd, h]),
+                ("self_attn.o_proj.weight", vec![h, nh * hd]),
+                ("mlp.gate_proj.weight", vec![inter, h]),
+                ("mlp.up_proj.weight", vec![inter, h]),
+                ("mlp.down_proj.weight", vec![h, inter]),
+                ("input_layernorm.weight", vec![h]),
+                ("post_attention_layernorm.weight", vec![h]),
+            ] {
+                t.push((format!("{p}.{n}"), s));
+            }
+            if qkv_bias {
+                t.push((format!("{p}.self_attn.q_proj.bias"), vec![nh * hd]));
+                t.push((format!("{p}.self_attn.k_proj.bias"), vec![nkv * hd]));
+                t.push((format!("{p}.self_attn.v_proj.bias"), vec![nkv * hd]));
+            }
+        }
+        t
+    }
+
+    fn run(dir: &Path, seq: usize) -> Tensor {
+        let m = load_model(dir, &LoadOptions::default()).unwrap();
+        let ids: Vec<u32> = (0..2 * seq as u32).map(|i| (i * 7) % 50).collect();
+        let input = ForwardInput { input_ids: Tensor::from_vec(ids, (2, seq), &Device::Cpu).unwrap(), position_ids: None, segment_ids: None };
+        let h = m.hidden_states(&input).unwrap();
+        assert_eq!(h.dims(), &[2, seq, m.info().hidden_size]);
+        let l = m.logits(&h).unwrap();
+        assert_eq!(l.dims(), &[2, seq, 50]);
+        assert!(l.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|x| x.is_finite()));
+        l
+    }
+
+    #[test]
+    fn qwen2_with_qkv_bias_and_tied_head() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = serde_json::json!({
+            "model_type": "qwen2", "vocab_size": 50, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": true,
+            "hidden_act": "silu", "eos_token_id": [7, 9], "use_sliding_window": false, "sliding_window": 4
+        });
+        write_model(tmp.path(), cfg.clone(), &llama_tensors(2, 32, 4, 2, 8, 48, 50, true, true));
+        let l = run(tmp.path(), 6);
+        let info = lorafleet_engine::model::read_model_info(tmp.path()).unwrap();
+        assert_eq!(info.eos_token_ids, vec![7, 9]);
+        let parsed = ModelConfig::from_dir(tmp.path()).unwrap();
+        let ArchConfig::Llama(c) = &parsed.arch else { panic!() };
+        assert!(c.qkv_bias && !c.o_bias && c.sliding_window.is_none() && c.tie_word_embeddings);
+        assert_eq!(c.rope.theta, 1e6);
+        // The biases are used: zeroing them changes the output.
+        let tmp2 = tempfile::tempdir().unwrap();
+        std::fs::copy(tmp.path().join("config.json"), tmp2.path().join("config.json")).unwrap();
+        let mut ts = candle_core::safetensors::load(tmp.path().join("model.safetensors"), &Device::Cpu).unwrap();
+        for (k, v) in ts.iter_mut() {
+            if k.ends_with("q_proj.bias") {
+                *v = v.zeros_like().unwrap();
+            }
+        }
+        candle_core::safetensors::save(&ts, tmp2.path().join("model.safetensors")).unwrap();
+        let l2 = run(tmp2.path(), 6);
+        assert!(max_diff(&l, &l2) > 1e-5);
+        // Missing bias tensors are reported by name.
+        let tmp3 = tempfile::tempdir().unwrap();
+        write_model(tmp3.path(), cfg, &llama_tensors(2, 32, 4, 2, 8, 48, 50, false, true));
+        let e = load_model(tmp3.path(), &LoadOptions::default()).err().unwrap();
+        assert!(e.to_string().contains("model.layers.0.self_attn.q_proj.bias"), "{e}");
+    }
+
+    #[test]
+    fn mistral_sliding_window_and_explicit_head_dim() {
+        let tmp = tempfile::tempdir().unwrap();
+        // head_dim 16 with hidden 32 and 4 heads (q_proj 64 wide), no rope settings at all.
+        let cfg = serde_json::json!({
+            "model_type": "mistral", "vocab_size": 50, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16,
+            "rms_norm_eps": 1e-5, "sliding_window": 3, "tie_word_embeddings": false
+        });
+        write_model(tmp.path(), cfg.clone(), &llama_tensors(1, 32, 4, 1, 16, 48, 50, false, false));
+        let parsed = ModelConfig::from_dir(tmp.path()).unwrap();
+        let ArchConfig::Llama(c) = &parsed.arch else { panic!() };
+        assert_eq!((c.head_dim, c.sliding_window, c.rope.theta), (16, Some(3), 10000.0));
+        let windowed = run(tmp.path(), 8);
+        // The same weights without a window: early positions agree, later ones differ.
+        let mut cfg2 = cfg;
+        cfg2["sliding_window"] = serde_json::Value::Null;
+        std::fs::write(tmp.path().join("config.json"), cfg2.to_string()).unwrap();
+        let full = run(tmp.path(), 8);
+        assert!(max_diff(&windowed.narrow(1, 0, 3).unwrap(), &full.narrow(1, 0, 3).unwrap()) < 1e-6);
+        assert!(max_diff(&windowed.narrow(1, 3, 5).unwrap(), &full.narrow(1, 3, 5).unwrap()) > 1e-6);
+    }
+
+    #[test]
+    fn llama3_rope_scaling_matches_hand_computation() {
+        let v = serde_json::json!({
+            "model_type": "llama", "vocab_size": 50, "hidden_size": 256, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "rope_theta": 500000.0,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        });
+        let cfg = ModelConfig::from_value(&v, Path::new("config.json")).unwrap();
+        let ArchConfig::Llama(c) = &cfg.arch else { panic!() };
+        assert!(matches!(c.rope.scaling, RopeScaling::Llama3 { .. }));
+        let d = 128;
+        let got = c.rope.inv_freq(d);
+        let (mut low, mut mid, mut high) = (0, 0, 0);
+        for (i, g) in got.iter().enumerate() {
+            let f = 1.0 / 500000f64.powf((2 * i) as f64 / d as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            // wavelen < 8192/4: unchanged; > 8192/1: divided by 8; between: smooth mix.
+            let want = if wavelen < 2048.0 {
+                high += 1;
+                f
+            } else if wavelen > 8192.0 {
+                low += 1;
+                f / 8.0
+            } else {
+                mid += 1;
+                let s = (8192.0 / wavelen - 1.0) / (4.0 - 1.0);
+                (1.0 - s) * f / 8.0 + s * f
+            };
+            assert!(((*g as f64) - want).abs() <= 1e-6 * want, "inv_freq[{i}] {g} vs {want}");
+        }
+        assert!(low > 0 && mid > 0 && high > 0, "{low} {mid} {high}");
+        // The same in transformers 5's rope_parameters form.
+        let v5 = serde_json::json!({
+            "model_type": "llama", "vocab_size": 50, "hidden_size": 256, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2,
+            "rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        });
+        let c5 = ModelConfig::from_value(&v5, Path::new("config.json")).unwrap();
+        let ArchConfig::Llama(c5) = &c5.arch else { panic!() };
+        assert_eq!(c5.rope, c.rope);
+    }
+
+    fn falcon40_tensors(layers: usize, h: usize, nh: usize, nkv: usize, vocab: usize) -> Vec<(String, Vec<usize>)> {
+        let hd = h / nh;
+        let mut t = vec![
+            ("transformer.word_embeddings.weight".to_string(), vec![vocab, h]),
+            ("transformer.ln_f.weight".into(), vec![h]),
+            ("transformer.ln_f.bias".into(), vec![h]),
+        ];
+        for i in 0..layers {
+            let p = format!("transformer.h.{i}");
+            for (n, s) in [
+                ("ln_attn.weight", vec![h]),
+                ("ln_attn.bias", vec![h]),
+                ("ln_mlp.weight", vec![h]),
+                ("ln_mlp.bias", vec![h]),
+                ("self_attention.query_key_value.weight", vec![(nh + 2 * nkv) * hd, h]),
+                ("self_attention.query_key_value.bias", vec![(nh + 2 * nkv) * hd]),
+                ("self_attention.dense.weight", vec![h, h]),
+                ("self_attention.dense.bias", vec![h]),
+                ("mlp.dense_h_to_4h.weight", vec![4 * h, h]),
+                ("mlp.dense_h_to_4h.bias", vec![4 * h]),
+                ("mlp.dense_4h_to_h.weight", vec![h, 4 * h]),
+                ("mlp.dense_4h_to_h.bias", vec![h]),
+            ] {
+                t.push((format!("{p}.{n}"), s));
+            }
+        }
+        t
+    }
+
+    #[test]
+    fn falcon40b_style_model_runs() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Original RefinedWeb names: n_head, n_layer, n_head_kv; new decoder architecture
+        // implied by the type, bias on.
+        let cfg = serde_json::json!({
+            "model_type": "RefinedWeb", "vocab_size": 50, "hidden_size": 32, "n_head": 4, "n_head_kv": 2,
+            "n_layer": 2, "bias": true, "parallel_attn": true, "layer_norm_epsilon": 1e-5
+        });
+        write_model(tmp.path(), cfg, &falcon40_tensors(2, 32, 4, 2, 50));
+        let parsed = ModelConfig::from_dir(tmp.path()).unwrap();
+        assert_eq!(parsed.model_type, "falcon");
+        let ArchConfig::Falcon(c) = &parsed.arch else { panic!() };
+        assert!(c.new_decoder_architecture && c.two_layernorms && c.bias && c.tie_word_embeddings);
+        assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim, c.num_layers), (4, 2, 8, 2));
+        run(tmp.path(), 5);
+        // LoRA over all linears works on it too (shapes of the fused projection).
+        let opts = LoadOptions {
+            lora: Some(LoraSettingsRequest {
+                r: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                rslora: true,
+                target_modules: Some(lorafleet_shared::spec::TargetModules::Named("all-linear".into())),
+                init: LoraInit::PeftDefault { seed: 1 },
+            }),
+            ..LoadOptions::default()
+        };
+        let m = load_model(tmp.path(), &opts).unwrap();
+        assert_eq!(
+            m.lora_params()["base_model.model.transformer.h.1.self_attention.query_key_value.lora_B.weight"].as_tensor().dims(),
+            &[64, 4]
+        );
+        assert_eq!(m.info().lora.as_ref().unwrap().scaling(), 4.0);
+    }
+
+    #[test]
+    fn falcon_fused_qkv_layouts_match_hand_reference() {
+        // fused[b, s, j] = 1000 * s + j, so every output element says where it came from.
+        let (nh, hd, s) = (4usize, 3usize, 2usize);
+        let make = |width: usize| {
+            let v: Vec<f32> = (0..s).flat_map(|si| (0..width).map(move |j| (1000 * si + j) as f32)).collect();
+            Tensor::from_vec(v, (1, s, width), &Device::Cpu).unwrap()
+        };
+        let at = |t: &Tensor, h: usize, si: usize, d: usize| -> usize {
+            t.get(0).unwrap().get(h).unwrap().get(si).unwrap().get(d).unwrap().to_scalar::<f32>().unwrap() as usize - 1000 * si
+        };
+        // falcon-40b: per kv group g: q heads (nh/nkv of them), then k, then v.
+        let nkv = 2;
+        let g = nh / nkv;
+        let (q, k, v) = split_fused_qkv(&make((nh + 2 * nkv) * hd), nh, nkv, hd, true, false).unwrap();
+        assert_eq!((q.dims(), k.dims(), v.dims()), (&[1, nh, s, hd][..], &[1, nkv, s, hd][..], &[1, nkv, s, hd][..]));
+        for si in 0..s {
+            for d in 0..hd {
+                for h in 0..nh {
+                    let (grp, within) = (h / g, h % g);
+                    assert_eq!(at(&q, h, si, d), grp * (g + 2) * hd + within * hd + d);
+                }
+                for grp in 0..nkv {
+                    assert_eq!(at(&k, grp, si, d), grp * (g + 2) * hd + g * hd + d);
+                    assert_eq!(at(&v, grp, si, d), grp * (g + 2) * hd + (g + 1) * hd + d);
+                }
+            }
+        }
+        // falcon-7b multi-query: all q heads, then the k head, then the v head.
+        let (q, k, v) = split_fused_qkv(&make((nh + 2) * hd), nh, 1, hd, false, true).unwrap();
+        for d in 0..hd {
+            for h in 0..nh {
+                assert_eq!(at(&q, h, 1, d), h * hd + d);
+            }
+            assert_eq!(at(&k, 0, 1, d), nh * hd + d);
+            assert_eq!(at(&v, 0, 1, d), (nh + 1) * hd + d);
+        }
+        // Classic multi-head: [q, k, v] per head.
+        let (q, k, v) = split_fused_qkv(&make(3 * nh * hd), nh, nh, hd, false, false).unwrap();
+        for h in 0..nh {
+            for d in 0..hd {
+                assert_eq!(at(&q, h, 0, d), h * 3 * hd + d);
+                assert_eq!(at(&k, h, 0, d), h * 3 * hd + hd + d);
+                assert_eq!(at(&v, h, 0, d), h * 3 * hd + 2 * hd + d);
+            }
+        }
+    }
+
+    #[test]
+    fn falcon7b_original_names() {
+        let v = serde_json::json!({
+            "model_type": "RefinedWebModel", "vocab_size": 50, "hidden_size": 32, "n_head": 4, "n_layer": 1,
+            "multi_query": true, "parallel_attn": true
+        });
+        let cfg = ModelConfig::from_value(&v, Path::new("config.json")).unwrap();
+        let ArchConfig::Falcon(c) = &cfg.arch else { panic!() };
+        assert_eq!(cfg.model_type, "falcon");
+        assert!(!c.new_decoder_architecture && c.multi_query && !c.two_layernorms);
+        assert_eq!((c.num_kv_heads, c.num_layers, c.rope.theta, c.ffn_hidden_size), (1, 1, 10000.0, 128));
+    }
+}
