@@ -259,11 +259,14 @@ pub fn run(c: LocalCommand) -> anyhow::Result<()> {
             } else {
                 let rss = r.peak_rss_mib.map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "n/a".into());
                 println!(
-                    "lorafleet {:?} checkpointing {}: {:.1} tokens/s ({:.3} s/step), peak RSS {rss}, threads {}",
-                    quant,
+                    "lorafleet {} checkpointing {}: {:.1} tokens/s ({:.3} s/step: forward+loss {:.3}, backward {:.3}, optimizer {:.3}), peak RSS {rss}, threads {}",
+                    if quant == QuantArg::Nf4 { "nf4" } else { "none" },
                     if opts.gradient_checkpointing { "on" } else { "off" },
                     r.tokens_per_sec,
                     r.secs_per_step,
+                    r.forward_secs,
+                    r.backward_secs,
+                    r.optimizer_secs,
                     r.threads
                 );
             }

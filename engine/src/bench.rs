@@ -41,6 +41,11 @@ pub struct BenchResult {
     pub peak_rss_mib: Option<f64>,
     pub threads: usize,
     pub final_loss: f64,
+    /// Mean seconds per timed step in the forward pass + loss, the backward pass and
+    /// the optimizer.
+    pub forward_secs: f64,
+    pub backward_secs: f64,
+    pub optimizer_secs: f64,
 }
 
 /// Peak RSS of this process in MiB (`VmHWM` of /proc/self/status).
@@ -93,21 +98,29 @@ fn run(opts: &BenchOptions, dir: &std::path::Path, device: &Device) -> Result<Be
     let mb = MicroBatch::from_sequences(&[&seq], 0);
     let n = mb.target_count() as f64;
     let mut opt = AdamW::new(AdamWConfig::default());
-    let mut step = |_: u64| -> Result<f64> {
+    let mut phases = [0f64; 3];
+    let mut step = |_: u64, phases: &mut [f64; 3]| -> Result<f64> {
+        let t0 = Instant::now();
         let bt = mb.to_tensors(device)?;
         let loss = (crate::eval::nll_sum(model, &bt)? / n)?;
         let v = loss.to_scalar::<f32>()? as f64;
+        let t1 = Instant::now();
         let grads = model.backward(&loss)?;
+        let t2 = Instant::now();
         opt.step(model.lora_params(), &grads, 1e-4)?;
+        let t3 = Instant::now();
+        phases[0] += (t1 - t0).as_secs_f64();
+        phases[1] += (t2 - t1).as_secs_f64();
+        phases[2] += (t3 - t2).as_secs_f64();
         Ok(v)
     };
     for i in 0..2 {
-        step(i)?;
+        step(i, &mut [0f64; 3])?;
     }
     let t0 = Instant::now();
     let mut last = f64::NAN;
     for i in 0..opts.steps {
-        last = step(i)?;
+        last = step(i, &mut phases)?;
     }
     let dt = t0.elapsed().as_secs_f64();
     Ok(BenchResult {
@@ -117,5 +130,8 @@ fn run(opts: &BenchOptions, dir: &std::path::Path, device: &Device) -> Result<Be
         peak_rss_mib: peak_rss_mib(),
         threads: candle_core::utils::get_num_threads(),
         final_loss: last,
+        forward_secs: phases[0] / opts.steps as f64,
+        backward_secs: phases[1] / opts.steps as f64,
+        optimizer_secs: phases[2] / opts.steps as f64,
     })
 }
