@@ -256,3 +256,26 @@ fn eval_split_is_seeded() {
     let (_, ev2) = data::load_train_eval(&f, None, &t, &sp, 3).unwrap();
     assert_eq!(ev.sequences, ev2.unwrap().sequences);
 }
+
+/// Packed sequences (segment ids + per-example positions) score every answer token
+/// exactly as unpacked examples do: no attention or prediction crosses examples.
+#[test]
+fn packed_loss_equals_unpacked_loss() {
+    use lorafleet_engine::eval;
+    use lorafleet_engine::model::{load_model, LoadOptions};
+    let model_dir = fixtures().join("models/tiny-llama");
+    let model = load_model(&model_dir, &LoadOptions::default()).unwrap();
+    let t = Tokenizer::from_model_dir(&model_dir, Some(0), Some(0)).unwrap();
+    let f = fixtures().join("train/tiny-llama/data.jsonl");
+    let plain = data::load_dataset(&f, &t, &spec()).unwrap();
+    let packed = data::load_dataset(&f, &t, &DataSpec { packing: true, max_seq_len: 160, ..spec() }).unwrap();
+    assert!(packed.sequences.len() < plain.sequences.len());
+    let dev = candle_core::Device::Cpu;
+    let a = eval::evaluate(model.as_ref(), &data::eval_batches(&plain, 1, 0), &dev).unwrap();
+    let b = eval::evaluate(model.as_ref(), &data::eval_batches(&packed, 2, 0), &dev).unwrap();
+    assert_eq!(a.tokens, b.tokens);
+    assert!((a.loss - b.loss).abs() < 1e-5, "{} vs {}", a.loss, b.loss);
+    // right padding in a batch changes nothing either
+    let c = eval::evaluate(model.as_ref(), &data::eval_batches(&plain, 3, 0), &dev).unwrap();
+    assert!((a.loss - c.loss).abs() < 1e-5, "{} vs {}", a.loss, c.loss);
+}

@@ -79,3 +79,33 @@ fn resume_from_step_5_reproduces_steps_6_to_10() {
     let m = std::fs::read_to_string(tmp.path().join("b/metrics.jsonl")).unwrap();
     assert_eq!(m.lines().filter(|l| l.contains("\"type\":\"step\"")).count(), 10);
 }
+
+#[derive(Default)]
+struct Evals(Vec<lorafleet_engine::train::EvalMetrics>);
+impl TrainObserver for Evals {
+    fn on_eval(&mut self, m: &lorafleet_engine::train::EvalMetrics) {
+        self.0.push(m.clone());
+    }
+}
+
+#[test]
+fn eval_split_and_samples_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    let mut r = run(&out, &tmp.path().join("w"), None);
+    r.spec.data.eval_split = 0.2;
+    r.spec.training.max_steps = Some(4);
+    r.spec.training.eval_every = 2;
+    r.spec.training.checkpoint_every = 0;
+    r.spec.training.sample_prompts = vec!["How do I create an account?".into()];
+    r.spec.training.sample_max_new_tokens = 5;
+    let mut ev = Evals::default();
+    let s = train(&r, &mut ev).unwrap();
+    assert_eq!(ev.0.iter().map(|e| e.step).collect::<Vec<_>>(), vec![2, 4]);
+    let e = &ev.0[1];
+    assert!(e.tokens > 0 && e.loss.is_finite() && (e.perplexity - e.loss.exp()).abs() < 1e-9);
+    assert_eq!(e.samples.len(), 1);
+    assert_eq!(s.eval_data.as_ref().unwrap().examples, 2);
+    assert_eq!(s.train_data.examples, 8);
+    assert_eq!(s.final_eval.as_ref().unwrap().step, 4);
+}
