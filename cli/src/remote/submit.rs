@@ -45,21 +45,11 @@ pub async fn submit(client: &mut JobServiceClient<Channel>, path: &Path, idempot
     let mut spec = load_remote_spec(path)?;
     let spec_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
 
-    // Local model directories are sent as absolute paths (workers must share them).
+    // Local model paths go as written: the coordinator accepts relative paths only,
+    // resolved by each worker in its working directory (shared, as with `lorafleet dev`).
     let src = spec.model.source.clone();
-    if !src.contains("://") {
-        let p = spec_path(&spec_dir, &src);
-        match p.canonicalize() {
-            Ok(abs) => spec.model.source = abs.display().to_string(),
-            Err(_) => eprintln!("warning: model.source {src} does not exist here; workers must have it (create the demo model with `lorafleet demo-model --out {src}`)"),
-        }
-    }
-    if let Some(a) = spec.lora.init_adapter.clone() {
-        if !a.contains("://") {
-            if let Ok(abs) = spec_path(&spec_dir, &a).canonicalize() {
-                spec.lora.init_adapter = Some(abs.display().to_string());
-            }
-        }
+    if !src.contains("://") && !Path::new(&src).exists() {
+        eprintln!("warning: model.source {src} does not exist here; workers must have it (the demo model: `lorafleet demo-model --out {src}`)");
     }
     spec.data.train = upload_if_local(client, &spec_dir, "data.train", &spec.data.train).await?;
     if let Some(e) = spec.data.eval.clone() {

@@ -1,0 +1,282 @@
+//! Harness for the end-to-end tests in `tests/`: builds the three binaries once, then
+//! runs a real `lorafleet-coordinator` (SQLite on disk), `lorafleet-worker` processes
+//! and the `lorafleet` CLI against a real SeaweedFS server, all on loopback.
+//!
+//! Lease TTLs and heartbeats are short (`--lease-ttl 3`: heartbeat every second) so
+//! failover scenarios finish in seconds. Every process is killed when its [`Cluster`]
+//! drops.
+
+use lorafleet_proto as pb;
+use lorafleet_proto::job_service_client::JobServiceClient;
+use lorafleet_storage::testing::S3Server;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+pub const LEASE_TTL_SECS: u64 = 3;
+
+/// The scenarios are timing-sensitive (a cancel within one heartbeat, a takeover within
+/// the lease TTL): they run one at a time, not competing for the CPU.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The workspace root (workers run there so relative model paths resolve).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").to_path_buf()
+}
+
+/// `target/<profile>/` of this test build, where the binaries are built.
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    // target/<profile>/deps/<test>
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+/// Build the coordinator, worker and CLI binaries once per test process.
+pub fn binaries() -> &'static PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = bin_dir();
+        let target = dir.parent().expect("target root").to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--bins", "-p", "lorafleet-coordinator", "-p", "lorafleet-worker", "-p", "lorafleet-cli"])
+            .env("CARGO_TARGET_DIR", &target)
+            .current_dir(workspace_root());
+        if dir.file_name().and_then(|n| n.to_str()) == Some("release") {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().expect("running cargo build");
+        assert!(st.success(), "building the binaries failed");
+        dir
+    })
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    binaries().join(name)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub s3: S3Server,
+    pub storage_url: String,
+    pub port: u16,
+    pub coordinator: Option<Child>,
+    pub workers: HashMap<String, Child>,
+}
+
+impl Cluster {
+    /// SeaweedFS, a coordinator and `workers` workers named w0, w1, ...
+    pub async fn start(workers: usize) -> Cluster {
+        binaries();
+        let s3 = S3Server::start().await.unwrap_or_else(|e| panic!("{e}"));
+        let storage_url = s3.unique_url("lorafleet");
+        let mut c = Cluster { dir: tempfile::tempdir().expect("tempdir"), s3, storage_url, port: free_port(), coordinator: None, workers: HashMap::new() };
+        c.start_coordinator().await;
+        for i in 0..workers {
+            c.start_worker(&format!("w{i}"));
+        }
+        c
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn log(&self, name: &str) -> std::fs::File {
+        std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("{name}.log"))).expect("log file")
+    }
+
+    pub async fn start_coordinator(&mut self) {
+        let log = self.log("coordinator");
+        let child = Command::new(bin("lorafleet-coordinator"))
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .arg("--db")
+            .arg(self.dir.path().join("coordinator.sqlite"))
+            .args(["--storage", &self.storage_url, "--lease-ttl", &LEASE_TTL_SECS.to_string()])
+            .envs(self.s3.env())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawning lorafleet-coordinator");
+        self.coordinator = Some(child);
+        // Ready when it answers.
+        let t = Instant::now();
+        loop {
+            if let Ok(mut c) = self.client().await {
+                if c.list_workers(pb::ListWorkersRequest { include_dead: true }).await.is_ok() {
+                    return;
+                }
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "coordinator did not start; log:\n{}", self.read_log("coordinator"));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn start_worker(&mut self, name: &str) {
+        let log = self.log(name);
+        let child = Command::new(bin("lorafleet-worker"))
+            .args(["--coordinator", &self.endpoint(), "--name", name, "--storage", &self.storage_url, "--acquire-wait-secs", "2"])
+            .arg("--cache")
+            .arg(self.dir.path().join(format!("cache-{name}")))
+            .envs(self.s3.env())
+            .env("LORAFLEET_LOG", "info")
+            .current_dir(workspace_root())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawning lorafleet-worker");
+        self.workers.insert(name.to_string(), child);
+    }
+
+    pub fn read_log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    pub fn signal(&self, pid: u32, sig: &str) {
+        let st = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().expect("kill");
+        assert!(st.success(), "kill -{sig} {pid}");
+    }
+
+    pub fn kill_worker(&mut self, name: &str) {
+        let mut c = self.workers.remove(name).expect("worker");
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
+    pub fn kill_coordinator(&mut self) {
+        if let Some(mut c) = self.coordinator.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub async fn client(&self) -> Result<JobServiceClient<Channel>, tonic::transport::Error> {
+        let ch = tonic::transport::Endpoint::from_shared(self.endpoint()).expect("endpoint").connect_timeout(Duration::from_secs(2)).connect().await?;
+        Ok(JobServiceClient::new(ch).max_decoding_message_size(64 * 1024 * 1024))
+    }
+
+    pub async fn job(&self, id: &str) -> pb::Job {
+        self.client().await.expect("connect").get_job(pb::GetJobRequest { job_id: id.into() }).await.expect("get job").into_inner()
+    }
+
+    /// Poll a job until `pred` holds.
+    pub async fn wait_job(&self, id: &str, what: &str, timeout: Duration, pred: impl Fn(&pb::Job) -> bool) -> pb::Job {
+        let t = Instant::now();
+        loop {
+            if let Ok(mut c) = self.client().await {
+                if let Ok(j) = c.get_job(pb::GetJobRequest { job_id: id.into() }).await {
+                    let j = j.into_inner();
+                    if pred(&j) {
+                        return j;
+                    }
+                    if t.elapsed() > timeout {
+                        panic!("timed out waiting for {what}; job: {j:?}\ncoordinator log tail:\n{}", tail(&self.read_log("coordinator"), 30));
+                    }
+                }
+            }
+            assert!(t.elapsed() < timeout + Duration::from_secs(5), "timed out waiting for {what} (coordinator unreachable)");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Run the CLI against this cluster.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("lorafleet"))
+            .args(args)
+            .env("LORAFLEET_COORDINATOR", self.endpoint())
+            .current_dir(workspace_root())
+            .output()
+            .expect("running lorafleet")
+    }
+
+    /// Write a spec file into the cluster's directory.
+    pub fn spec(&self, name: &str, yaml: &str) -> PathBuf {
+        let p = self.dir.path().join(format!("{name}.yaml"));
+        std::fs::write(&p, yaml).expect("spec");
+        p
+    }
+
+    /// Submit through the CLI; returns the job id.
+    pub fn submit(&self, spec: &Path) -> String {
+        let out = self.cli(&["submit", spec.to_str().expect("utf8"), "--json"]);
+        assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("submit --json prints a job");
+        v["id"].as_str().expect("id").to_string()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, mut c) in self.workers.drain() {
+            let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.kill_coordinator();
+        if std::thread::panicking() {
+            for name in ["coordinator", "w0", "w1", "w2"] {
+                let l = self.read_log(name);
+                if !l.is_empty() {
+                    eprintln!("----- {name} log (tail) -----\n{}", tail(&l, 40));
+                }
+            }
+        }
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The tiny-llama FAQ spec (f32, no quantization, deterministic). `model` is relative
+/// to the workspace root, where workers run.
+pub fn faq_spec(name: &str, steps: u64, checkpoint_every: u64, output_dir: &str) -> String {
+    let data = workspace_root().join("examples/faq.json");
+    format!(
+        "name: {name}\nmodel: {{ source: tests/fixtures/hf/models/tiny-llama }}\nquantization: {{ method: none, compute_dtype: f32 }}\n\
+lora: {{ r: 4, alpha: 8, dropout: 0.0, target_modules: all-linear }}\n\
+data: {{ train: {data:?}, max_seq_len: 64, shuffle: true }}\n\
+training: {{ max_steps: {steps}, micro_batch_size: 1, grad_accum: 1, lr: 1.0e-3, schedule: cosine, warmup_steps: 2, checkpoint_every: {checkpoint_every}, log_every: 1, gradient_checkpointing: false, seed: 7 }}\n\
+output: {{ dir: {output_dir:?} }}\n",
+        data = data.display().to_string()
+    )
+}
+
+/// Every tensor of two safetensors files, compared with a tolerance.
+pub fn assert_same_weights(a: &Path, b: &Path, tol: f32) {
+    let (ba, bb) = (std::fs::read(a).expect("read a"), std::fs::read(b).expect("read b"));
+    let (ta, tb) = (safetensors::SafeTensors::deserialize(&ba).expect("a"), safetensors::SafeTensors::deserialize(&bb).expect("b"));
+    let mut na: Vec<String> = ta.names().into_iter().map(str::to_string).collect();
+    let mut nb: Vec<String> = tb.names().into_iter().map(str::to_string).collect();
+    na.sort();
+    nb.sort();
+    assert_eq!(na, nb, "tensor names differ");
+    assert!(!na.is_empty());
+    for n in &na {
+        let (x, y) = (ta.tensor(n).expect("x"), tb.tensor(n).expect("y"));
+        assert_eq!(x.shape(), y.shape(), "{n}");
+        assert_eq!(x.dtype(), y.dtype(), "{n}");
+        if x.dtype() != safetensors::Dtype::F32 {
+            assert!(x.data() == y.data(), "{n}: {:?} tensors differ", x.dtype());
+            continue;
+        }
+        let f = |d: &[u8]| d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect::<Vec<_>>();
+        let (vx, vy) = (f(x.data()), f(y.data()));
+        let max = vx.iter().zip(&vy).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(max <= tol, "{n}: max abs difference {max} > {tol}");
+    }
+}
