@@ -615,11 +615,10 @@ impl MicroBatch {
                 seg[base..base + s.ids.len()].copy_from_slice(&ss);
                 // padding: its own segment, positions continuing
                 let pad_seg = ss.iter().copied().max().unwrap_or(0) + 1;
-                let mut next = sp.last().map(|p| p + 1).unwrap_or(0);
-                for t in s.ids.len()..seq {
-                    pos[base + t] = next;
+                let next = sp.last().map(|p| p + 1).unwrap_or(0);
+                for (k, t) in (s.ids.len()..seq).enumerate() {
+                    pos[base + t] = next + k as u32;
                     seg[base + t] = pad_seg;
-                    next += 1;
                 }
             }
         }

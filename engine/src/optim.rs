@@ -56,6 +56,7 @@ impl Default for AdamWConfig {
 /// `nested_quant_map` of the NF4 fixtures): recomputing it in f32 here lands one ulp
 /// away on a few entries, depending on torch's SIMD `linspace`.
 #[rustfmt::skip]
+#[allow(clippy::excessive_precision)]
 pub(crate) const SIGNED_DYNAMIC_MAP: [f32; 256] = [
     -0.992968738079071, -0.9789062738418579, -0.96484375, -0.9507812261581421,
     -0.936718761920929, -0.922656238079071, -0.9085937738418579, -0.89453125,

@@ -36,7 +36,7 @@ fn model() -> PathBuf {
 }
 
 fn err_of(r: &TrainRun) -> String {
-    train(r, &mut NoObserver).err().expect("training must fail").to_string()
+    train(r, &mut NoObserver).unwrap_err().to_string()
 }
 
 #[test]
