@@ -23,6 +23,8 @@ pub struct Metrics {
     pub batch_size: Histogram,
     /// Time to apply and commit one batch.
     pub commit_seconds: Histogram,
+    /// Time of one fsync of the write-ahead log.
+    pub fsync_seconds: Histogram,
 }
 
 impl Metrics {
@@ -48,6 +50,11 @@ impl Metrics {
                 .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5]),
         )
         .expect("valid metric");
+        let fsync_seconds = Histogram::with_opts(
+            HistogramOpts::new("lorafleet_store_fsync_seconds", "one fsync of the write-ahead log")
+                .buckets(vec![0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5]),
+        )
+        .expect("valid metric");
         for c in [
             Box::new(jobs.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(workers.clone()),
@@ -56,13 +63,14 @@ impl Metrics {
             Box::new(stale_epochs.clone()),
             Box::new(batch_size.clone()),
             Box::new(commit_seconds.clone()),
+            Box::new(fsync_seconds.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
         for s in JobState::ALL {
             jobs.with_label_values(&[s.as_str()]).set(0);
         }
-        Arc::new(Self { registry, jobs, workers, live_leases, dispatch_latency, stale_epochs, batch_size, commit_seconds })
+        Arc::new(Self { registry, jobs, workers, live_leases, dispatch_latency, stale_epochs, batch_size, commit_seconds, fsync_seconds })
     }
 
     pub fn reset_jobs(&self, counts: &[(JobState, u64)]) {

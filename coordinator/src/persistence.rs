@@ -20,11 +20,13 @@
 //!   bounded per job ([`MAX_EVENTS_PER_JOB`], [`MAX_LOGS_PER_JOB`]), for WatchJob replay
 //!   and GetJobLogs.
 //!
-//! Durability: WAL with `synchronous=FULL`. With `NORMAL`, WAL commits are not fsynced
-//! and the last transactions can vanish on power loss; a vanished dispatch could then
-//! hand the same epoch to a second worker, which breaks fencing. The cost of FULL (one
-//! fsync per commit) is paid once per batch: the control loop groups every command it
-//! has pending into one transaction.
+//! Durability: WAL, and no reply before the commit is fsynced. `open_writer` sets
+//! `synchronous=FULL` (fsync at every commit). The control loop switches its connection
+//! to `NORMAL` and fsyncs the WAL itself on a separate thread before releasing a batch's
+//! replies (see `control`): the same guarantee, with the fsync of one batch overlapping
+//! the work on the next. Plain `NORMAL` without that fsync is not enough: the last
+//! commits can vanish on power loss, and a vanished dispatch could hand the same epoch to
+//! a second worker, which breaks fencing.
 //!
 //! The control loop owns the only writing connection; readers (GetJob, ListJobs, logs,
 //! event replay) use their own connections and see only committed data.

@@ -23,6 +23,8 @@ use tracing::{info, warn};
 type ReplyFn = Box<dyn FnOnce(bool) + Send>;
 
 pub(super) struct Output {
+    /// The batch changed the database (its commit needs an fsync before release).
+    pub wrote: bool,
     pub replies: Vec<ReplyFn>,
     pub events: Vec<Arc<pb::JobEvent>>,
     pub deltas: Vec<(Option<JobState>, JobState)>,
@@ -91,7 +93,7 @@ impl<'a> Ctx<'a> {
     }
 
     pub fn finish(self) -> Output {
-        Output { replies: self.replies, events: self.events, deltas: self.deltas, stale_refusals: self.stale_refusals }
+        Output { wrote: true, replies: self.replies, events: self.events, deltas: self.deltas, stale_refusals: self.stale_refusals }
     }
 
     fn reply<T: Send + 'static>(&mut self, tx: Reply<T>, r: Result<T>) {

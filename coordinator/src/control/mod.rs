@@ -3,11 +3,19 @@
 //! the async handlers).
 //!
 //! Group commit: the loop drains every pending command (up to [`ControlConfig::max_batch`])
-//! into one SQLite transaction, applies each against the state as it goes, commits once
-//! (one fsync with `synchronous=FULL`), and only then sends the replies and publishes the
-//! events. Nothing is acknowledged before it is durable. If a statement or the commit
-//! fails, every command of the batch gets `UNAVAILABLE` and the in-memory state is
-//! rebuilt from the store, which still holds the last committed state.
+//! into one SQLite transaction, applies each against the state as it goes and commits
+//! once. If a statement or the commit fails, every command of the batch gets an error and
+//! the in-memory state is rebuilt from the store, which still holds the last committed
+//! state.
+//!
+//! Pipelined fsync: the writer connection runs `synchronous=NORMAL` (a commit appends to
+//! the WAL without fsync) and a second thread, the syncer, fsyncs the WAL file after
+//! each commit and only then sends that batch's replies and publishes its events. So
+//! nothing is acknowledged before it is durable, exactly as with `synchronous=FULL`, but
+//! the loop applies the next batch while the previous one is being fsynced, and one
+//! fsync covers every batch committed meanwhile. Batches are released strictly in order.
+//! If an fsync fails the store is poisoned: those replies are errors and every later
+//! command is refused until the coordinator restarts (and recovers from the WAL).
 
 mod handlers;
 pub mod state;
@@ -22,7 +30,8 @@ use lorafleet_shared::spec::JobSpec;
 use rusqlite::Connection;
 use state::State;
 use std::collections::{BTreeMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -197,6 +206,7 @@ impl ControlHandle {
 /// calling [`ControlLoop::join`] stops it.
 pub struct ControlLoop {
     thread: Option<std::thread::JoinHandle<()>>,
+    syncer: Option<std::thread::JoinHandle<()>>,
     ticker: tokio::task::JoinHandle<()>,
 }
 
@@ -204,6 +214,8 @@ impl ControlLoop {
     /// Open the store, rebuild the state and start the loop thread and its ticker.
     pub fn start(db_path: PathBuf, config: ControlConfig, metrics: Arc<Metrics>) -> Result<(ControlHandle, ControlLoop)> {
         let mut conn = db::open_writer(&db_path)?;
+        // The syncer thread fsyncs the WAL before any reply (see the module docs).
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
         let now = Instant::now();
         let aging_ms = config.aging.as_millis() as i64;
         let st = State::load(&conn, now, config.lease_ttl, aging_ms)?;
@@ -217,10 +229,18 @@ impl ControlLoop {
         let config = Arc::new(config);
         let handle = ControlHandle { tx: tx.clone(), events: events.clone(), config: config.clone() };
         let cfg = config.clone();
+        let poisoned = Arc::new(AtomicBool::new(false));
+        let (sync_tx, sync_rx) = std::sync::mpsc::channel::<handlers::Output>();
+        let wal = PathBuf::from(format!("{}-wal", db_path.display()));
+        let (m2, ev2, p2) = (metrics.clone(), events.clone(), poisoned.clone());
+        let syncer = std::thread::Builder::new()
+            .name("lorafleet-fsync".into())
+            .spawn(move || sync_loop(&wal, sync_rx, &m2, &ev2, &p2))
+            .map_err(|e| CoordError::Internal(format!("cannot start the fsync thread: {e}")))?;
         let thread = std::thread::Builder::new()
             .name("lorafleet-control".into())
             .spawn(move || {
-                let mut lp = Loop { st, waiters: VecDeque::new(), cfg, metrics, events, aging_ms };
+                let mut lp = Loop { st, waiters: VecDeque::new(), cfg, metrics, aging_ms, sync_tx, poisoned };
                 lp.run(&mut conn, rx);
             })
             .map_err(|e| CoordError::Internal(format!("cannot start the control thread: {e}")))?;
@@ -238,15 +258,23 @@ impl ControlLoop {
                 }
             }
         });
-        Ok((handle, ControlLoop { thread: Some(thread), ticker }))
+        Ok((handle, ControlLoop { thread: Some(thread), syncer: Some(syncer), ticker }))
     }
 
     /// Wait for the loop to finish (after every handle was dropped).
     pub async fn join(mut self) {
         self.ticker.abort();
-        if let Some(t) = self.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
-        }
+        let (t, s) = (self.thread.take(), self.syncer.take());
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(t) = t {
+                let _ = t.join();
+            }
+            // The loop's end drops the syncer's sender; it drains and exits.
+            if let Some(s) = s {
+                let _ = s.join();
+            }
+        })
+        .await;
     }
 }
 
@@ -255,8 +283,58 @@ struct Loop {
     waiters: VecDeque<Waiter>,
     cfg: Arc<ControlConfig>,
     metrics: Arc<Metrics>,
-    events: broadcast::Sender<Arc<pb::JobEvent>>,
     aging_ms: i64,
+    sync_tx: std::sync::mpsc::Sender<handlers::Output>,
+    poisoned: Arc<AtomicBool>,
+}
+
+/// fsync the WAL (reopened each time, in case SQLite replaced the file).
+fn fsync_wal(wal: &Path) -> std::io::Result<()> {
+    std::fs::File::open(wal)?.sync_data()
+}
+
+/// The syncer: make committed batches durable, then release them in order.
+fn sync_loop(
+    wal: &Path,
+    rx: std::sync::mpsc::Receiver<handlers::Output>,
+    metrics: &Metrics,
+    events: &broadcast::Sender<Arc<pb::JobEvent>>,
+    poisoned: &AtomicBool,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut outs = vec![first];
+        while let Ok(o) = rx.try_recv() {
+            outs.push(o);
+        }
+        let mut durable = !poisoned.load(Ordering::SeqCst);
+        if durable && outs.iter().any(|o| o.wrote) {
+            let t = Instant::now();
+            if let Err(e) = fsync_wal(wal) {
+                error!(wal = %wal.display(), error = %e, "fsync of the write-ahead log failed; refusing further writes");
+                poisoned.store(true, Ordering::SeqCst);
+                durable = false;
+            }
+            metrics.fsync_seconds.observe(t.elapsed().as_secs_f64());
+        }
+        for out in outs {
+            if durable {
+                for (from, to) in &out.deltas {
+                    metrics.job_moved(*from, *to);
+                }
+                if out.stale_refusals > 0 {
+                    metrics.stale_epochs.inc_by(out.stale_refusals);
+                }
+            }
+            for r in out.replies {
+                r(durable);
+            }
+            if durable {
+                for e in out.events {
+                    let _ = events.send(e);
+                }
+            }
+        }
+    }
 }
 
 impl Loop {
@@ -280,6 +358,13 @@ impl Loop {
     fn batch(&mut self, conn: &mut Connection, cmds: Vec<Command>) {
         let started = Instant::now();
         let n = cmds.len();
+        if self.poisoned.load(Ordering::SeqCst) {
+            for c in cmds {
+                c.reject(|| CoordError::Internal("the store could not be made durable; restart the coordinator".into()));
+            }
+            return;
+        }
+        let changes_before = conn.total_changes();
         let tx = match conn.transaction() {
             Ok(tx) => tx,
             Err(e) => {
@@ -306,7 +391,7 @@ impl Loop {
                 failed = Some(e.to_string());
             }
         }
-        let out = ctx.finish();
+        let mut out = ctx.finish();
         let committed = match failed {
             None => match tx.commit() {
                 Ok(()) => true,
@@ -324,17 +409,11 @@ impl Loop {
         self.metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
         self.metrics.batch_size.observe(n as f64);
         if committed {
-            for (from, to) in &out.deltas {
-                self.metrics.job_moved(*from, *to);
-            }
-            if out.stale_refusals > 0 {
-                self.metrics.stale_epochs.inc_by(out.stale_refusals);
-            }
-            for r in out.replies {
-                r(true);
-            }
-            for e in out.events {
-                let _ = self.events.send(e);
+            out.wrote = conn.total_changes() != changes_before;
+            if let Err(std::sync::mpsc::SendError(out)) = self.sync_tx.send(out) {
+                for r in out.replies {
+                    r(false);
+                }
             }
         } else {
             for r in out.replies {
