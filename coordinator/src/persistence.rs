@@ -437,11 +437,20 @@ pub fn end_attempt(conn: &Connection, id: &JobId, epoch: Epoch, outcome: &str, r
     Ok(())
 }
 
-/// Which attempts a job had: (epoch, attempt, worker, outcome).
-pub fn list_attempts(conn: &Connection, id: &JobId) -> Result<Vec<(Epoch, u32, String, Option<String>)>> {
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRow {
+    pub epoch: Epoch,
+    pub attempt: u32,
+    pub worker_id: String,
+    /// `None` while the attempt runs.
+    pub outcome: Option<String>,
+}
+
+/// Every attempt of a job, by epoch.
+pub fn list_attempts(conn: &Connection, id: &JobId) -> Result<Vec<AttemptRow>> {
     let mut stmt = conn.prepare_cached("SELECT epoch, attempt, worker_id, outcome FROM attempts WHERE job_id = ?1 ORDER BY epoch")?;
     let rows = stmt.query_map([id.to_string()], |r| {
-        Ok((Epoch(r.get::<_, i64>(0)? as u64), r.get(1)?, r.get(2)?, r.get(3)?))
+        Ok(AttemptRow { epoch: Epoch(r.get::<_, i64>(0)? as u64), attempt: r.get(1)?, worker_id: r.get(2)?, outcome: r.get(3)? })
     })?;
     Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
 }
@@ -518,7 +527,7 @@ pub fn insert_event(conn: &Connection, id: &JobId, seq: u64, body: &[u8]) -> Res
         seq as i64,
         body
     ])?;
-    if seq % 128 == 0 && seq > MAX_EVENTS_PER_JOB {
+    if seq > MAX_EVENTS_PER_JOB && seq & 127 == 0 {
         conn.prepare_cached("DELETE FROM events WHERE job_id = ?1 AND seq <= ?2")?
             .execute(params![id.to_string(), (seq - MAX_EVENTS_PER_JOB) as i64])?;
     }
@@ -536,7 +545,7 @@ pub fn events_after(conn: &Connection, id: &JobId, after_seq: u64, limit: u32) -
 pub fn insert_log(conn: &Connection, id: &JobId, l: &LogRow) -> Result<()> {
     conn.prepare_cached("INSERT INTO logs (job_id, seq, epoch, unix_ms, level, message) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?
         .execute(params![id.to_string(), l.seq as i64, l.epoch.get() as i64, l.unix_ms, l.level, l.message])?;
-    if l.seq % 256 == 0 && l.seq > MAX_LOGS_PER_JOB {
+    if l.seq > MAX_LOGS_PER_JOB && l.seq & 255 == 0 {
         conn.prepare_cached("DELETE FROM logs WHERE job_id = ?1 AND seq <= ?2")?
             .execute(params![id.to_string(), (l.seq - MAX_LOGS_PER_JOB) as i64])?;
     }
@@ -675,13 +684,19 @@ mod tests {
             record_dispatch(&conn, &j.id, 1, Epoch(1), &w, &[0], 5).unwrap();
             // A second dispatch at the same epoch is refused by the row guard.
             assert!(record_dispatch(&conn, &j.id, 1, Epoch(1), &w, &[0], 5).is_err());
+            end_attempt(&conn, &j.id, Epoch(1), "lease_expired", "silent", 6).unwrap();
+            update_state(&conn, &j.id, JobState::Queued, None, Some("silent"), Some(FailureClass::Retryable), None, 6).unwrap();
+            record_dispatch(&conn, &j.id, 2, Epoch(2), &w, &[0], 7).unwrap();
         }
         let conn = open_writer(&path).unwrap();
         let got = get_job(&conn, &j.id).unwrap().unwrap();
-        assert_eq!((got.state, got.epoch, got.attempt), (JobState::Running, Epoch(1), 1));
+        assert_eq!((got.state, got.epoch, got.attempt), (JobState::Running, Epoch(2), 2));
+        assert_eq!(got.failure_class, Some(FailureClass::Retryable));
+        let attempts = list_attempts(&conn, &j.id).unwrap();
+        assert_eq!(attempts.iter().map(|a| (a.epoch, a.outcome.clone())).collect::<Vec<_>>(), vec![(Epoch(1), Some("lease_expired".into())), (Epoch(2), None)]);
         assert_eq!(got.spec, j.spec);
         assert_eq!(find_by_idempotency_key(&conn, "k1").unwrap().unwrap().id, j.id);
-        assert_eq!(attempt_devices(&conn, &j.id, Epoch(1)).unwrap(), vec![0]);
+        assert_eq!(attempt_devices(&conn, &j.id, Epoch(2)).unwrap(), vec![0]);
         assert_eq!(load_active_jobs(&conn).unwrap().len(), 1);
     }
 

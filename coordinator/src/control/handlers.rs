@@ -121,7 +121,7 @@ impl<'a> Ctx<'a> {
     pub fn handle(&mut self, cmd: Command, waiters: &mut VecDeque<Waiter>) -> Result<()> {
         match cmd {
             Command::Submit { spec, key, reply } => {
-                let r = self.submit(spec, key);
+                let r = self.submit(*spec, key);
                 self.answer(reply, r)
             }
             Command::Cancel { job_id, reason, reply } => {

@@ -96,7 +96,7 @@ pub struct NewWorker {
 }
 
 pub(crate) enum Command {
-    Submit { spec: JobSpec, key: Option<String>, reply: Reply<SubmitOutcome> },
+    Submit { spec: Box<JobSpec>, key: Option<String>, reply: Reply<SubmitOutcome> },
     Cancel { job_id: JobId, reason: String, reply: Reply<JobRow> },
     Register { worker: NewWorker, reply: Reply<WorkerId> },
     Heartbeat { worker: WorkerId, running: Vec<(JobId, Epoch)>, reply: Reply<Vec<pb::JobDirective>> },
@@ -159,7 +159,7 @@ impl ControlHandle {
     }
 
     pub async fn submit(&self, spec: JobSpec, key: Option<String>) -> Result<SubmitOutcome> {
-        self.call(|reply| Command::Submit { spec, key, reply }).await
+        self.call(|reply| Command::Submit { spec: Box::new(spec), key, reply }).await
     }
     pub async fn cancel(&self, job_id: JobId, reason: String) -> Result<JobRow> {
         self.call(|reply| Command::Cancel { job_id, reason, reply }).await
