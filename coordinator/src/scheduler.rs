@@ -325,4 +325,72 @@ mod tests {
         assert!(!q.contains(&a.id));
         assert!(q.remove(&a.id).is_none());
     }
+
+    /// Randomized invariants (a small property test with a fixed-seed xorshift):
+    /// - a pick never assigns a busy or unsuitable device, and assigns exactly `count`;
+    /// - every pushed job is picked at most once;
+    /// - an idle worker (nothing busy) always gets the first job in order that it can run.
+    #[test]
+    fn random_pushes_and_picks_keep_invariants() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for round in 0..50 {
+            let mut q = Queue::new(if round % 2 == 0 { 0 } else { 5_000 });
+            let mut pending: Vec<QueuedJob> = Vec::new();
+            let mut picked = HashSet::new();
+            let workers: Vec<(WorkerId, Vec<DeviceInfo>)> = (0..4)
+                .map(|_| {
+                    let kind = if rnd(2) == 0 { DeviceKind::Cpu } else { DeviceKind::Cuda };
+                    let n = 1 + rnd(4) as u32;
+                    (WorkerId::new(), (0..n).map(|i| dev(kind, i, 16_000 * (1 + rnd(5)))).collect())
+                })
+                .collect();
+            for step in 0..200i64 {
+                if rnd(3) > 0 {
+                    let kind = if rnd(2) == 0 { DeviceKind::Cpu } else { DeviceKind::Cuda };
+                    let j = QueuedJob { created_ms: step * 100, ..job(step, rnd(4) as i32, kind, 1 + rnd(3) as u32, 16_000 * rnd(4)) };
+                    q.push(j.clone());
+                    pending.push(j);
+                    continue;
+                }
+                let (w, devices) = &workers[rnd(workers.len() as u64) as usize];
+                let idle = rnd(2) == 0;
+                let busy: HashSet<u32> = if idle { HashSet::new() } else { devices.iter().filter(|_| rnd(2) == 0).map(|d| d.index).collect() };
+                let expected_first = if idle {
+                    let key = |j: &QueuedJob| q.key(j);
+                    pending.iter().filter(|j| could_fit(&j.resources, devices)).min_by_key(|j| key(j)).map(|j| j.id)
+                } else {
+                    None
+                };
+                let before = q.len();
+                match q.pick(*w, devices, &busy) {
+                    Some((j, devs)) => {
+                        assert!(picked.insert(j.id), "job picked twice");
+                        assert_eq!(devs.len(), j.resources.count as usize);
+                        for d in &devs {
+                            assert!(!busy.contains(d), "busy device assigned");
+                            let info = devices.iter().find(|x| x.index == *d).unwrap();
+                            assert!(eligible(&j.resources, info), "unsuitable device assigned");
+                        }
+                        assert_eq!(q.len(), before - 1);
+                        if idle {
+                            assert_eq!(Some(j.id), expected_first, "idle worker must get the first runnable job");
+                        }
+                        pending.retain(|p| p.id != j.id);
+                    }
+                    None => {
+                        assert_eq!(q.len(), before);
+                        if idle {
+                            assert_eq!(expected_first, None, "idle worker got nothing although a job fits");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
