@@ -203,6 +203,25 @@ async fn health_metrics_and_worker_listing() {
         .into_inner();
     assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
 
+    // Reflection (v1) lists both lorafleet services.
+    use tonic_reflection::pb::v1 as refl;
+    let ch = tonic::transport::Channel::from_shared(c.url()).unwrap().connect().await.unwrap();
+    let mut rc = refl::server_reflection_client::ServerReflectionClient::new(ch);
+    let req = refl::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(refl::server_reflection_request::MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = rc.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let services = match resp.next().await.unwrap().unwrap().message_response.unwrap() {
+        refl::server_reflection_response::MessageResponse::ListServicesResponse(l) => {
+            l.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
+        }
+        other => panic!("{other:?}"),
+    };
+    for name in ["lorafleet.v1.JobService", "lorafleet.v1.WorkerService", "grpc.health.v1.Health"] {
+        assert!(services.iter().any(|s| s == name), "{name} missing from {services:?}");
+    }
+
     submit(&mut j, spec("m1")).await;
     submit(&mut j, spec("m2")).await;
     let wid = register(&mut w, cpu()).await;
