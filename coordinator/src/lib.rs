@@ -126,12 +126,19 @@ pub async fn serve_with_metrics(
     let addr = listener.local_addr().ok();
     info!(addr = ?addr, db = %config.db_path.display(), "coordinator listening");
     let mut rx = stop_rx.clone();
+    // Small request/response pairs: no Nagle delay (tonic only sets this on listeners it binds).
+    let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |s| {
+        if let Ok(s) = &s {
+            let _ = s.set_nodelay(true);
+        }
+        s
+    });
     let result = tonic::transport::Server::builder()
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(JobServiceServer::new(service::jobs::JobSvc { shared: shared.clone() }))
         .add_service(WorkerServiceServer::new(service::workers::WorkerSvc { shared: shared.clone() }))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             let _ = rx.wait_for(|s| *s).await;
         })
         .await
