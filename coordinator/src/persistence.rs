@@ -742,19 +742,21 @@ mod tests {
     #[test]
     fn events_and_logs_are_bounded() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = open_writer(&dir.path().join("c.db")).unwrap();
+        let mut conn = open_writer(&dir.path().join("c.db")).unwrap();
         let id = JobId::new();
+        let tx = conn.transaction().unwrap();
         for seq in 1..=(MAX_LOGS_PER_JOB + 512) {
-            insert_log(&conn, &id, &LogRow { seq, epoch: Epoch(1), unix_ms: 0, level: "info".into(), message: "x".into() }).unwrap();
+            insert_log(&tx, &id, &LogRow { seq, epoch: Epoch(1), unix_ms: 0, level: "info".into(), message: "x".into() }).unwrap();
         }
+        for seq in 1..=(MAX_EVENTS_PER_JOB + 200) {
+            insert_event(&tx, &id, seq, b"e").unwrap();
+        }
+        tx.commit().unwrap();
         let (rows, truncated) = logs_after(&conn, &id, 0, 5).unwrap();
         assert!(truncated);
         assert!(rows[0].seq > 1);
         let n: i64 = conn.query_row("SELECT COUNT(*) FROM logs", [], |r| r.get(0)).unwrap();
         assert!(n as u64 <= MAX_LOGS_PER_JOB + 256, "{n}");
-        for seq in 1..=(MAX_EVENTS_PER_JOB + 200) {
-            insert_event(&conn, &id, seq, b"e").unwrap();
-        }
         let n: i64 = conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0)).unwrap();
         assert!(n as u64 <= MAX_EVENTS_PER_JOB + 128, "{n}");
         assert_eq!(max_seqs(&conn, &id).unwrap(), (MAX_EVENTS_PER_JOB + 200, MAX_LOGS_PER_JOB + 512));
