@@ -273,6 +273,30 @@ impl Nf4Tensor {
         }
     }
 
+    /// Dequantize the flat elements `[start, start + out.len())` into `out`.
+    pub fn dequantize_range(&self, start: usize, out: &mut [f32]) {
+        let lut = pair_lut();
+        let end = start + out.len();
+        let (mut i, mut o) = (start, 0usize);
+        while i < end {
+            if i % 2 == 0 && i + 1 < end {
+                // Both elements of a byte share a 64-block (blocks start at even indices).
+                let (hi, lo) = lut[self.packed[i / 2] as usize];
+                let am = self.absmax[i / NF4_BLOCKSIZE];
+                out[o] = hi * am;
+                out[o + 1] = lo * am;
+                i += 2;
+                o += 2;
+            } else {
+                let b = self.packed[i / 2];
+                let c = if i % 2 == 0 { b >> 4 } else { b & 15 };
+                out[o] = NF4_CODE[c as usize] * self.absmax[i / NF4_BLOCKSIZE];
+                i += 1;
+                o += 1;
+            }
+        }
+    }
+
     /// Dequantize rows `[r0, r1)` of a 2-D tensor into `out` (converted by `f`).
     pub fn dequantize_rows_with<T>(&self, r0: usize, r1: usize, out: &mut [T], f: impl Fn(f32) -> T) {
         let cols = self.shape.last().copied().unwrap_or(1);

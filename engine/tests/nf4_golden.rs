@@ -144,5 +144,11 @@ fn dequant_from_stored_parts() {
         let mut rows = vec![0f32; q.numel()];
         q.dequantize_rows_with(0, q.shape[0], &mut rows, |v| v);
         assert_eq!(rows, q.dequantize());
+        // Any sub-range, odd or even start.
+        for (start, len) in [(0usize, 7usize), (1, 64), (63, 66), (129, 1), (5, q.numel() - 5)] {
+            let mut part = vec![0f32; len];
+            q.dequantize_range(start, &mut part);
+            assert_eq!(part, rows[start..start + len].to_vec(), "range {start}+{len}");
+        }
     }
 }
