@@ -86,6 +86,11 @@ pub fn check_remote_spec(spec: &JobSpec) -> Result<(), CoordError> {
         check_location("lora.init_adapter", a, &["hf", "s3"], true)?;
     }
     check_location("data.train", &spec.data.train, &["dataset", "s3"], false)?;
+    for (k, v) in &spec.labels {
+        if v.len() > 256 || v.chars().any(|c| c.is_control()) {
+            return Err(CoordError::InvalidArgument(format!("labels.{k}: values are at most 256 printable characters")));
+        }
+    }
     if let Some(e) = &spec.data.eval {
         check_location("data.eval", e, &["dataset", "s3"], false)?;
     }
@@ -137,6 +142,14 @@ mod tests {
                 other => panic!("{train} {source}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn label_values_are_printable() {
+        let ds = format!("dataset://sha256/{}", "a".repeat(64));
+        let mut s = spec(&ds, "hf://org/m");
+        s.labels.insert("team".into(), "a\0b".into());
+        assert!(matches!(check_remote_spec(&s), Err(CoordError::InvalidArgument(m)) if m.starts_with("labels.team: ")));
     }
 
     #[test]
