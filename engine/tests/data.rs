@@ -279,3 +279,19 @@ fn packed_loss_equals_unpacked_loss() {
     let c = eval::evaluate(model.as_ref(), &data::eval_batches(&plain, 3, 0), &dev).unwrap();
     assert!((a.loss - c.loss).abs() < 1e-5, "{} vs {}", a.loss, c.loss);
 }
+
+#[test]
+fn plain_text_file_is_cut_into_windows() {
+    let t = tok();
+    let dir = tempfile::tempdir().unwrap();
+    let text = "We ship to over 50 countries. 我们支持支付宝、微信支付和银行卡付款。\n".repeat(20);
+    let f = write(dir.path(), "corpus.txt", &text);
+    let sp = DataSpec { format: DataFormat::Text, max_seq_len: 32, ..spec() };
+    let ds = data::load_dataset(&f, &t, &sp).unwrap();
+    let all = t.encode(&text, true).unwrap().len() + 1;
+    assert_eq!(ds.sequences.len(), all.div_ceil(32));
+    assert!(ds.sequences.iter().all(|s| s.ids.len() <= 32 && !s.targets[0] && s.targets[1..].iter().all(|x| *x)));
+    assert_eq!(ds.report.truncated, 0);
+    let joined: Vec<u32> = ds.sequences.iter().flat_map(|s| s.ids.clone()).collect();
+    assert_eq!(joined.len(), all);
+}

@@ -27,12 +27,14 @@ impl TrainObserver for Rec {
 
 fn run(out: &Path, work: &Path, resume: Option<PathBuf>) -> TrainRun {
     // shuffling, dropout, accumulation, warm-up + cosine and 8-bit AdamW all engaged
+    // (r = 64 makes the LoRA matrices of the hidden-64 model >= 4096 elements, so their
+    // moments are stored in 8 bits)
     let y = format!(
         r#"
 name: resume
 model: {{ source: {m} }}
 quantization: {{ method: none, compute_dtype: f32 }}
-lora: {{ r: 8, alpha: 16, dropout: 0.1, target_modules: all-linear }}
+lora: {{ r: 64, alpha: 128, dropout: 0.1, target_modules: all-linear }}
 data: {{ train: {d}, shuffle: true, max_seq_len: 64 }}
 training: {{ max_steps: 10, micro_batch_size: 2, grad_accum: 2, lr: 5.0e-3, schedule: cosine, warmup_steps: 2, weight_decay: 0.01, max_grad_norm: 1.0, optimizer: adamw_8bit, checkpoint_every: 5, seed: 11 }}
 output: {{ dir: {o} }}
@@ -108,4 +110,16 @@ fn eval_split_and_samples_are_reported() {
     assert_eq!(s.eval_data.as_ref().unwrap().examples, 2);
     assert_eq!(s.train_data.examples, 8);
     assert_eq!(s.final_eval.as_ref().unwrap().step, 4);
+}
+
+#[test]
+fn eight_bit_moments_are_checkpointed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut r = run(&tmp.path().join("o"), &tmp.path().join("w"), None);
+    r.spec.training.max_steps = Some(2);
+    r.spec.training.checkpoint_every = 1;
+    train(&r, &mut Rec::default()).unwrap();
+    let st = candle_core::safetensors::load(tmp.path().join("w/checkpoints/step-1/optimizer.safetensors"), &Device::Cpu).unwrap();
+    assert!(st.keys().any(|k| k.ends_with(".exp_avg.q8")), "8-bit moments expected");
+    assert!(st.keys().any(|k| k.ends_with(".exp_avg_sq.absmax")));
 }
