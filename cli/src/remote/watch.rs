@@ -66,7 +66,11 @@ pub async fn watch(client: &mut JobServiceClient<Channel>, job_id: &str) -> anyh
                     match ev.event {
                         Some(pb::job_event::Event::StateChange(c)) => {
                             last_state = c.to;
-                            let mut line = format!("{} -> {} (attempt {})", state_name(c.from), state_name(c.to), c.attempt);
+                            let mut line = if c.from == pb::JobState::Unspecified as i32 {
+                                format!("{} (attempt {})", state_name(c.to), c.attempt)
+                            } else {
+                                format!("{} -> {} (attempt {})", state_name(c.from), state_name(c.to), c.attempt)
+                            };
                             if !c.worker_id.is_empty() {
                                 line.push_str(&format!(" on worker {}", &c.worker_id[..c.worker_id.len().min(8)]));
                             }
@@ -83,13 +87,19 @@ pub async fn watch(client: &mut JobServiceClient<Channel>, job_id: &str) -> anyh
                             bar.set_length(s.total_steps);
                             bar.set_position(s.step);
                             let msg = format!("loss {:.4} lr {:.2e} {:.0} tok/s ETA {} {}", s.loss, s.lr, s.tokens_per_sec, eta(s.eta_secs), sparkline(&losses, 24));
-                            if !tty {
+                            // Without a terminal: about 50 lines per job, plus the last step.
+                            let every = (s.total_steps / 50).max(1);
+                            if !tty && (s.step % every == 0 || s.step == s.total_steps) {
                                 println!("step {}/{} {msg}", s.step, s.total_steps);
                             }
                             bar.set_message(msg);
                         }
                         Some(pb::job_event::Event::Eval(e)) => {
-                            let line = format!("eval at step {}: loss {:.4} perplexity {:.2}", e.step, e.eval_loss, e.perplexity);
+                            let line = if e.eval_loss.is_finite() {
+                                format!("eval at step {}: loss {:.4} perplexity {:.2}", e.step, e.eval_loss, e.perplexity)
+                            } else {
+                                format!("samples at step {}:", e.step)
+                            };
                             bar.println(line.clone());
                             if !tty {
                                 println!("{line}");
