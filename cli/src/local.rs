@@ -344,7 +344,19 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         device: candle_core::Device::Cpu,
     };
     let mut obs = progress::CliObserver::new(!a.no_progress);
-    let summary = train::train(&run, &mut obs)?;
+    obs.stop_on_ctrl_c();
+    let summary = match train::train(&run, &mut obs) {
+        Ok(s) => s,
+        Err(lorafleet_engine::EngineError::Cancelled) => {
+            obs.finish();
+            let how = match &obs.last_checkpoint {
+                Some(c) => format!("; resume with: lorafleet train {} --resume {}", a.spec.display(), c.display()),
+                None => " (no checkpoint was written: set training.checkpoint_every to make runs resumable)".into(),
+            };
+            bail!("training stopped at step {}{how}", obs.last_step);
+        }
+        Err(e) => return Err(e.into()),
+    };
     obs.finish();
     println!(
         "trained {} steps, final loss {:.4}{}; adapter, metrics.jsonl and loss.svg in {}",

@@ -1,10 +1,18 @@
 //! The `lorafleet train` progress bar: step, loss, lr, tokens/s and ETA.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lorafleet_engine::train::{EvalMetrics, StepMetrics, TrainObserver};
 
 pub struct CliObserver {
     bar: Option<ProgressBar>,
+    /// Set by Ctrl-C: the loop stops before its next step.
+    pub stop: Arc<AtomicBool>,
+    /// The last checkpoint written (to tell the user how to resume).
+    pub last_checkpoint: Option<std::path::PathBuf>,
+    pub last_step: u64,
 }
 
 impl CliObserver {
@@ -18,7 +26,24 @@ impl CliObserver {
             );
             b
         });
-        Self { bar }
+        Self { bar, stop: Arc::new(AtomicBool::new(false)), last_checkpoint: None, last_step: 0 }
+    }
+
+    /// Stop cleanly on Ctrl-C (a second Ctrl-C exits at once).
+    pub fn stop_on_ctrl_c(&self) {
+        let stop = self.stop.clone();
+        std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            rt.block_on(async {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    eprintln!("\nstopping after the current step (Ctrl-C again to abort)");
+                    stop.store(true, Ordering::SeqCst);
+                }
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
+            });
+        });
     }
 
     pub fn finish(&mut self) {
@@ -29,6 +54,20 @@ impl CliObserver {
 }
 
 impl TrainObserver for CliObserver {
+    fn should_stop(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn on_checkpoint(&mut self, step: u64, dir: &std::path::Path) -> lorafleet_engine::Result<()> {
+        self.last_checkpoint = Some(dir.to_path_buf());
+        let line = format!("checkpoint at step {step}: {}", dir.display());
+        match &self.bar {
+            Some(b) => b.println(line),
+            None => eprintln!("{line}"),
+        }
+        Ok(())
+    }
+
     fn on_start(&mut self, total_steps: u64) {
         if let Some(b) = &self.bar {
             b.set_length(total_steps);
@@ -36,6 +75,7 @@ impl TrainObserver for CliObserver {
     }
 
     fn on_step(&mut self, m: &StepMetrics) {
+        self.last_step = m.step;
         match &self.bar {
             Some(b) => {
                 b.set_position(m.step);
