@@ -4,7 +4,7 @@
 //! from a counter-based ChaCha stream (seed, forward pass, layer), so a recomputation
 //! under gradient checkpointing draws the very same masks.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -100,12 +100,13 @@ impl LoraLinear {
 }
 
 /// Where the initial LoRA weights come from.
+#[allow(clippy::large_enum_variant)]
 pub enum LoraSource {
     /// PEFT's default init from a seeded ChaCha RNG.
     Init(ChaCha8Rng),
     /// Tensors of a PEFT adapter file (`key -> (shape, f32 values)`), consumed as the
     /// modules are built.
-    Adapter { path: std::path::PathBuf, tensors: HashMap<String, (Vec<usize>, Vec<f32>)> },
+    Adapter { path: std::path::PathBuf, tensors: crate::peft::AdapterTensors },
 }
 
 /// Wraps the linear modules of a model while it is built.

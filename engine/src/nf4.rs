@@ -9,7 +9,9 @@
 
 use crate::{EngineError, Result};
 
-/// The 16 NF4 code values (bitsandbytes `get_4bit_type("nf4")`).
+/// The 16 NF4 code values (bitsandbytes `get_4bit_type("nf4")`), written with
+/// bitsandbytes' own digits.
+#[allow(clippy::excessive_precision)]
 pub const NF4_CODE: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,
@@ -328,6 +330,7 @@ fn pack_nibbles(q: &[u8]) -> Vec<u8> {
 /// `torch.mean` of a contiguous f32 vector exactly as PyTorch's CPU kernel computes it:
 /// `cascade_sum` over 8-lane vectors with 4 interleaved accumulators (and the cascade
 /// levels for long inputs), scalar tail first, then the lanes, then divided by `n`.
+#[allow(clippy::needless_range_loop)]
 fn mean_f32(v: &[f32]) -> f32 {
     const VS: usize = 8;
     type V8 = [f32; VS];

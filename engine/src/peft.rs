@@ -11,6 +11,9 @@ use serde::Deserialize;
 use crate::model::{CausalLm, LoraSettings};
 use crate::{EngineError, Result};
 
+/// Adapter tensors as f32 values: `key -> (shape, values)`.
+pub type AdapterTensors = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 
@@ -96,7 +99,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
 }
 
 /// Read `dir/adapter_model.safetensors` as f32 values.
-pub fn read_adapter_tensors(dir: &Path) -> Result<HashMap<String, (Vec<usize>, Vec<f32>)>> {
+pub fn read_adapter_tensors(dir: &Path) -> Result<AdapterTensors> {
     let path = dir.join(ADAPTER_WEIGHTS);
     let bytes = std::fs::read(&path).map_err(|e| EngineError::file(&path, format!("cannot read: {e}")))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)

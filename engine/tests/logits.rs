@@ -239,6 +239,7 @@ mod variants {
         safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn llama_tensors(layers: usize, h: usize, nh: usize, nkv: usize, hd: usize, inter: usize, vocab: usize, qkv_bias: bool, tied: bool) -> Vec<(String, Vec<usize>)> {
         let mut t = vec![("model.embed_tokens.weight".to_string(), vec![vocab, h]), ("model.norm.weight".into(), vec![h])];
         if !tied {

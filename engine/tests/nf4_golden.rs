@@ -38,7 +38,7 @@ fn bnb_cpu_dequant(q: &Nf4Tensor) -> Vec<f32> {
 }
 
 fn expected_dequant(q: &Nf4Tensor) -> Vec<f32> {
-    if q.shape[1] % 64 == 0 {
+    if q.shape[1].is_multiple_of(64) {
         q.dequantize()
     } else {
         bnb_cpu_dequant(q)
@@ -89,7 +89,7 @@ fn quantize_without_double_quant_is_bit_exact() {
         let diff = q.packed.iter().zip(&packed).filter(|(a, b)| a != b).count();
         assert_eq!(diff, 0, "t{t}: {diff} packed bytes differ");
         assert_eq!(q.absmax, f32s(&st, &format!("t{t}.absmax_fp32")), "t{t} absmax");
-        if shape[1] % 64 == 0 {
+        if shape[1].is_multiple_of(64) {
             assert_eq!(q.dequantize(), bnb_cpu_dequant(&q), "t{t}: indexings agree");
         }
         let deq = expected_dequant(&q);

@@ -10,11 +10,13 @@ use safetensors::Dtype;
 use crate::nf4::{NestedAbsmax, Nf4Tensor, NF4_CODE};
 use crate::{EngineError, Result};
 
+type TensorInfo = (Dtype, Vec<usize>, (usize, usize));
+
 struct Shard {
     path: PathBuf,
     mmap: memmap2::Mmap,
     data_start: usize,
-    infos: HashMap<String, (Dtype, Vec<usize>, (usize, usize))>,
+    infos: HashMap<String, TensorInfo>,
 }
 
 /// The tensors of a checkpoint directory.
