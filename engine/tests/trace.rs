@@ -113,3 +113,36 @@ fn tiny_falcon_trace_matches_peft() {
 fn tiny_llama_trace_with_gradient_checkpointing() {
     check_trace("tiny-llama", true);
 }
+
+/// The spec's QLoRA defaults (NF4 double-quant, bf16 compute, dropout, grad accumulation
+/// 4, cosine with warm-up, clipping, gradient checkpointing) train and save an adapter.
+#[test]
+fn qlora_defaults_train_nf4_bf16() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let y = format!(
+        "name: q\nmodel: {{ source: m }}\ndata: {{ train: d }}\ntraining: {{ max_steps: 3, lr: 1.0e-3 }}\noutput: {{ dir: {} }}\n",
+        out.display()
+    );
+    let spec = JobSpec::from_yaml(&y, SpecContext::Local).unwrap();
+    assert_eq!(spec.training.grad_accum, 4);
+    let run = TrainRun {
+        spec,
+        model_dir: fixtures().join("models/tiny-falcon"),
+        train_data: fixtures().join("train/tiny-falcon/data.jsonl"),
+        eval_data: None,
+        init_adapter: None,
+        output_dir: out.clone(),
+        work_dir: tmp.path().join("work"),
+        resume_from: None,
+        device: Device::Cpu,
+    };
+    let mut obs = Losses::default();
+    let s = train(&run, &mut obs).unwrap();
+    assert_eq!(obs.0.len(), 3);
+    assert!(obs.0.iter().all(|l| l.is_finite() && *l > 0.0), "{:?}", obs.0);
+    assert_eq!(s.steps, 3);
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["r"], 8);
+    assert_eq!(cfg["target_modules"], serde_json::json!(["query_key_value"]));
+}
