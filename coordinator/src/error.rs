@@ -28,6 +28,9 @@ pub enum CoordError {
     Storage(String),
     #[error("coordinator is shutting down")]
     ShuttingDown,
+    /// Nothing was changed; the same call may succeed if retried.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -46,7 +49,7 @@ impl From<CoordError> for tonic::Status {
             CoordError::NotFound { .. } => Code::NotFound,
             CoordError::IdempotencyConflict { .. } => Code::AlreadyExists,
             CoordError::StaleEpoch { .. } | CoordError::FailedPrecondition(_) => Code::FailedPrecondition,
-            CoordError::Store(_) | CoordError::Storage(_) | CoordError::ShuttingDown => Code::Unavailable,
+            CoordError::Store(_) | CoordError::Storage(_) | CoordError::ShuttingDown | CoordError::Unavailable(_) => Code::Unavailable,
             CoordError::Internal(_) => Code::Internal,
         };
         tonic::Status::new(code, e.to_string())

@@ -98,7 +98,7 @@ impl<'a> Ctx<'a> {
 
     fn reply<T: Send + 'static>(&mut self, tx: Reply<T>, r: Result<T>) {
         self.replies.push(Box::new(move |committed| {
-            let r = if committed { r } else { Err(CoordError::Internal("store write failed; nothing was changed, retry".into())) };
+            let r = if committed { r } else { Err(CoordError::Unavailable("store write failed or was not made durable; retry".into())) };
             let _ = tx.send(r);
         }));
     }

@@ -360,7 +360,7 @@ impl Loop {
         let n = cmds.len();
         if self.poisoned.load(Ordering::SeqCst) {
             for c in cmds {
-                c.reject(|| CoordError::Internal("the store could not be made durable; restart the coordinator".into()));
+                c.reject(|| CoordError::Unavailable("the store could not be made durable; restart the coordinator".into()));
             }
             return;
         }
@@ -370,7 +370,7 @@ impl Loop {
             Err(e) => {
                 error!(error = %e, "cannot begin a transaction");
                 for c in cmds {
-                    c.reject(|| CoordError::Internal("store unavailable".into()));
+                    c.reject(|| CoordError::Unavailable("store unavailable; retry".into()));
                 }
                 return;
             }
@@ -379,7 +379,7 @@ impl Loop {
         let mut failed: Option<String> = None;
         for c in cmds {
             if failed.is_some() {
-                c.reject(|| CoordError::Internal("store write failed; nothing was changed, retry".into()));
+                c.reject(|| CoordError::Unavailable("store write failed; nothing was changed, retry".into()));
                 continue;
             }
             if let Err(e) = ctx.handle(c, &mut self.waiters) {
