@@ -368,3 +368,34 @@ async fn list_jobs_filters_and_pages() {
     assert!(p3.next_page_token.is_empty());
     c.stop().await;
 }
+
+#[tokio::test]
+async fn heartbeats_renew_the_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = lorafleet_coordinator::ControlConfig { lease_ttl: Duration::from_millis(600), ..fast_control() };
+    let c = Coord::start(dir.path().to_path_buf(), control).await;
+    let (mut j, mut w) = (c.jobs().await, c.workers().await);
+    let job = submit(&mut j, spec("renewed")).await;
+    let wid = register(&mut w, cpu()).await;
+    let l = acquire(&mut w, &wid, 0).await.unwrap();
+    // Three TTLs of heartbeats: the lease stays live and the epoch does not move.
+    for _ in 0..12 {
+        let hb = w
+            .heartbeat(pb::HeartbeatRequest { worker_id: wid.clone(), running: vec![pb::RunningJob { job_id: l.job_id.clone(), epoch: l.epoch }] })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(hb.directives[0].action, pb::JobAction::Continue as i32);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let got = get(&mut j, &job.job_id).await;
+    assert_eq!((state(&got), got.epoch, got.attempt), (pb::JobState::Running, 1, 1));
+    // A heartbeat naming an epoch that is not the lease's is told to abandon it.
+    let hb = w
+        .heartbeat(pb::HeartbeatRequest { worker_id: wid.clone(), running: vec![pb::RunningJob { job_id: l.job_id.clone(), epoch: 7 }] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hb.directives[0].action, pb::JobAction::Abandon as i32);
+    c.stop().await;
+}
