@@ -111,6 +111,11 @@ impl Storage {
         &self.url
     }
 
+    /// Files larger than this are uploaded in parts.
+    pub fn multipart_threshold(&self) -> usize {
+        self.multipart_threshold
+    }
+
     fn path(&self, key: &RelPath) -> ObjPath {
         to_obj(&self.prefix, key)
     }

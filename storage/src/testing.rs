@@ -146,7 +146,7 @@ impl S3Server {
                 ("aws_secret_access_key".into(), SECRET_KEY.into()),
                 ("aws_region".into(), "us-east-1".into()),
             ],
-            part_size: None,
+            part_size: Some(5 * 1024 * 1024),
             max_retries: Some(2),
         }
     }

@@ -2,18 +2,23 @@
 
 mod common;
 
-use lorafleet_storage::{Error, RelPath, Storage};
+use lorafleet_storage::{Error, RelPath, Storage, StorageOptions};
 
 fn file_storage() -> (tempfile::TempDir, Storage) {
     let d = tempfile::tempdir().unwrap();
     let url = url::Url::from_directory_path(d.path().join("root")).unwrap().to_string();
-    let s = Storage::open(&url).unwrap();
+    let s = Storage::open_with(&url, &small_parts()).unwrap();
     (d, s)
+}
+
+/// 5 MiB parts (the S3 minimum), so the 11 MiB test file is a multipart upload.
+fn small_parts() -> StorageOptions {
+    StorageOptions { part_size: Some(5 * 1024 * 1024), ..Default::default() }
 }
 
 #[tokio::test]
 async fn memory_dir_round_trip() {
-    common::dir_round_trip(&Storage::open("memory://p/q").unwrap()).await;
+    common::dir_round_trip(&Storage::open_with("memory://p/q", &small_parts()).unwrap()).await;
 }
 
 #[tokio::test]

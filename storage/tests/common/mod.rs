@@ -33,7 +33,8 @@ fn entries(dir: &Path) -> Vec<String> {
 /// Upload a checkpoint directory (with a multipart-sized file), download it, compare.
 pub async fn dir_round_trip(s: &Storage) {
     let src = tempfile::tempdir().unwrap();
-    let big = pseudo_random(11 * 1024 * 1024 + 17, 1); // > 2 parts of 5 MiB: multipart
+    let big = pseudo_random(11 * 1024 * 1024 + 17, 1); // 3 parts of 5 MiB
+    assert!(big.len() > s.multipart_threshold(), "the big file must go up as a multipart upload");
     write(src.path(), "adapter_model.safetensors", &big);
     write(src.path(), "adapter_config.json", b"{\"r\": 8}");
     write(src.path(), "state/optimizer.safetensors", &pseudo_random(1000, 2));
