@@ -20,9 +20,9 @@ pub const LEASE_TTL_SECS: u64 = 3;
 
 /// The scenarios are timing-sensitive (a cancel within one heartbeat, a takeover within
 /// the lease TTL): they run one at a time, not competing for the CPU.
-pub fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
 }
 
 /// The workspace root (workers run there so relative model paths resolve).

@@ -44,7 +44,7 @@ fn storage(c: &Cluster) -> Storage {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faq_job_on_two_workers_matches_local_train() {
-    let _g = serial();
+    let _g = serial().await;
     let c = Cluster::start(2).await;
     let spec = c.spec("faq", &faq_spec("faq-e2e", 12, 4, "out/faq"));
     let job = c.submit(&spec);
@@ -71,7 +71,7 @@ async fn faq_job_on_two_workers_matches_local_train() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_sigkill_after_first_checkpoint_resumes_elsewhere_with_same_adapter() {
-    let _g = serial();
+    let _g = serial().await;
     let mut c = Cluster::start(2).await;
     let (steps, every) = (900, 60);
     let job = c.submit(&c.spec("kill", &faq_spec("kill", steps, every, "out/kill")));
@@ -100,7 +100,7 @@ async fn worker_sigkill_after_first_checkpoint_resumes_elsewhere_with_same_adapt
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstopped_worker_is_refused_after_its_lease_expires() {
-    let _g = serial();
+    let _g = serial().await;
     let mut c = Cluster::start(2).await;
     let job = c.submit(&c.spec("stop", &faq_spec("stop", 900, 60, "out/stop")));
     let j = c.wait_job(&job, "first checkpoint", Duration::from_secs(120), |j| !j.latest_checkpoint_key.is_empty()).await;
@@ -146,7 +146,7 @@ async fn list_checkpoints(c: &Cluster, job: &str) -> Vec<pb::Checkpoint> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_restart_keeps_jobs_and_leases() {
-    let _g = serial();
+    let _g = serial().await;
     let mut c = Cluster::start(2).await;
     let jobs: Vec<String> = (0..3).map(|i| c.submit(&c.spec(&format!("r{i}"), &faq_spec(&format!("r{i}"), 400, 50, &format!("out/r{i}"))))).collect();
     // Two run (one per worker), one waits.
@@ -202,7 +202,7 @@ async fn coordinator_restart_keeps_jobs_and_leases() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_the_worker_within_a_heartbeat() {
-    let _g = serial();
+    let _g = serial().await;
     let c = Cluster::start(1).await;
     let job = c.submit(&c.spec("cancel", &faq_spec("cancel", 5000, 0, "out/cancel")));
     c.wait_job(&job, "progress", Duration::from_secs(60), |j| state(j) == pb::JobState::Running && j.step > 0).await;
@@ -220,7 +220,7 @@ async fn cancel_stops_the_worker_within_a_heartbeat() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_with_the_field() {
-    let _g = serial();
+    let _g = serial().await;
     let c = Cluster::start(1).await;
     let good = faq_spec("bad", 4, 0, "out/bad");
     let cases = [

@@ -14,13 +14,18 @@ pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
 ///
 /// Examples:
 ///   lorafleet-worker --coordinator http://10.0.0.5:50051 --storage s3://bucket/lorafleet
-///   lorafleet-worker --coordinator http://127.0.0.1:50051 --storage file:///srv/lorafleet --devices cpu
+///   lorafleet-worker --storage file:///srv/lorafleet --devices cpu --cache /var/cache/lorafleet
 ///   lorafleet-worker --devices cuda:0,1     (only in builds with the `cuda` feature)
 ///
 /// S3 settings come from the standard AWS variables: AWS_ENDPOINT_URL, AWS_REGION,
 /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_ALLOW_HTTP=true for a plain-http server).
 #[derive(Debug, Clone, Parser)]
 #[command(name = "lorafleet-worker", version, verbatim_doc_comment)]
+#[cfg_attr(feature = "cuda", command(after_help = "This build supports CUDA devices (--devices cuda:N)."))]
+#[cfg_attr(
+    not(feature = "cuda"),
+    command(after_help = "This build has no CUDA support: only --devices cpu (rebuild with `cargo build -p lorafleet-worker --features cuda`).")
+)]
 pub struct WorkerArgs {
     /// Coordinator gRPC URL.
     #[arg(long, env = "LORAFLEET_COORDINATOR", default_value = "http://127.0.0.1:50051")]
