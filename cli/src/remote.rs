@@ -32,8 +32,9 @@ pub enum RemoteCommand {
     ///
     /// The spec is validated here first (errors name the key, e.g. `lora.r`). Local
     /// dataset files it names (data.train, data.eval) are uploaded and replaced by
-    /// content-addressed `dataset://sha256/...` refs; a local model path is sent as an
-    /// absolute path, valid where workers share this filesystem (as with `lorafleet dev`).
+    /// content-addressed `dataset://sha256/...` refs. A local model path is sent as
+    /// written (relative, no `..`): each worker resolves it in its working directory,
+    /// which is this one with `lorafleet dev`; elsewhere use s3:// models.
     ///
     /// Examples:
     ///   lorafleet submit examples/faq.yaml --watch
