@@ -83,7 +83,7 @@ async fn lease_expiry_requeues_with_next_epoch_and_stale_calls_are_refused() {
             job_id: job.job_id.clone(),
             epoch: 1,
             worker_id: a.clone(),
-            adapter_manifest_key: format!("jobs/{}/adapter/manifest.json", job.job_id),
+            adapter_manifest_key: format!("jobs/{}/attempts/1/adapter/manifest.json", job.job_id),
             final_loss: None,
         })
         .await
@@ -180,7 +180,7 @@ async fn scheduling_priority_fifo_and_resources() {
             job_id: l.job_id.clone(),
             epoch: l.epoch,
             worker_id: cpu_w.clone(),
-            adapter_manifest_key: format!("jobs/{}/adapter/manifest.json", l.job_id),
+            adapter_manifest_key: format!("{}adapter/manifest.json", l.output_prefix),
             final_loss: Some(0.5),
         })
         .await
@@ -216,7 +216,7 @@ async fn large_job_is_not_starved_by_small_ones() {
         job_id: l0.job_id.clone(),
         epoch: l0.epoch,
         worker_id: wid.clone(),
-        adapter_manifest_key: format!("jobs/{}/adapter/manifest.json", l0.job_id),
+        adapter_manifest_key: format!("{}adapter/manifest.json", l0.output_prefix),
         final_loss: None,
     })
     .await

@@ -75,6 +75,22 @@ async fn full_job_lifecycle_with_watch_logs_checkpoints_and_adapter_download() {
         .await
         .unwrap_err();
     assert!(e.message().starts_with("manifest_key: "), "{}", e.message());
+    // A worker can only name what its own attempt wrote: not the job's published
+    // adapter, not another attempt's directory.
+    for key in [format!("jobs/{}/adapter/manifest.json", job.job_id), format!("jobs/{}/attempts/9/adapter/manifest.json", job.job_id)] {
+        let e = w
+            .complete_attempt(pb::CompleteAttemptRequest {
+                job_id: job.job_id.clone(),
+                epoch: lease.epoch,
+                worker_id: wid.clone(),
+                adapter_manifest_key: key.clone(),
+                final_loss: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{key}");
+        assert!(e.message().contains("this attempt's prefix"), "{}", e.message());
+    }
 
     // The worker writes the adapter through lorafleet-storage, then completes.
     let storage = lorafleet_storage::Storage::open(&c.storage_url()).unwrap();
@@ -156,6 +172,19 @@ async fn full_job_lifecycle_with_watch_logs_checkpoints_and_adapter_download() {
         use sha2::Digest;
         assert_eq!((f.size, f.sha256.clone()), (b.len() as u64, hex::encode(sha2::Sha256::digest(b))));
     }
+    // The job's final adapter is published under jobs/<job>/adapter/ (by the completion
+    // or, if that has not finished yet, by the download), with the same files.
+    let job_seg = lorafleet_storage::Segment::new(job.job_id.clone()).unwrap();
+    let published = lorafleet_storage::layout::final_adapter(&job_seg);
+    assert_eq!(published.to_string(), format!("jobs/{}/adapter", job.job_id));
+    let pm = storage.read_manifest(&published).await.unwrap().expect("published manifest");
+    let am = storage.read_manifest(&adapter_dir).await.unwrap().unwrap();
+    assert_eq!(pm.files, am.files);
+    assert_eq!(pm.meta["published_from"], serde_json::json!(adapter_dir.to_string()));
+    let fetched = dir.path().join("fetched");
+    storage.download_dir(&published, &fetched).await.unwrap();
+    assert_eq!(std::fs::read(fetched.join("adapter_model.safetensors")).unwrap(), weights);
+
     // No adapter for a job that did not succeed.
     let other = submit(&mut j, spec("other")).await;
     let e = j.download_adapter(pb::DownloadAdapterRequest { job_id: other.job_id }).await.unwrap_err();

@@ -165,13 +165,15 @@ impl fmt::Display for Sha256Hex {
 /// datasets/sha256/<hex>                                         content-addressed data
 /// jobs/<job>/attempts/<epoch>/checkpoints/step-<n>/{files, manifest.json}
 /// jobs/<job>/attempts/<epoch>/adapter/{adapter_config.json, adapter_model.safetensors, manifest.json}
+/// jobs/<job>/adapter/{adapter_config.json, adapter_model.safetensors, manifest.json}
 /// ```
 ///
-/// Everything an attempt writes lives under its attempt prefix
-/// `jobs/<job>/attempts/<epoch>/` (the lease's `output_prefix`), the final adapter
-/// included: a worker whose lease was taken over can then never overwrite a file that
-/// the new attempt's committed manifests reference. The job's adapter is the one whose
-/// manifest key the coordinator accepted in `CompleteAttempt`.
+/// Everything a worker writes lives under its attempt prefix
+/// `jobs/<job>/attempts/<epoch>/` (the lease's `output_prefix`), its adapter included:
+/// a worker whose lease was taken over can then never overwrite a file that the new
+/// attempt's committed manifests reference. Only the coordinator writes
+/// `jobs/<job>/adapter/`: once it has durably accepted an attempt's `CompleteAttempt`,
+/// it copies that attempt's adapter there (manifest last, create-only).
 ///
 /// ```text
 /// _lorafleet/probe/<uuid>                                       create-only self-check
@@ -203,6 +205,11 @@ pub mod layout {
 
     pub fn adapter(job: &Segment, epoch: u64) -> RelPath {
         attempt(job, epoch).child(seg("adapter"))
+    }
+
+    /// The job's final adapter, published by the coordinator from the accepted attempt.
+    pub fn final_adapter(job: &Segment) -> RelPath {
+        job_path(job).child(seg("adapter"))
     }
 
     /// Parse an attempt prefix as a lease carries it (`jobs/<job>/attempts/<epoch>/`).

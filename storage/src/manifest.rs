@@ -7,6 +7,7 @@ use crate::store::hash_file;
 use crate::{Error, Result, Storage};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use tracing::info;
@@ -117,6 +118,34 @@ impl Storage {
         self.put_create_only(&manifest_key(dir), m.to_bytes()).await?;
         info!(dir = %dir, files = m.files.len(), bytes = m.total_size(), "uploaded directory");
         Ok(m)
+    }
+
+    /// Copy the complete directory `src` to `dst`: every file is read, checked against
+    /// `src`'s manifest (size and sha256) and written to `dst`; `dst`'s manifest (the
+    /// same file list, `meta` replaced) is written last by a create-only put.
+    ///
+    /// Idempotent: when `dst` already has exactly that manifest, nothing is written.
+    /// A `dst` completed from anything else is [`Error::AlreadyExists`]. Files are held
+    /// in memory one at a time (this is meant for adapters, not base models).
+    pub async fn copy_dir(&self, src: &RelPath, dst: &RelPath, meta: BTreeMap<String, serde_json::Value>) -> Result<Manifest> {
+        let m = self.read_manifest(src).await?.ok_or_else(|| Error::NotFound { key: manifest_key(src).to_string() })?;
+        let out = Manifest { format: FORMAT.into(), files: m.files.clone(), meta };
+        if let Some(existing) = self.read_manifest(dst).await? {
+            return if existing == out { Ok(existing) } else { Err(Error::AlreadyExists { key: manifest_key(dst).to_string() }) };
+        }
+        for f in &m.files {
+            let rel = RelPath::parse(&f.name)?;
+            let from = src.join(&rel);
+            let data = self.get_bytes(&from).await?;
+            let sha = Sha256Hex::from_digest(&sha2::Sha256::digest(&data));
+            if data.len() as u64 != f.size || sha.as_str() != f.sha256 {
+                return Err(Error::Corrupt { key: from.to_string(), expected: f.sha256.clone(), expected_size: f.size, actual: sha.to_string(), actual_size: data.len() as u64 });
+            }
+            self.put_bytes(&dst.join(&rel), data).await?;
+        }
+        self.put_create_only(&manifest_key(dst), out.to_bytes()).await?;
+        info!(from = %src, to = %dst, files = out.files.len(), bytes = out.total_size(), "copied directory");
+        Ok(out)
     }
 
     /// The manifest of `dir`, or `None` if the directory is not complete.

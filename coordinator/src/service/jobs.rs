@@ -302,9 +302,8 @@ impl pb::job_service_server::JobService for JobSvc {
             (JobState::Succeeded, Some(k)) => k,
             (s, _) => return Err(CoordError::FailedPrecondition(format!("job {id} has no adapter: it is {s}")).into()),
         };
-        let key_path = RelPath::parse(&key).map_err(storage_err)?;
-        let dir = manifest_dir(&key_path).ok_or_else(|| CoordError::Internal(format!("adapter manifest key {key:?} has no directory")))?;
         let storage = self.shared.storage.clone();
+        let dir = super::publish_adapter(&storage, &id, &key).await?;
         let bytes = storage.get_bytes(&manifest_key(&dir)).await.map_err(storage_err)?;
         let manifest = Manifest::parse(&key, &bytes).map_err(storage_err)?;
         let (tx, rx) = mpsc::channel::<Result<pb::DownloadAdapterResponse, Status>>(8);
@@ -346,20 +345,6 @@ impl pb::job_service_server::JobService for JobSvc {
     async fn list_workers(&self, req: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let workers = self.shared.control.list_workers(req.into_inner().include_dead).await?;
         Ok(Response::new(pb::ListWorkersResponse { workers }))
-    }
-}
-
-/// The directory a manifest key names: `a/b/manifest.json` -> `a/b`; a key that is
-/// already the directory is taken as is.
-fn manifest_dir(key: &RelPath) -> Option<RelPath> {
-    let segs = key.segments();
-    if key.file_name().as_str() == layout::MANIFEST {
-        if segs.len() < 2 {
-            return None;
-        }
-        RelPath::from_segments(segs[..segs.len() - 1].to_vec()).ok()
-    } else {
-        Some(key.clone())
     }
 }
 

@@ -97,6 +97,36 @@ pub fn check_remote_spec(spec: &JobSpec) -> Result<(), CoordError> {
     Ok(())
 }
 
+/// A key a worker reports for its attempt must be a safe relative key under that
+/// attempt's own prefix `jobs/<job_id>/attempts/<epoch>/`: a worker can only point the
+/// job at what its own lease wrote.
+pub fn check_attempt_key(field: &str, job_id: &JobId, epoch: u64, key: &str) -> Result<(), CoordError> {
+    check_job_key(field, job_id, key)?;
+    let prefix = format!("jobs/{job_id}/attempts/{epoch}/");
+    if !key.starts_with(&prefix) || key.len() == prefix.len() {
+        return Err(CoordError::InvalidArgument(format!("{field}: must be under this attempt's prefix {prefix}, got {key:?}")));
+    }
+    Ok(())
+}
+
+/// Publish a succeeded job's adapter: copy the accepted attempt's adapter directory
+/// (`adapter_manifest_key`) to `jobs/<job>/adapter/`, verified, manifest last and
+/// create-only. Only the coordinator writes there, and only from an attempt whose
+/// completion it has durably accepted, so the copy is the same whoever runs it and
+/// running it again is a no-op. Returns the published directory.
+pub async fn publish_adapter(storage: &Storage, job_id: &JobId, adapter_manifest_key: &str) -> Result<RelPath, CoordError> {
+    use lorafleet_storage::layout;
+    let src = layout::manifest_dir(adapter_manifest_key).map_err(jobs::storage_err)?;
+    let job = lorafleet_storage::Segment::new(job_id.to_string()).map_err(jobs::storage_err)?;
+    let dst = layout::final_adapter(&job);
+    if src == dst {
+        return Ok(dst);
+    }
+    let meta = [("job_id".to_string(), serde_json::json!(job_id.to_string())), ("published_from".to_string(), serde_json::json!(src.to_string()))];
+    storage.copy_dir(&src, &dst, meta.into_iter().collect()).await.map_err(jobs::storage_err)?;
+    Ok(dst)
+}
+
 /// A key a worker reports must be a safe relative key under `jobs/<job_id>/`.
 pub fn check_job_key(field: &str, job_id: &JobId, key: &str) -> Result<(), CoordError> {
     let bad = |why: String| Err(CoordError::InvalidArgument(format!("{field}: {why}")));

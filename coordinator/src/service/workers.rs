@@ -1,7 +1,7 @@
 //! `WorkerService`: what workers call. Every call about a job carries its lease epoch;
 //! the control loop refuses stale ones.
 
-use super::{check_job_key, Shared};
+use super::{check_attempt_key, publish_adapter, Shared};
 use crate::control::{NewWorker, WorkerCall};
 use crate::error::CoordError;
 use crate::persistence::DeviceInfo;
@@ -10,7 +10,9 @@ use lorafleet_proto::convert::{device_kind_from_pb, failure_class_from_pb, parse
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
+use lorafleet_shared::job::JobState;
 use tonic::{Request, Response, Status};
+use tracing::{info, warn};
 
 const MAX_LOG_LINES_PER_CALL: usize = 10_000;
 const MAX_LOG_LINE_CHARS: usize = 16 * 1024;
@@ -119,7 +121,7 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
     async fn commit_checkpoint(&self, req: Request<pb::CommitCheckpointRequest>) -> Result<Response<pb::CommitCheckpointResponse>, Status> {
         let req = req.into_inner();
         let c = call(&req.job_id, req.epoch, &req.worker_id)?;
-        check_job_key("manifest_key", &c.job_id, &req.manifest_key)?;
+        check_attempt_key("manifest_key", &c.job_id, req.epoch, &req.manifest_key)?;
         let cancel = self.shared.control.checkpoint(c, req.step, req.manifest_key).await?;
         Ok(Response::new(pb::CommitCheckpointResponse { cancel }))
     }
@@ -127,8 +129,21 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
     async fn complete_attempt(&self, req: Request<pb::CompleteAttemptRequest>) -> Result<Response<pb::CompleteAttemptResponse>, Status> {
         let req = req.into_inner();
         let c = call(&req.job_id, req.epoch, &req.worker_id)?;
-        check_job_key("adapter_manifest_key", &c.job_id, &req.adapter_manifest_key)?;
-        let state = self.shared.control.complete(c, req.adapter_manifest_key, req.final_loss).await?;
+        check_attempt_key("adapter_manifest_key", &c.job_id, req.epoch, &req.adapter_manifest_key)?;
+        let job_id = c.job_id;
+        let state = self.shared.control.complete(c, req.adapter_manifest_key.clone(), req.final_loss).await?;
+        if state == JobState::Succeeded {
+            // Durably succeeded: publish the adapter under jobs/<job>/adapter/. Off the
+            // reply path; if it fails (or the coordinator dies first), DownloadAdapter
+            // publishes it on first use.
+            let storage = self.shared.storage.clone();
+            tokio::spawn(async move {
+                match publish_adapter(&storage, &job_id, &req.adapter_manifest_key).await {
+                    Ok(dir) => info!(job_id = %job_id, adapter = %dir, "adapter published"),
+                    Err(e) => warn!(job_id = %job_id, error = %e, "could not publish the adapter yet (retried on download)"),
+                }
+            });
+        }
         Ok(Response::new(pb::CompleteAttemptResponse { state: state_to_pb(state) as i32 }))
     }
 
