@@ -29,6 +29,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
@@ -59,6 +60,9 @@ impl CoordinatorConfig {
         }
     }
 }
+
+/// How long, after the shutdown signal, open client connections get to finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Run the coordinator on `listener` until `shutdown` resolves, then stop cleanly:
 /// long polls are answered, watch streams end, the control loop drains and the store
@@ -133,17 +137,30 @@ pub async fn serve_with_metrics(
         }
         s
     });
-    let result = tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(JobServiceServer::new(service::jobs::JobSvc { shared: shared.clone() }))
         .add_service(WorkerServiceServer::new(service::workers::WorkerSvc { shared: shared.clone() }))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = rx.wait_for(|s| *s).await;
-        })
-        .await
-        .map_err(|e| CoordError::Internal(format!("grpc server: {e}")));
+        });
+    // Graceful shutdown waits for clients to close their connections; one that never
+    // reads the GOAWAY (a hung client) must not keep the coordinator up forever.
+    let mut grace_rx = stop_rx.clone();
+    let grace = async move {
+        let _ = grace_rx.wait_for(|s| *s).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let result = tokio::select! {
+        r = server => r.map_err(|e| CoordError::Internal(format!("grpc server: {e}"))),
+        () = grace => {
+            warn!(grace = ?SHUTDOWN_GRACE, "clients still connected after shutdown; closing their connections");
+            Ok(())
+        }
+    };
     drop(shared);
+    control.stop().await;
     drop(control);
     control_loop.join().await;
     if let Some(t) = metrics_task {

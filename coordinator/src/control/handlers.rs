@@ -171,6 +171,11 @@ impl<'a> Ctx<'a> {
                 self.reply(reply, Ok(()));
                 Ok(())
             }
+            // The loop itself handles Stop; one that reaches here is just answered.
+            Command::Stop { reply } => {
+                self.reply(reply, Ok(()));
+                Ok(())
+            }
             Command::Tick => self.tick(waiters),
         }
     }

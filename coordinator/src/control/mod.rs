@@ -108,6 +108,8 @@ pub(crate) enum Command {
     ListWorkers { include_dead: bool, reply: Reply<Vec<pb::Worker>> },
     /// Shutting down: answer every long poll now and stop parking new ones.
     Drain { reply: Reply<()> },
+    /// Stop the loop once the commands before it are applied (after the server is down).
+    Stop { reply: Reply<()> },
     Tick,
 }
 
@@ -125,7 +127,7 @@ impl Command {
             Command::Complete { reply, .. } => drop(reply.send(Err(e()))),
             Command::Fail { reply, .. } => drop(reply.send(Err(e()))),
             Command::ListWorkers { reply, .. } => drop(reply.send(Err(e()))),
-            Command::Drain { reply } => drop(reply.send(Err(e()))),
+            Command::Drain { reply } | Command::Stop { reply } => drop(reply.send(Err(e()))),
             Command::Tick => {}
         }
     }
@@ -199,6 +201,12 @@ impl ControlHandle {
     /// Answer every parked AcquireJob with "no job" and stop parking new ones.
     pub async fn drain(&self) {
         let _ = self.call(|reply| Command::Drain { reply }).await;
+    }
+
+    /// End the loop even if other handles are still alive (connections a shutdown
+    /// abandoned): later calls answer "shutting down".
+    pub async fn stop(&self) {
+        let _ = self.call(|reply| Command::Stop { reply }).await;
     }
 }
 
@@ -346,6 +354,19 @@ impl Loop {
                     Ok(c) => cmds.push(c),
                     Err(_) => break,
                 }
+            }
+            let stop_at = cmds.iter().position(|c| matches!(c, Command::Stop { .. }));
+            if let Some(i) = stop_at {
+                let rest = cmds.split_off(i);
+                self.batch(conn, cmds);
+                rx.close();
+                for c in rest.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+                    match c {
+                        Command::Stop { reply } => drop(reply.send(Ok(()))),
+                        c => c.reject(|| CoordError::ShuttingDown),
+                    }
+                }
+                break;
             }
             self.batch(conn, cmds);
         }
