@@ -170,10 +170,12 @@ pub struct TrainArgs {
 
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// Base model: a local Hugging Face directory.
+    /// Base model: a local Hugging Face directory, s3://bucket/prefix or
+    /// hf://org/name[@revision] (fetched once into ~/.cache/lorafleet or $LORAFLEET_CACHE;
+    /// hf:// reads HF_ENDPOINT and HF_TOKEN).
     #[arg(long)]
     pub model: PathBuf,
-    /// A PEFT LoRA adapter directory to apply.
+    /// A PEFT LoRA adapter: a local directory, s3:// or hf:// (as --model).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// Frozen weight format.
@@ -273,6 +275,7 @@ pub fn run(c: LocalCommand) -> anyhow::Result<()> {
             Ok(())
         }
         LocalCommand::Quantize { model, out, no_double_quant } => {
+            let model = resolve_source("--model", &model)?;
             lorafleet_engine::quantize::quantize_model(&model, &out, !no_double_quant)?;
             println!("wrote the nf4 model to {}", out.display());
             Ok(())
@@ -282,6 +285,7 @@ pub fn run(c: LocalCommand) -> anyhow::Result<()> {
                 DtypeArg::Bf16 => candle_core::DType::BF16,
                 DtypeArg::F32 => candle_core::DType::F32,
             };
+            let (model, adapter) = (resolve_source("--model", &model)?, resolve_source("--adapter", &adapter)?);
             lorafleet_engine::merge::merge_adapter(&model, &adapter, &out, dt)?;
             println!("wrote the merged model to {}", out.display());
             Ok(())
@@ -308,12 +312,27 @@ fn spec_path(spec_dir: &Path, p: &str) -> PathBuf {
     }
 }
 
-fn local_model_dir(source: &str) -> anyhow::Result<PathBuf> {
-    let s = source.strip_prefix("file://").unwrap_or(source);
-    if s.contains("://") {
-        bail!("model.source {source:?}: only local model directories are supported by local commands");
+/// A model or adapter source as local commands take it: a local directory (or
+/// `file://`), or `s3://bucket/prefix` / `hf://org/name[@revision]`, fetched (verified)
+/// into the local cache once (`$LORAFLEET_CACHE`, default `~/.cache/lorafleet`).
+pub fn resolve_source(field: &str, source: &Path) -> anyhow::Result<PathBuf> {
+    let s = source.to_string_lossy();
+    let s = s.as_ref();
+    if let Some(p) = s.strip_prefix("file://") {
+        return Ok(PathBuf::from(p));
     }
-    Ok(PathBuf::from(s))
+    if !s.contains("://") {
+        return Ok(source.to_path_buf());
+    }
+    let root = std::env::var_os("LORAFLEET_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("lorafleet")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lorafleet")))
+        .unwrap_or_else(|| PathBuf::from(".lorafleet/cache"));
+    eprintln!("fetching {s} into {} ...", root.display());
+    let cache = lorafleet_storage::Cache::new(root);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(cache.model(s, &lorafleet_storage::StorageOptions::default())).map_err(|e| anyhow::anyhow!("{field}: {e}"))
 }
 
 pub fn load_spec(path: &Path) -> anyhow::Result<JobSpec> {
@@ -324,13 +343,17 @@ pub fn load_spec(path: &Path) -> anyhow::Result<JobSpec> {
 fn run_train(a: TrainArgs) -> anyhow::Result<()> {
     let spec = load_spec(&a.spec)?;
     let dir = a.spec.parent().map(Path::to_path_buf).unwrap_or_default();
-    let model_dir = spec_path(&dir, local_model_dir(&spec.model.source)?.to_str().unwrap_or_default());
+    let model_dir = resolve_source("model.source", Path::new(&spec.model.source))?;
+    let model_dir = spec_path(&dir, model_dir.to_str().unwrap_or_default());
     if !model_dir.is_dir() {
         bail!("model.source: {} is not a directory (create the demo model with `lorafleet demo-model --out {}`)", model_dir.display(), model_dir.display());
     }
     let train_data = spec_path(&dir, &spec.data.train);
     let eval_data = spec.data.eval.as_deref().map(|e| spec_path(&dir, e));
-    let init_adapter = spec.lora.init_adapter.as_deref().map(|p| spec_path(&dir, p));
+    let init_adapter = match spec.lora.init_adapter.as_deref() {
+        Some(p) => Some(spec_path(&dir, resolve_source("lora.init_adapter", Path::new(p))?.to_str().unwrap_or_default())),
+        None => None,
+    };
     let output_dir = PathBuf::from(&spec.output.dir);
     let run = TrainRun {
         spec: spec.clone(),
@@ -376,7 +399,12 @@ fn load(m: &ModelArgs) -> anyhow::Result<(Box<dyn lorafleet_engine::model::Causa
         QuantArg::Nf4 => Quant::Nf4 { double_quant: true },
         QuantArg::None => Quant::None,
     };
-    let lora = m.adapter.as_ref().map(|a| LoraSettingsRequest {
+    let model_dir = resolve_source("--model", &m.model)?;
+    let adapter = match &m.adapter {
+        Some(a) => Some(resolve_source("--adapter", a)?),
+        None => None,
+    };
+    let lora = adapter.as_ref().map(|a| LoraSettingsRequest {
         // r, alpha, rslora and targets come from the adapter's config
         r: 8,
         alpha: 16.0,
@@ -386,9 +414,9 @@ fn load(m: &ModelArgs) -> anyhow::Result<(Box<dyn lorafleet_engine::model::Causa
         init: LoraInit::FromAdapter(a.clone()),
     });
     let opts = LoadOptions { quant, compute_dtype: candle_core::DType::F32, device: candle_core::Device::Cpu, lora };
-    let model = load_model(&m.model, &opts)?;
+    let model = load_model(&model_dir, &opts)?;
     let info = model.info();
-    let tok = Tokenizer::from_model_dir(&m.model, info.eos_token_ids.first().copied(), info.pad_token_id)?;
+    let tok = Tokenizer::from_model_dir(&model_dir, info.eos_token_ids.first().copied(), info.pad_token_id)?;
     Ok((model, tok))
 }
 

@@ -1,8 +1,9 @@
 //! Content-addressed datasets (`dataset://sha256/<hex>` → `datasets/sha256/<hex>`) and a
 //! local cache directory that workers fetch models and datasets into.
 //!
-//! Cache layout: `<root>/datasets/<hex>` (re-hashed on every hit) and
-//! `<root>/models/<sha256 of the source URL>/` (downloaded into a staging directory and
+//! Cache layout: `<root>/datasets/<hex>` (re-hashed on every hit),
+//! `<root>/models/<sha256 of the source URL>/` (`s3://`) and
+//! `<root>/models/<sha256 of endpoint, repo and commit>/` (`hf://`) (downloaded into a staging directory and
 //! renamed into place once complete, so a half-fetched model is never used).
 
 use crate::key::{layout, RelPath, Sha256Hex};
@@ -104,7 +105,7 @@ impl Cache {
             return Ok(p);
         }
         if source.starts_with("hf://") {
-            return Err(unsupported("workers do not download from the Hugging Face hub; put the model in a shared directory or s3://"));
+            return self.hub_model(source, &crate::hub::Hub::from_env()?).await;
         }
         if !(source.starts_with("s3://") || source.starts_with("s3a://") || source.starts_with("memory://")) {
             if source.contains("://") {
@@ -138,6 +139,32 @@ impl Cache {
             Err(e) => return Err(Error::io(&dest, e)),
         }
         info!(source, path = %dest.display(), files = manifest.files.len(), "fetched model");
+        Ok(dest)
+    }
+}
+
+impl Cache {
+    /// An `hf://org/name[@revision]` model through `hub`: the revision is resolved to
+    /// its commit, and `<root>/models/<sha256 of repo@commit>/` is filled once (staged,
+    /// verified, renamed into place), like an `s3://` model.
+    pub async fn hub_model(&self, source: &str, hub: &crate::hub::Hub) -> Result<PathBuf> {
+        let r = crate::hub::parse_hf(source)?;
+        let resolved = hub.resolve(&r, source).await?;
+        let digest = hex::encode(Sha256::digest(format!("hf://{}@{}@{}", hub.endpoint(), r.repo, resolved.commit).as_bytes()));
+        let dest = self.root.join("models").join(&digest);
+        if tokio::fs::try_exists(dest.join(layout::MANIFEST)).await.unwrap_or(false) {
+            return Ok(dest);
+        }
+        let staging = self.root.join("models").join(format!(".{digest}.partial-{}", uuid::Uuid::new_v4().simple()));
+        let guard = TempGuard(Some(staging.clone()));
+        let manifest = hub.download(&r, source, &resolved, &staging).await?;
+        write_atomic(&staging.join(layout::MANIFEST), &manifest.to_bytes()).await?;
+        match tokio::fs::rename(&staging, &dest).await {
+            Ok(()) => guard.disarm(),
+            Err(_) if tokio::fs::try_exists(dest.join(layout::MANIFEST)).await.unwrap_or(false) => {}
+            Err(e) => return Err(Error::io(&dest, e)),
+        }
+        info!(source, commit = %resolved.commit, path = %dest.display(), files = manifest.files.len(), "fetched model from the hub");
         Ok(dest)
     }
 }

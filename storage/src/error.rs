@@ -23,6 +23,8 @@ pub enum Error {
     InvalidManifest { key: String, reason: String },
     #[error("unsupported source {source_url:?}: {reason}")]
     UnsupportedSource { source_url: String, reason: String },
+    #[error("model hub source {source_url:?}: {reason}")]
+    Hub { source_url: String, reason: String, retryable: bool },
     #[error("object store error on {key}: {source}")]
     Store {
         key: String,
@@ -61,6 +63,7 @@ impl Error {
                     | object_store::Error::UnknownConfigurationKey { .. }
             ),
             Error::Io { .. } => true,
+            Error::Hub { retryable, .. } => *retryable,
             _ => false,
         }
     }

@@ -19,6 +19,7 @@
 
 pub mod cache;
 mod error;
+pub mod hub;
 pub mod key;
 pub mod manifest;
 mod store;

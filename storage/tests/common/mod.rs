@@ -151,5 +151,6 @@ pub async fn datasets_and_cache(s: &Storage, opts: &StorageOptions) {
     // Plain paths and file:// model sources are used in place.
     assert_eq!(cache.model("/models/x", opts).await.unwrap(), Path::new("/models/x"));
     assert_eq!(cache.model("file:///models/x", opts).await.unwrap(), Path::new("/models/x"));
-    assert!(matches!(cache.model("hf://org/m", opts).await, Err(Error::UnsupportedSource { .. })));
+    assert!(matches!(cache.model("hf://../m", opts).await, Err(Error::UnsupportedSource { .. })));
+    assert!(matches!(cache.model("hf://org/m@bad rev", opts).await, Err(Error::UnsupportedSource { .. })));
 }
