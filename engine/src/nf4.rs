@@ -122,44 +122,27 @@ pub fn dynamic_map() -> &'static [f32; 256] {
     MAP.get_or_init(|| DYNAMIC_MAP_BITS.map(f32::from_bits))
 }
 
-/// Index of the code nearest to `x` (`argmin |x - code|`, first index on ties) in a
-/// sorted code table.
-#[inline]
-fn nearest_code(code: &[f32], x: f32) -> u8 {
-    // Binary search for the first code >= x, then compare the two neighbours exactly the
-    // way `argmin(|x - code|)` does (the lower index wins a tie).
-    let mut lo = 0usize;
-    let mut hi = code.len();
-    while lo < hi {
-        let mid = (lo + hi) / 2;
-        if code[mid] < x {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    let mut idx = lo.min(code.len() - 1);
-    while idx > 0 && (x - code[idx - 1]).abs() <= (x - code[idx]).abs() {
-        idx -= 1;
-    }
-    while idx + 1 < code.len() && (x - code[idx + 1]).abs() < (x - code[idx]).abs() {
-        idx += 1;
-    }
-    idx as u8
-}
-
-/// Blockwise absmax quantization of `values` with `code` (sorted). Returns codes and the
-/// absmax of every block.
+/// Blockwise NF4 quantization as bitsandbytes 0.50 does it on the CPU
+/// (`quantize_4bit`, default backend): per block of 64, `absmax = max |a|`,
+/// `s = clamp(a * (1 / absmax), -1, 1)` (a division by absmax for a final partial
+/// block), and the code is the number of midpoints `(c[k] + c[k+1]) / 2` (in `f32`)
+/// strictly below `s` (`torch.bucketize`), so a value exactly on a midpoint takes the
+/// lower code. Returns codes and the absmax of every block.
 fn quantize_blockwise(values: &[f32], code: &[f32], blocksize: usize) -> (Vec<u8>, Vec<f32>) {
+    let mids: Vec<f32> = code.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+    let bucket = |s: f32| mids.partition_point(|&m| m < s) as u8;
+    let full = values.len() - values.len() % blocksize;
     let mut q = Vec::with_capacity(values.len());
     let mut absmax = Vec::with_capacity(values.len().div_ceil(blocksize));
-    for block in values.chunks(blocksize) {
+    for (bi, block) in values.chunks(blocksize).enumerate() {
         let am = block.iter().fold(0f32, |m, v| m.max(v.abs()));
         absmax.push(am);
-        let inv = 1.0 / am;
-        for &v in block {
-            let s = if am == 0.0 { 0.0 } else { (v * inv).clamp(-1.0, 1.0) };
-            q.push(nearest_code(code, s));
+        let am_safe = am.max(1e-38);
+        if bi * blocksize < full {
+            let inv = 1.0 / am_safe;
+            q.extend(block.iter().map(|&v| bucket((v * inv).clamp(-1.0, 1.0))));
+        } else {
+            q.extend(block.iter().map(|&v| bucket((v / am_safe).clamp(-1.0, 1.0))));
         }
     }
     (q, absmax)
@@ -403,8 +386,54 @@ pub fn double_quantize(absmax: &[f32]) -> NestedAbsmax {
     let offset = mean_f32(absmax);
     let centered: Vec<f32> = absmax.iter().map(|&v| v - offset).collect();
     let code = dynamic_map().to_vec();
-    let (absmax_q, nested_absmax) = quantize_blockwise(&centered, &code, NESTED_BLOCKSIZE);
+    let (absmax_q, nested_absmax) = bnb_quantize_blockwise_8bit(&centered, &code, NESTED_BLOCKSIZE);
     NestedAbsmax { absmax_q, nested_absmax, nested_code: code, offset }
+}
+
+/// bitsandbytes' CPU blockwise 8-bit quantizer (`quantize_cpu`, bitsandbytes 0.50), which
+/// makes the double-quantized absmax codes. Per block: `absmax = max |a|`; each
+/// `a * (1 / absmax)`, clamped to [-1, 1], is mapped to one of 65,536 evenly spaced bins
+/// (`trunc(((v + 1) * 0.5) * 65535 + 0.5)`, each step rounded to `f32`), and the bin's
+/// code comes from a table built once per code book: bin `i` stands for
+/// `-1 + 2i / 65535` and takes the first code whose upper midpoint
+/// `0.5 * (c[k] + c[k+1])` is not below it.
+///
+/// So the code is the nearest one only up to the bin width (3e-5): a value within half
+/// a bin of a midpoint can get the farther code. We reproduce that because "the same
+/// absmax codes as bitsandbytes" is the contract (`tests/fixtures/hf` was made with it).
+pub fn bnb_quantize_blockwise_8bit(values: &[f32], code: &[f32], blocksize: usize) -> (Vec<u8>, Vec<f32>) {
+    const LUT_SIZE: usize = 65536;
+    let lut = {
+        let mids: Vec<f32> = code.windows(2).map(|w| 0.5f32 * (w[0] + w[1])).collect();
+        let mut lut = vec![0u8; LUT_SIZE];
+        let mut k = 0usize;
+        for (i, slot) in lut.iter_mut().enumerate() {
+            let val = -1.0f32 + (2.0f32 * i as f32) / (LUT_SIZE - 1) as f32;
+            while k < mids.len() && mids[k] < val {
+                k += 1;
+            }
+            *slot = k as u8;
+        }
+        lut
+    };
+    let mut q = Vec::with_capacity(values.len());
+    let mut absmax = Vec::with_capacity(values.len().div_ceil(blocksize));
+    for block in values.chunks(blocksize) {
+        // NaN never wins the max (bitsandbytes drops NaN lanes).
+        let am = block.iter().fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m });
+        absmax.push(am);
+        if am == 0.0 {
+            q.extend(std::iter::repeat_n(0u8, block.len()));
+            continue;
+        }
+        let inv = 1.0f32 / am;
+        for &v in block {
+            let v = (v * inv).clamp(-1.0, 1.0);
+            let t = ((v + 1.0) * 0.5) * (LUT_SIZE - 1) as f32 + 0.5;
+            q.push(lut[(t as usize).min(LUT_SIZE - 1)]);
+        }
+    }
+    (q, absmax)
 }
 
 #[cfg(test)]
