@@ -18,6 +18,17 @@ fi
 
 scripts/s3-server.sh install
 scripts/s3-server.sh install-moto
+
+# The engine's matrix products run on a system BLAS when one is installed
+# (engine/src/blas.rs). Install OpenBLAS where we can (root with apt, as in CI) so
+# that path is what the tests exercise; without it they use the gemm crate.
+if ! ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so\.0' && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    { apt-get install -y -q libopenblas0-pthread || { apt-get update -q && apt-get install -y -q libopenblas0-pthread; }; } >/dev/null 2>&1 \
+        || echo "note: could not install OpenBLAS; the engine tests use the gemm crate"
+fi
+if ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so\.0'; then
+    export LORAFLEET_REQUIRE_BLAS=1
+fi
 S3DIR="$(mktemp -d "${TMPDIR:-/tmp}/lorafleet-s3.XXXXXX")"
 trap 'scripts/s3-server.sh stop "$S3DIR"; rm -rf "$S3DIR"' EXIT
 scripts/s3-server.sh start "$S3DIR" >/dev/null

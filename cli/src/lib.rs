@@ -47,6 +47,10 @@ pub fn init_tracing(filter: &str, json: bool) {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log, cli.log_json);
+    // Commands that train or run a model load the BLAS now, while this is the only thread.
+    if matches!(cli.command, Command::Local(_) | Command::Remote(remote::RemoteCommand::Dev(_))) {
+        lorafleet_engine::blas::init_early();
+    }
     let result = match cli.command {
         Command::Local(c) => local::run(c),
         Command::Remote(c) => remote::run(c),

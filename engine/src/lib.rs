@@ -4,7 +4,8 @@
 //!
 //! Module map (see docs/architecture.md):
 //! - `model`: the `CausalLm` contract, HF config parsing, Llama-family and Falcon models.
-//! - `nf4`: bitsandbytes-exact NF4 quantization and the frozen linear custom ops.
+//! - `nf4`: bitsandbytes-exact NF4 quantization; `ops`: the frozen linear custom ops and
+//!   differentiable building blocks; `blas`: the matrix product they run on.
 //! - `lora`: LoRA layers and PEFT adapter files.
 //! - `data`, `optim`, `train`, `eval`, `generate`: the training side.
 
@@ -12,6 +13,7 @@ pub mod error;
 pub mod model;
 pub mod nf4;
 pub mod ops;
+pub mod blas;
 pub mod lora;
 pub mod peft;
 pub mod quantize;

@@ -1,7 +1,8 @@
 //! Custom ops and differentiable building blocks.
 //!
 //! - [`FrozenLinear`]: `y = x W^T (+ b)` for a frozen weight (NF4 or full precision). On
-//!   CPU it is a candle `CustomOp1` that calls the `gemm` crate directly on the input
+//!   CPU it is a candle `CustomOp1` that calls [`crate::blas::sgemm`] (a system BLAS when
+//!   there is one, else the `gemm` crate) directly on the input
 //!   buffer (NF4 weights dequantized per call through a byte-pair lookup table) and whose
 //!   backward returns only `grad_x = grad_y W`: no gradient for `W` is computed or kept.
 //! - [`CheckpointHook`]: the hook gradient checkpointing hangs a recomputation on.
@@ -160,46 +161,6 @@ fn with_weight_f32<R>(inner: &FrozenInner, f: impl FnOnce(&[f32]) -> R) -> candl
     }
 }
 
-fn parallelism() -> gemm::Parallelism {
-    let n = candle_core::utils::get_num_threads();
-    if n > 1 {
-        gemm::Parallelism::Rayon(n)
-    } else {
-        gemm::Parallelism::None
-    }
-}
-
-/// `dst[m, n] = lhs[m, k] * rhs` where rhs element `(kk, nn)` sits at
-/// `kk * rhs_rs + nn * rhs_cs`; `read_dst` adds to what is in `dst`.
-#[allow(clippy::too_many_arguments)]
-fn sgemm(m: usize, n: usize, k: usize, dst: &mut [f32], read_dst: bool, lhs: &[f32], rhs: &[f32], rhs_rs: isize, rhs_cs: isize) {
-    assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= k * n);
-    // SAFETY: the asserts above bound every index the strides reach.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            read_dst,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            rhs_cs,
-            rhs_rs,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(),
-        )
-    }
-}
-
 struct FrozenLinearFwd {
     inner: Arc<FrozenInner>,
 }
@@ -223,7 +184,7 @@ impl candle_core::CustomOp1 for FrozenLinearFwd {
             false
         };
         // rhs = W^T: element (kk, nn) = W[nn, kk] at nn * k + kk.
-        with_weight_f32(&self.inner, |w| sgemm(m, n, k, &mut dst, read_dst, &x, w, 1, k as isize))?;
+        with_weight_f32(&self.inner, |w| crate::blas::sgemm(m, n, k, &mut dst, read_dst, &x, w, true))?;
         Ok((to_storage(dst, s.dtype())?, Shape::from((m, n))))
     }
 
@@ -249,7 +210,7 @@ impl candle_core::CustomOp1 for FrozenLinearBwd {
         let g = cpu_f32(s, l, "frozen linear backward")?;
         let mut dst = vec![0f32; m * k];
         // rhs = W: element (nn, kk) at nn * k + kk.
-        with_weight_f32(&self.inner, |w| sgemm(m, k, n, &mut dst, false, &g, w, k as isize, 1))?;
+        with_weight_f32(&self.inner, |w| crate::blas::sgemm(m, k, n, &mut dst, false, &g, w, false))?;
         Ok((to_storage(dst, s.dtype())?, Shape::from((m, k))))
     }
 }

@@ -3,11 +3,22 @@ use lorafleet_worker::{EngineTrainer, Worker, WorkerArgs, WorkerConfig};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = WorkerArgs::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("LORAFLEET_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Before the runtime starts its threads (see lorafleet_engine::blas::init_early).
+    lorafleet_engine::blas::init_early();
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(run(args)),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: WorkerArgs) -> ExitCode {
     let cfg = match WorkerConfig::from_args(&args) {
         Ok(c) => c,
         Err(e) => {

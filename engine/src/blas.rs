@@ -1,0 +1,259 @@
+//! The f32 matrix product behind every frozen-weight linear layer (the projections and
+//! the output head, forward and input-gradient), which is most of a training step.
+//!
+//! Two backends compute the same `dst = lhs · rhs (+ dst)`:
+//! - a system BLAS loaded at run time (`cblas_sgemm`), when one is found: OpenBLAS
+//!   (Debian/Ubuntu `libopenblas0-pthread`, ~210-240 GFLOP/s on 2 AVX-512 cores for the
+//!   benchmark's shapes) or Intel MKL (`libmkl_rt`);
+//! - the `gemm` crate that candle uses (always there; ~55-75 GFLOP/s on the same cores).
+//!
+//! `LORAFLEET_BLAS` picks: unset = look for `libopenblas.so.0`, `libopenblas.so`,
+//! `libmkl_rt.so.2`, `libmkl_rt.so` in the loader's search path; `off` = the `gemm`
+//! crate; anything else = the path of a library exporting `cblas_sgemm`. Nothing is
+//! linked at build time, so a binary runs (more slowly) on machines without a BLAS.
+
+use std::ffi::c_int;
+use std::sync::OnceLock;
+
+use tracing::{info, warn};
+
+const ROW_MAJOR: c_int = 101;
+const NO_TRANS: c_int = 111;
+const TRANS: c_int = 112;
+
+type CblasSgemm = unsafe extern "C" fn(
+    layout: c_int,
+    transa: c_int,
+    transb: c_int,
+    m: c_int,
+    n: c_int,
+    k: c_int,
+    alpha: f32,
+    a: *const f32,
+    lda: c_int,
+    b: *const f32,
+    ldb: c_int,
+    beta: f32,
+    c: *mut f32,
+    ldc: c_int,
+);
+
+/// A loaded BLAS library.
+pub struct Blas {
+    // Keeps the library mapped for as long as `sgemm` may be called.
+    _lib: libloading::Library,
+    sgemm: CblasSgemm,
+    /// What was loaded (file name or path).
+    pub name: String,
+}
+
+const CANDIDATES: &[&str] = &["libopenblas.so.0", "libopenblas.so", "libmkl_rt.so.2", "libmkl_rt.so"];
+
+impl Blas {
+    /// Load `name` (a file name the dynamic loader resolves, or a path).
+    pub fn load(name: &str) -> Result<Self, String> {
+        // SAFETY: loading a shared library runs its initialisers; the candidates are
+        // BLAS libraries, and an explicit path is the user's choice.
+        let lib = unsafe { libloading::Library::new(name) }.map_err(|e| format!("{name}: {e}"))?;
+        // SAFETY: `cblas_sgemm` has this signature in every CBLAS.
+        let sgemm: CblasSgemm = unsafe { *lib.get::<CblasSgemm>(b"cblas_sgemm\0").map_err(|e| format!("{name}: no cblas_sgemm: {e}"))? };
+        let threads = candle_core::utils::get_num_threads() as c_int;
+        // OpenBLAS and MKL size their own thread pools; match candle's.
+        for sym in [&b"openblas_set_num_threads\0"[..], &b"MKL_Set_Num_Threads\0"[..]] {
+            // SAFETY: both take one int and return nothing.
+            if let Ok(f) = unsafe { lib.get::<unsafe extern "C" fn(c_int)>(sym) } {
+                unsafe { f(threads) };
+            }
+        }
+        Ok(Self { _lib: lib, sgemm, name: name.to_string() })
+    }
+
+    /// `dst[m, n] = lhs[m, k] · rhs (+ dst if accumulate)`, row-major, where `rhs` is
+    /// `[k, n]` (`rhs_t == false`) or the transpose of a `[n, k]` matrix (`rhs_t`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sgemm(&self, m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, lhs: &[f32], rhs: &[f32], rhs_t: bool) {
+        assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= k * n);
+        let int = |v: usize| c_int::try_from(v).expect("matrix dimension fits a C int");
+        let (transb, ldb) = if rhs_t { (TRANS, int(k)) } else { (NO_TRANS, int(n)) };
+        // SAFETY: the assert bounds every element the strides reach.
+        unsafe {
+            (self.sgemm)(
+                ROW_MAJOR,
+                NO_TRANS,
+                transb,
+                int(m),
+                int(n),
+                int(k),
+                1.0,
+                lhs.as_ptr(),
+                int(k),
+                rhs.as_ptr(),
+                ldb,
+                if accumulate { 1.0 } else { 0.0 },
+                dst.as_mut_ptr(),
+                int(n),
+            )
+        }
+    }
+}
+
+/// Call first thing in `main`, before any other thread exists: sets
+/// `OPENBLAS_THREAD_TIMEOUT=4` unless the user set it (OpenBLAS reads it when the library
+/// is loaded; its default keeps idle BLAS threads spinning for ~0.1 s after every call,
+/// which on a 2-core machine takes a core away from the element-wise ops in between:
+/// 480-540 -> 630-680 tokens/s in `lorafleet bench train`), then loads the BLAS.
+pub fn init_early() {
+    if std::env::var_os("OPENBLAS_THREAD_TIMEOUT").is_none() {
+        // Single-threaded here (see above), so no other thread reads the environment.
+        std::env::set_var("OPENBLAS_THREAD_TIMEOUT", "4");
+    }
+    if system().is_some() && std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // candle's worker threads spin 25,000 times before parking between ops; with
+        // the BLAS threads needing the same cores that spinning costs another ~10%.
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
+    }
+}
+
+/// The process-wide BLAS, if one is configured or found (see the module docs).
+pub fn system() -> Option<&'static Blas> {
+    static BLAS: OnceLock<Option<Blas>> = OnceLock::new();
+    BLAS.get_or_init(|| match std::env::var("LORAFLEET_BLAS") {
+        Ok(v) if v == "off" || v == "none" || v == "0" => {
+            info!("LORAFLEET_BLAS={v}: matrix products use the gemm crate");
+            None
+        }
+        Ok(path) if !path.is_empty() => match Blas::load(&path) {
+            Ok(b) => {
+                info!(blas = %b.name, "matrix products use the configured BLAS");
+                Some(b)
+            }
+            Err(e) => {
+                warn!(error = %e, "LORAFLEET_BLAS could not be loaded; matrix products use the gemm crate");
+                None
+            }
+        },
+        _ => {
+            let found = CANDIDATES.iter().find_map(|c| Blas::load(c).ok());
+            match &found {
+                Some(b) => info!(blas = %b.name, "matrix products use the system BLAS"),
+                None => info!("no system BLAS found (install libopenblas0-pthread for faster training); matrix products use the gemm crate"),
+            }
+            found
+        }
+    })
+    .as_ref()
+}
+
+/// Which backend [`sgemm`] uses: the BLAS library's name, or `gemm crate`.
+pub fn backend_name() -> String {
+    system().map(|b| b.name.clone()).unwrap_or_else(|| "gemm crate".to_string())
+}
+
+/// `dst[m, n] = lhs[m, k] · rhs (+ dst)` with the fastest backend available
+/// ([`system`], else the `gemm` crate). `rhs` as in [`Blas::sgemm`].
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, lhs: &[f32], rhs: &[f32], rhs_t: bool) {
+    match system() {
+        Some(b) => b.sgemm(m, n, k, dst, accumulate, lhs, rhs, rhs_t),
+        None => sgemm_portable(m, n, k, dst, accumulate, lhs, rhs, rhs_t),
+    }
+}
+
+/// The `gemm` crate backend (what candle's own matmul uses).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_portable(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, lhs: &[f32], rhs: &[f32], rhs_t: bool) {
+    assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= k * n);
+    // rhs element (kk, nn): `rhs[kk * n + nn]`, or `rhs[nn * k + kk]` when transposed.
+    let (rhs_rs, rhs_cs) = if rhs_t { (1isize, k as isize) } else { (n as isize, 1isize) };
+    let threads = candle_core::utils::get_num_threads();
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: the assert above bounds every index the strides reach.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], rhs_t: bool) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0f64;
+                for kk in 0..k {
+                    let r = if rhs_t { rhs[j * k + kk] } else { rhs[kk * n + j] };
+                    s += lhs[i * k + kk] as f64 * r as f64;
+                }
+                out[i * n + j] = s;
+            }
+        }
+        out
+    }
+
+    fn check(f: impl Fn(usize, usize, usize, &mut [f32], bool, &[f32], &[f32], bool), what: &str) {
+        // Odd sizes, both layouts, with and without accumulation.
+        for &(m, n, k) in &[(1, 1, 1), (7, 13, 5), (33, 65, 129), (64, 96, 64)] {
+            let lhs: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+            let rhs: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
+            for rhs_t in [false, true] {
+                for accumulate in [false, true] {
+                    let mut dst: Vec<f32> = (0..m * n).map(|i| i as f32 * 0.01).collect();
+                    let before = dst.clone();
+                    f(m, n, k, &mut dst, accumulate, &lhs, &rhs, rhs_t);
+                    let want = reference(m, n, k, &lhs, &rhs, rhs_t);
+                    for i in 0..m * n {
+                        let w = want[i] + if accumulate { before[i] as f64 } else { 0.0 };
+                        assert!((dst[i] as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "{what} {m}x{n}x{k} t={rhs_t} acc={accumulate} [{i}]: {} vs {w}", dst[i]);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn portable_backend_is_right() {
+        check(sgemm_portable, "gemm crate");
+    }
+
+    #[test]
+    fn system_backend_is_right_when_present() {
+        // The BLAS path is checked wherever one is installed (scripts/test.sh installs
+        // OpenBLAS when it can); here we also say which one ran.
+        match system() {
+            Some(b) => check(|m, n, k, d, a, l, r, t| b.sgemm(m, n, k, d, a, l, r, t), &b.name),
+            None => {
+                // scripts/test.sh sets this when it found or installed OpenBLAS.
+                assert!(std::env::var_os("LORAFLEET_REQUIRE_BLAS").is_none(), "LORAFLEET_REQUIRE_BLAS is set but no BLAS loaded");
+                eprintln!("no system BLAS on this machine: only the gemm crate was checked");
+            }
+        }
+    }
+
+    #[test]
+    fn a_missing_library_is_a_clear_error() {
+        let e = Blas::load("/nonexistent/libnoblas.so").err().unwrap();
+        assert!(e.contains("/nonexistent/libnoblas.so"), "{e}");
+    }
+}
