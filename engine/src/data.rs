@@ -269,7 +269,7 @@ fn validate_chat(turns: &[Turn]) -> std::result::Result<(), String> {
             return Err(format!("messages must alternate user/assistant, found {:?} where {want:?} was expected", t.role));
         }
     }
-    if body.len() % 2 != 0 {
+    if !body.len().is_multiple_of(2) {
         return Err("the conversation must end with an assistant message".into());
     }
     if body.iter().any(|t| t.role == "assistant" && t.content.trim().is_empty()) {

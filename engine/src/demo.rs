@@ -92,7 +92,7 @@ impl RandomLlama {
     /// Write `config.json`, `generation_config.json`, `model.safetensors` (f32) and,
     /// for the demo, `tokenizer.json` into `dir`.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        if self.hidden_size % self.num_heads != 0 || self.num_heads % self.num_kv_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_heads) || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(EngineError::Config("random llama: hidden_size must divide by heads, heads by kv heads".into()));
         }
         std::fs::create_dir_all(dir).map_err(|e| EngineError::file(dir, format!("cannot create directory: {e}")))?;

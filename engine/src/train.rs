@@ -291,14 +291,14 @@ pub fn train(run: &TrainRun, observer: &mut dyn TrainObserver) -> Result<TrainSu
             elapsed_secs: elapsed,
             eta_secs: elapsed / done as f64 * (total - state.step) as f64,
         };
-        if state.step % t.log_every.max(1) == 0 || state.step == total {
+        if state.step.is_multiple_of(t.log_every.max(1)) || state.step == total {
             tracing::info!(step = m.step, total_steps = total, loss = m.loss, lr = m.lr, grad_norm = m.grad_norm, tokens_per_sec = m.tokens_per_sec, epoch = m.epoch, "train step");
         }
         state.history.push(StepRecord { step: state.step, loss, lr, grad_norm });
         metrics.step(&m)?;
         observer.on_step(&m);
 
-        let eval_now = (t.eval_every > 0 && state.step % t.eval_every == 0) || state.step == total;
+        let eval_now = (t.eval_every > 0 && state.step.is_multiple_of(t.eval_every)) || state.step == total;
         if eval_now && (eval_batches.is_some() || !t.sample_prompts.is_empty()) {
             let em = run_eval(model, &tok, spec, eval_batches.as_deref(), state.step, &run.device)?;
             tracing::info!(step = em.step, eval_loss = em.loss, perplexity = em.perplexity, tokens = em.tokens, "eval");
@@ -309,7 +309,7 @@ pub fn train(run: &TrainRun, observer: &mut dyn TrainObserver) -> Result<TrainSu
             observer.on_eval(&em);
             last_eval = Some(em);
         }
-        if t.checkpoint_every > 0 && state.step % t.checkpoint_every == 0 && state.step < total {
+        if t.checkpoint_every > 0 && state.step.is_multiple_of(t.checkpoint_every) && state.step < total {
             let dir = checkpoint::save(&run.work_dir, &state, model, &base_model, &opt)?;
             tracing::info!(step = state.step, dir = %dir.display(), "checkpoint written");
             observer.on_checkpoint(state.step, &dir)?;

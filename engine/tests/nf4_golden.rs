@@ -30,7 +30,7 @@ fn bnb_cpu_dequant(q: &Nf4Tensor) -> Vec<f32> {
         for c in 0..cols {
             let i = r * cols + c;
             let b = q.packed[i / 2];
-            let code = if i % 2 == 0 { b >> 4 } else { b & 15 };
+            let code = if i.is_multiple_of(2) { b >> 4 } else { b & 15 };
             out.push(NF4_CODE[code as usize] * q.absmax[r * (cols / 64) + c / 64]);
         }
     }
