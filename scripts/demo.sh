@@ -10,14 +10,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
-if ! command -v cargo >/dev/null 2>&1; then
-    [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
-fi
-if ! command -v cargo >/dev/null 2>&1; then
-    echo "==> installing Rust (rustup)"
-    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
-    . "$HOME/.cargo/env"
-fi
+# shellcheck source=scripts/ensure-rust.sh
+. "$ROOT/scripts/ensure-rust.sh"
 
 echo "==> building lorafleet"
 cargo build --locked -p lorafleet-cli
