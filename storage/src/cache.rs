@@ -114,23 +114,59 @@ impl Cache {
             return Ok(PathBuf::from(source));
         }
         let digest = hex::encode(Sha256::digest(source.as_bytes()));
-        let dest = self.root.join("models").join(&digest);
-        if tokio::fs::try_exists(dest.join(layout::MANIFEST)).await.unwrap_or(false) {
-            return Ok(dest);
-        }
         let storage = Storage::open_with(source, opts)?;
+        let (dest, files) = self
+            .install_model(&digest, |staging| async move {
+                match storage.read_manifest_at_root().await? {
+                    Some(m) => {
+                        storage.download_root(&m, &staging).await?;
+                        Ok(m)
+                    }
+                    None => {
+                        warn!(source, "model has no manifest.json; verifying sizes only");
+                        storage.download_listed_root(&staging).await
+                    }
+                }
+            })
+            .await?;
+        if let Some(files) = files {
+            info!(source, path = %dest.display(), files, "fetched model");
+        }
+        Ok(dest)
+    }
+
+    /// An `hf://org/name[@revision]` model through `hub`: the revision is resolved to
+    /// its commit, and `<root>/models/<sha256 of endpoint, repo and commit>/` is filled
+    /// once, like an `s3://` model.
+    pub async fn hub_model(&self, source: &str, hub: &crate::hub::Hub) -> Result<PathBuf> {
+        let r = crate::hub::parse_hf(source)?;
+        let resolved = hub.resolve(&r, source).await?;
+        let digest = hex::encode(Sha256::digest(format!("hf://{}@{}@{}", hub.endpoint(), r.repo, resolved.commit).as_bytes()));
+        let commit = resolved.commit.clone();
+        let (dest, files) = self.install_model(&digest, |staging| async move { hub.download(&r, source, &resolved, &staging).await }).await?;
+        if let Some(files) = files {
+            info!(source, commit = %commit, path = %dest.display(), files, "fetched model from the hub");
+        }
+        Ok(dest)
+    }
+
+    /// `<root>/models/<digest>/`, filled by `fill` (into a staging directory, given as
+    /// its argument) unless it is already complete: the manifest `fill` returns is
+    /// written last, then the directory is renamed into place, so a half-fetched model
+    /// is never used. Returns the directory and, when this call fetched it, the number
+    /// of files.
+    async fn install_model<F, Fut>(&self, digest: &str, fill: F) -> Result<(PathBuf, Option<usize>)>
+    where
+        F: FnOnce(PathBuf) -> Fut,
+        Fut: std::future::Future<Output = Result<Manifest>>,
+    {
+        let dest = self.root.join("models").join(digest);
+        if tokio::fs::try_exists(dest.join(layout::MANIFEST)).await.unwrap_or(false) {
+            return Ok((dest, None));
+        }
         let staging = self.root.join("models").join(format!(".{digest}.partial-{}", uuid::Uuid::new_v4().simple()));
         let guard = TempGuard(Some(staging.clone()));
-        let manifest = match storage.read_manifest_at_root().await? {
-            Some(m) => {
-                storage.download_root(&m, &staging).await?;
-                m
-            }
-            None => {
-                warn!(source, "model has no manifest.json; verifying sizes only");
-                storage.download_listed_root(&staging).await?
-            }
-        };
+        let manifest = fill(staging.clone()).await?;
         write_atomic(&staging.join(layout::MANIFEST), &manifest.to_bytes()).await?;
         match tokio::fs::rename(&staging, &dest).await {
             Ok(()) => guard.disarm(),
@@ -138,34 +174,7 @@ impl Cache {
             Err(_) if tokio::fs::try_exists(dest.join(layout::MANIFEST)).await.unwrap_or(false) => {}
             Err(e) => return Err(Error::io(&dest, e)),
         }
-        info!(source, path = %dest.display(), files = manifest.files.len(), "fetched model");
-        Ok(dest)
-    }
-}
-
-impl Cache {
-    /// An `hf://org/name[@revision]` model through `hub`: the revision is resolved to
-    /// its commit, and `<root>/models/<sha256 of repo@commit>/` is filled once (staged,
-    /// verified, renamed into place), like an `s3://` model.
-    pub async fn hub_model(&self, source: &str, hub: &crate::hub::Hub) -> Result<PathBuf> {
-        let r = crate::hub::parse_hf(source)?;
-        let resolved = hub.resolve(&r, source).await?;
-        let digest = hex::encode(Sha256::digest(format!("hf://{}@{}@{}", hub.endpoint(), r.repo, resolved.commit).as_bytes()));
-        let dest = self.root.join("models").join(&digest);
-        if tokio::fs::try_exists(dest.join(layout::MANIFEST)).await.unwrap_or(false) {
-            return Ok(dest);
-        }
-        let staging = self.root.join("models").join(format!(".{digest}.partial-{}", uuid::Uuid::new_v4().simple()));
-        let guard = TempGuard(Some(staging.clone()));
-        let manifest = hub.download(&r, source, &resolved, &staging).await?;
-        write_atomic(&staging.join(layout::MANIFEST), &manifest.to_bytes()).await?;
-        match tokio::fs::rename(&staging, &dest).await {
-            Ok(()) => guard.disarm(),
-            Err(_) if tokio::fs::try_exists(dest.join(layout::MANIFEST)).await.unwrap_or(false) => {}
-            Err(e) => return Err(Error::io(&dest, e)),
-        }
-        info!(source, commit = %resolved.commit, path = %dest.display(), files = manifest.files.len(), "fetched model from the hub");
-        Ok(dest)
+        Ok((dest, Some(manifest.files.len())))
     }
 }
 
