@@ -6,7 +6,7 @@ use crate::persistence as db;
 use lorafleet_proto as pb;
 use lorafleet_proto::convert::{parse_job_id, spec_from_pb, state_from_pb};
 use lorafleet_shared::job::JobState;
-use lorafleet_storage::{layout, manifest::manifest_key, Manifest, RelPath, Sha256Hex};
+use lorafleet_storage::{layout, RelPath, Sha256Hex};
 use prost::Message;
 use sha2::{Digest, Sha256};
 use std::pin::Pin;
@@ -303,9 +303,7 @@ impl pb::job_service_server::JobService for JobSvc {
             (s, _) => return Err(CoordError::FailedPrecondition(format!("job {id} has no adapter: it is {s}")).into()),
         };
         let storage = self.shared.storage.clone();
-        let dir = super::publish_adapter(&storage, &id, &key).await?;
-        let bytes = storage.get_bytes(&manifest_key(&dir)).await.map_err(storage_err)?;
-        let manifest = Manifest::parse(&key, &bytes).map_err(storage_err)?;
+        let (dir, manifest) = super::publish_adapter(&storage, &id, &key).await?;
         let (tx, rx) = mpsc::channel::<Result<pb::DownloadAdapterResponse, Status>>(8);
         let files: Vec<pb::AdapterFile> =
             manifest.files.iter().map(|f| pb::AdapterFile { name: f.name.clone(), size: f.size, sha256: f.sha256.clone() }).collect();

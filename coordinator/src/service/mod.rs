@@ -11,7 +11,7 @@ use lorafleet_proto as pb;
 use lorafleet_proto::convert::{failure_class_to_pb, spec_to_pb, state_to_pb};
 use lorafleet_shared::ids::JobId;
 use lorafleet_shared::spec::JobSpec;
-use lorafleet_storage::{RelPath, Storage};
+use lorafleet_storage::{Manifest, RelPath, Storage};
 use std::sync::Arc;
 
 /// What both services use.
@@ -113,18 +113,15 @@ pub fn check_attempt_key(field: &str, job_id: &JobId, epoch: u64, key: &str) -> 
 /// (`adapter_manifest_key`) to `jobs/<job>/adapter/`, verified, manifest last and
 /// create-only. Only the coordinator writes there, and only from an attempt whose
 /// completion it has durably accepted, so the copy is the same whoever runs it and
-/// running it again is a no-op. Returns the published directory.
-pub async fn publish_adapter(storage: &Storage, job_id: &JobId, adapter_manifest_key: &str) -> Result<RelPath, CoordError> {
+/// running it again is a no-op. Returns the published directory and its manifest.
+pub async fn publish_adapter(storage: &Storage, job_id: &JobId, adapter_manifest_key: &str) -> Result<(RelPath, Manifest), CoordError> {
     use lorafleet_storage::layout;
     let src = layout::manifest_dir(adapter_manifest_key).map_err(jobs::storage_err)?;
     let job = lorafleet_storage::Segment::new(job_id.to_string()).map_err(jobs::storage_err)?;
     let dst = layout::final_adapter(&job);
-    if src == dst {
-        return Ok(dst);
-    }
     let meta = [("job_id".to_string(), serde_json::json!(job_id.to_string())), ("published_from".to_string(), serde_json::json!(src.to_string()))];
-    storage.copy_dir(&src, &dst, meta.into_iter().collect()).await.map_err(jobs::storage_err)?;
-    Ok(dst)
+    let manifest = storage.copy_dir(&src, &dst, meta.into_iter().collect()).await.map_err(jobs::storage_err)?;
+    Ok((dst, manifest))
 }
 
 /// A key a worker reports must be a safe relative key under `jobs/<job_id>/`.

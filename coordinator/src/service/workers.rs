@@ -139,7 +139,7 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
             let storage = self.shared.storage.clone();
             tokio::spawn(async move {
                 match publish_adapter(&storage, &job_id, &req.adapter_manifest_key).await {
-                    Ok(dir) => info!(job_id = %job_id, adapter = %dir, "adapter published"),
+                    Ok((dir, _)) => info!(job_id = %job_id, adapter = %dir, "adapter published"),
                     Err(e) => warn!(job_id = %job_id, error = %e, "could not publish the adapter yet (retried on download)"),
                 }
             });
