@@ -261,7 +261,7 @@ pub fn run(c: LocalCommand) -> anyhow::Result<()> {
             } else {
                 let rss = r.peak_rss_mib.map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "n/a".into());
                 println!(
-                    "lorafleet {} checkpointing {}: {:.1} tokens/s ({:.3} s/step: forward+loss {:.3}, backward {:.3}, optimizer {:.3}), peak RSS {rss}, threads {}",
+                    "lorafleet {} checkpointing {}: {:.1} tokens/s ({:.3} s/step: forward+loss {:.3}, backward {:.3}, optimizer {:.3}), peak RSS {rss}, threads {}, matmul {}",
                     if quant == QuantArg::Nf4 { "nf4" } else { "none" },
                     if opts.gradient_checkpointing { "on" } else { "off" },
                     r.tokens_per_sec,
@@ -269,7 +269,8 @@ pub fn run(c: LocalCommand) -> anyhow::Result<()> {
                     r.forward_secs,
                     r.backward_secs,
                     r.optimizer_secs,
-                    r.threads
+                    r.threads,
+                    lorafleet_engine::blas::backend_name()
                 );
             }
             Ok(())
