@@ -1,16 +1,20 @@
 //! The f32 matrix product behind every frozen-weight linear layer (the projections and
 //! the output head, forward and input-gradient), which is most of a training step.
 //!
-//! Two backends compute the same `dst = lhs · rhs (+ dst)`:
-//! - a system BLAS loaded at run time (`cblas_sgemm`), when one is found: OpenBLAS
-//!   (Debian/Ubuntu `libopenblas0-pthread`, ~210-240 GFLOP/s on 2 AVX-512 cores for the
-//!   benchmark's shapes) or Intel MKL (`libmkl_rt`);
-//! - the `gemm` crate that candle uses (always there; ~55-75 GFLOP/s on the same cores).
+//! Three backends compute the same `dst = lhs · rhs (+ dst)`:
+//! - [`crate::avx512`], our own AVX-512 kernel, on x86-64 CPUs that have AVX-512F
+//!   (240-310 GFLOP/s on 2 AMD Zen 5 cores for the benchmark's shapes);
+//! - a system BLAS loaded at run time (`cblas_sgemm`): OpenBLAS (Debian/Ubuntu
+//!   `libopenblas0-pthread`; 155-230 GFLOP/s on the same cores, where it runs its AVX2
+//!   kernels) or Intel MKL (`libmkl_rt`);
+//! - the `gemm` crate that candle uses (always there; 55-115 GFLOP/s on the same cores).
 //!
-//! `LORAFLEET_BLAS` picks: unset = look for `libopenblas.so.0`, `libopenblas.so`,
-//! `libmkl_rt.so.2`, `libmkl_rt.so` in the loader's search path; `off` = the `gemm`
-//! crate; anything else = the path of a library exporting `cblas_sgemm`. Nothing is
-//! linked at build time, so a binary runs (more slowly) on machines without a BLAS.
+//! `LORAFLEET_BLAS` picks: unset = the AVX-512 kernel if the CPU has AVX-512F, else the
+//! first of `libopenblas.so.0`, `libopenblas.so`, `libmkl_rt.so.2`, `libmkl_rt.so` the
+//! loader finds, else the `gemm` crate; `avx512` = the AVX-512 kernel (an error on CPUs
+//! without it falls back as unset); `system` = the library search only; `off` = the
+//! `gemm` crate; anything else = the path of a library exporting `cblas_sgemm`. Nothing
+//! is linked at build time, so a binary runs (more slowly) on machines without a BLAS.
 
 use std::ffi::c_int;
 use std::sync::OnceLock;
@@ -103,59 +107,118 @@ impl Blas {
 /// which on a 2-core machine takes a core away from the element-wise ops in between:
 /// 480-540 -> 630-680 tokens/s in `lorafleet bench train`), then loads the BLAS.
 pub fn init_early() {
+    keep_freed_memory();
     if std::env::var_os("OPENBLAS_THREAD_TIMEOUT").is_none() {
         // Single-threaded here (see above), so no other thread reads the environment.
         std::env::set_var("OPENBLAS_THREAD_TIMEOUT", "4");
     }
-    if system().is_some() && std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+    if !matches!(backend(), Backend::GemmCrate) && std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         // candle's worker threads spin 25,000 times before parking between ops; with
         // the BLAS threads needing the same cores that spinning costs another ~10%.
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
     }
 }
 
-/// The process-wide BLAS, if one is configured or found (see the module docs).
-pub fn system() -> Option<&'static Blas> {
-    static BLAS: OnceLock<Option<Blas>> = OnceLock::new();
-    BLAS.get_or_init(|| match std::env::var("LORAFLEET_BLAS") {
-        Ok(v) if v == "off" || v == "none" || v == "0" => {
-            info!("LORAFLEET_BLAS={v}: matrix products use the gemm crate");
-            None
+/// Makes glibc's malloc keep freed memory for reuse. A training step allocates and frees
+/// hundreds of activation buffers of 0.5-30 MiB; by default glibc maps each large one
+/// with `mmap` and unmaps it on free, so every step pays for fresh zeroed pages, page
+/// faults and TLB shoot-downs across threads (~25% of a step in `perf`). With the mmap
+/// and trim thresholds raised, freed buffers go back to the heap and are reused; peak RSS
+/// does not grow, since the same high-water mark is reached either way (`lorafleet bench
+/// train`: 636 -> 840-860 tokens/s, 537 -> 540 MiB). A `MALLOC_MMAP_THRESHOLD_` or
+/// `MALLOC_TRIM_THRESHOLD_` set by the user wins.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const LIMIT: libc::c_int = 1 << 30;
+        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+            // SAFETY: mallopt only changes allocator parameters.
+            unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, LIMIT) };
         }
-        Ok(path) if !path.is_empty() => match Blas::load(&path) {
-            Ok(b) => {
-                info!(blas = %b.name, "matrix products use the configured BLAS");
-                Some(b)
-            }
-            Err(e) => {
-                warn!(error = %e, "LORAFLEET_BLAS could not be loaded; matrix products use the gemm crate");
-                None
-            }
-        },
-        _ => {
-            let found = CANDIDATES.iter().find_map(|c| Blas::load(c).ok());
-            match &found {
-                Some(b) => info!(blas = %b.name, "matrix products use the system BLAS"),
-                None => info!("no system BLAS found (install libopenblas0-pthread for faster training); matrix products use the gemm crate"),
-            }
-            found
+        if std::env::var_os("MALLOC_TRIM_THRESHOLD_").is_none() {
+            // SAFETY: as above.
+            unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, LIMIT) };
         }
+    }
+}
+
+/// Where [`sgemm`] runs.
+pub enum Backend {
+    Avx512,
+    System(Blas),
+    GemmCrate,
+}
+
+fn search_system() -> Option<Blas> {
+    CANDIDATES.iter().find_map(|c| Blas::load(c).ok())
+}
+
+/// The process-wide backend (see the module docs), chosen on first use.
+pub fn backend() -> &'static Backend {
+    static BACKEND: OnceLock<Backend> = OnceLock::new();
+    BACKEND.get_or_init(|| {
+        let choice = std::env::var("LORAFLEET_BLAS").unwrap_or_default();
+        let b = match choice.as_str() {
+            "off" | "none" | "0" | "gemm" => Backend::GemmCrate,
+            "system" => search_system().map(Backend::System).unwrap_or(Backend::GemmCrate),
+            "" | "avx512" => {
+                if crate::avx512::available() {
+                    Backend::Avx512
+                } else {
+                    if choice == "avx512" {
+                        warn!("LORAFLEET_BLAS=avx512 but this CPU has no AVX-512F; looking for a system BLAS");
+                    }
+                    search_system().map(Backend::System).unwrap_or(Backend::GemmCrate)
+                }
+            }
+            path => match Blas::load(path) {
+                Ok(b) => Backend::System(b),
+                Err(e) => {
+                    warn!(error = %e, "LORAFLEET_BLAS could not be loaded; matrix products use the gemm crate");
+                    Backend::GemmCrate
+                }
+            },
+        };
+        match &b {
+            Backend::GemmCrate if choice.is_empty() => {
+                info!("no AVX-512 and no system BLAS (install libopenblas0-pthread for faster training); matrix products use the gemm crate")
+            }
+            other => info!(backend = %name_of(other), "matrix product backend"),
+        }
+        b
     })
-    .as_ref()
 }
 
-/// Which backend [`sgemm`] uses: the BLAS library's name, or `gemm crate`.
+fn name_of(b: &Backend) -> String {
+    match b {
+        Backend::Avx512 => "avx512 (built-in)".to_string(),
+        Backend::System(l) => l.name.clone(),
+        Backend::GemmCrate => "gemm crate".to_string(),
+    }
+}
+
+/// The loaded system BLAS, when that is the backend.
+pub fn system() -> Option<&'static Blas> {
+    match backend() {
+        Backend::System(b) => Some(b),
+        _ => None,
+    }
+}
+
+/// Which backend [`sgemm`] uses: `avx512 (built-in)`, the BLAS library's name, or
+/// `gemm crate`.
 pub fn backend_name() -> String {
-    system().map(|b| b.name.clone()).unwrap_or_else(|| "gemm crate".to_string())
+    name_of(backend())
 }
 
-/// `dst[m, n] = lhs[m, k] · rhs (+ dst)` with the fastest backend available
-/// ([`system`], else the `gemm` crate). `rhs` as in [`Blas::sgemm`].
+/// `dst[m, n] = lhs[m, k] · rhs (+ dst)` with the process-wide [`backend`]. `rhs` as in
+/// [`Blas::sgemm`].
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, lhs: &[f32], rhs: &[f32], rhs_t: bool) {
-    match system() {
-        Some(b) => b.sgemm(m, n, k, dst, accumulate, lhs, rhs, rhs_t),
-        None => sgemm_portable(m, n, k, dst, accumulate, lhs, rhs, rhs_t),
+    match backend() {
+        Backend::Avx512 => crate::avx512::sgemm(m, n, k, dst, accumulate, lhs, rhs, rhs_t),
+        Backend::System(b) => b.sgemm(m, n, k, dst, accumulate, lhs, rhs, rhs_t),
+        Backend::GemmCrate => sgemm_portable(m, n, k, dst, accumulate, lhs, rhs, rhs_t),
     }
 }
 
@@ -240,8 +303,8 @@ mod tests {
     #[test]
     fn system_backend_is_right_when_present() {
         // The BLAS path is checked wherever one is installed (scripts/test.sh installs
-        // OpenBLAS when it can); here we also say which one ran.
-        match system() {
+        // OpenBLAS when it can), whichever backend the process would pick.
+        match search_system() {
             Some(b) => check(|m, n, k, d, a, l, r, t| b.sgemm(m, n, k, d, a, l, r, t), &b.name),
             None => {
                 // scripts/test.sh sets this when it found or installed OpenBLAS.
@@ -249,6 +312,11 @@ mod tests {
                 eprintln!("no system BLAS on this machine: only the gemm crate was checked");
             }
         }
+    }
+
+    #[test]
+    fn chosen_backend_is_right() {
+        check(sgemm, &backend_name());
     }
 
     #[test]

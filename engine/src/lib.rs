@@ -14,6 +14,7 @@ pub mod model;
 pub mod nf4;
 pub mod ops;
 pub mod blas;
+pub mod avx512;
 pub mod lora;
 pub mod peft;
 pub mod quantize;

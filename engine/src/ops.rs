@@ -140,6 +140,39 @@ fn to_storage(v: Vec<f32>, dtype: DType) -> candle_core::Result<CpuStorage> {
     })
 }
 
+/// Run `f` with the weight as a row-major f32 `[out, in]` matrix: in place (f32) or as
+/// NF4 rows for the AVX-512 kernels, which dequantize block by block; a dequantized or
+/// converted copy otherwise.
+fn with_weight_rows<R>(inner: &FrozenInner, f: impl FnOnce(crate::avx512::Rows) -> R) -> candle_core::Result<R> {
+    use crate::avx512::Rows;
+    match &inner.weight {
+        FrozenWeight::Nf4(q) if matches!(crate::blas::backend(), crate::blas::Backend::Avx512) => Ok(f(Rows::Nf4(q))),
+        _ => with_weight_f32(inner, |w| f(Rows::F32(w))),
+    }
+}
+
+/// `y[m, out] (+)= x[m, in] W^T` on the process-wide backend.
+fn frozen_fwd(inner: &FrozenInner, m: usize, x: &[f32], y: &mut [f32], accumulate: bool) -> candle_core::Result<()> {
+    let (n, k) = (inner.out_dim, inner.in_dim);
+    with_weight_rows(inner, |w| match (crate::blas::backend(), w) {
+        (crate::blas::Backend::Avx512, w) => crate::avx512::linear_fwd(m, n, k, x, w, y, accumulate),
+        // rhs = W^T: element (kk, nn) = W[nn, kk] at nn * k + kk.
+        (_, crate::avx512::Rows::F32(w)) => crate::blas::sgemm(m, n, k, y, accumulate, x, w, true),
+        (_, crate::avx512::Rows::Nf4(_)) => unreachable!("NF4 rows are only handed to the AVX-512 kernel"),
+    })
+}
+
+/// `gx[m, in] = g[m, out] W` on the process-wide backend.
+fn frozen_bwd(inner: &FrozenInner, m: usize, g: &[f32], gx: &mut [f32]) -> candle_core::Result<()> {
+    let (n, k) = (inner.out_dim, inner.in_dim);
+    with_weight_rows(inner, |w| match (crate::blas::backend(), w) {
+        (crate::blas::Backend::Avx512, w) => crate::avx512::linear_bwd(m, n, k, g, w, gx, false),
+        // rhs = W: element (nn, kk) at nn * k + kk.
+        (_, crate::avx512::Rows::F32(w)) => crate::blas::sgemm(m, k, n, gx, false, g, w, false),
+        (_, crate::avx512::Rows::Nf4(_)) => unreachable!("NF4 rows are only handed to the AVX-512 kernel"),
+    })
+}
+
 /// Run `f` with the weight as a row-major f32 `[out, in]` slice.
 fn with_weight_f32<R>(inner: &FrozenInner, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     match &inner.weight {
@@ -171,7 +204,7 @@ impl candle_core::CustomOp1 for FrozenLinearFwd {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, k) = l.shape().dims2()?;
+        let (m, _k) = l.shape().dims2()?;
         let n = self.inner.out_dim;
         let x = cpu_f32(s, l, "frozen linear")?;
         let mut dst = vec![0f32; m * n];
@@ -183,8 +216,7 @@ impl candle_core::CustomOp1 for FrozenLinearFwd {
         } else {
             false
         };
-        // rhs = W^T: element (kk, nn) = W[nn, kk] at nn * k + kk.
-        with_weight_f32(&self.inner, |w| crate::blas::sgemm(m, n, k, &mut dst, read_dst, &x, w, true))?;
+        frozen_fwd(&self.inner, m, &x, &mut dst, read_dst)?;
         Ok((to_storage(dst, s.dtype())?, Shape::from((m, n))))
     }
 
@@ -205,12 +237,11 @@ impl candle_core::CustomOp1 for FrozenLinearBwd {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, n) = l.shape().dims2()?;
+        let (m, _n) = l.shape().dims2()?;
         let k = self.inner.in_dim;
         let g = cpu_f32(s, l, "frozen linear backward")?;
         let mut dst = vec![0f32; m * k];
-        // rhs = W: element (nn, kk) at nn * k + kk.
-        with_weight_f32(&self.inner, |w| crate::blas::sgemm(m, k, n, &mut dst, false, &g, w, false))?;
+        frozen_bwd(&self.inner, m, &g, &mut dst)?;
         Ok((to_storage(dst, s.dtype())?, Shape::from((m, k))))
     }
 }

@@ -1,0 +1,403 @@
+//! Single-precision products for x86-64 CPUs with AVX-512F, written for the frozen
+//! linear layers of LoRA training: a few hundred activation rows against large weights
+//! that are full precision or NF4.
+//!
+//! One register-blocked micro-kernel computes a `MR x NR` (12 x 32) tile with 512-bit
+//! fused multiply-adds: per step of the inner dimension two vector loads of a B row,
+//! `MR` broadcasts from the A rows, `2 * MR` FMAs into 24 zmm accumulators. Both
+//! operands are read in place with their row strides; only what is not laid out for it
+//! is copied into small per-thread buffers:
+//! - forward `y = x W^T` ([`linear_fwd`]) computes `y^T = W x^T` tile by tile: A is 12
+//!   rows of W (read in place, or dequantized from NF4 a 12 x 256 block at a time), B is
+//!   a 256-row block of `x^T` (transposed once per block), and tiles are written back
+//!   transposed;
+//! - input gradient `gx = g W` ([`linear_bwd`]): A is rows of g in place, B is rows of W
+//!   (in place, or dequantized a 256-row block at a time).
+//!
+//! So an NF4 weight is never dequantized as a whole, and a full-precision weight is never
+//! copied. Threads (rayon, candle's thread count) own disjoint output column ranges and
+//! never wait for each other.
+//!
+//! Why it exists: on AMD Zen 4/5 the system OpenBLAS runs its AVX2 kernels (older
+//! releases do not know these CPUs, and machines pin `OPENBLAS_CORETYPE=Haswell` because
+//! the AVX-512 kernels of those releases misbehave there), which leaves half of the
+//! cores' FMA throughput unused.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use crate::nf4::Nf4Tensor;
+
+/// Rows of a micro-tile.
+const MR: usize = 12;
+/// Columns of a micro-tile (two 16-lane vectors).
+const NR: usize = 32;
+/// Depth of a block: the `KC x NR` B panel (32 KiB) stays in L1 next to the A rows.
+const KC: usize = 256;
+/// Rows of the left operand per block (`MC x KC` floats = 256 KiB, in L2).
+const MC: usize = 256;
+
+/// Whether this CPU can run the kernels of this module.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A row-major `[rows, cols]` matrix of frozen weights, full precision or NF4
+/// (dequantized a block at a time, never as a whole).
+#[derive(Clone, Copy)]
+pub enum Rows<'a> {
+    F32(&'a [f32]),
+    Nf4(&'a Nf4Tensor),
+}
+
+impl Rows<'_> {
+    /// Elements `[row * cols + col, .. + out.len())`.
+    fn read(&self, row: usize, cols: usize, col: usize, out: &mut [f32]) {
+        let start = row * cols + col;
+        match self {
+            Rows::F32(v) => out.copy_from_slice(&v[start..start + out.len()]),
+            Rows::Nf4(q) => q.dequantize_range(start, out),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Rows::F32(v) => v.len(),
+            Rows::Nf4(q) => q.numel(),
+        }
+    }
+}
+
+/// Raw output pointer shared by the threads, each writing disjoint columns.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: threads write disjoint column ranges of the output (see the callers).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The element `i` (a method, so that closures capture the whole `Out`).
+    fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// Split `0..n` into per-thread ranges aligned to `align`, at least `min_work` flops each.
+fn split(n: usize, align: usize, flops: usize) -> Vec<std::ops::Range<usize>> {
+    let threads = candle_core::utils::get_num_threads().max(1);
+    // A hand-off costs ~10 µs: below ~2 MFLOP run on the calling thread.
+    let threads = if flops < 2_000_000 { 1 } else { threads };
+    let per = n.div_ceil(align).div_ceil(threads).max(1) * align;
+    (0..threads).map(|t| (t * per).min(n)..((t + 1) * per).min(n)).filter(|r| !r.is_empty()).collect()
+}
+
+fn run_split(ranges: Vec<std::ops::Range<usize>>, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    if ranges.len() <= 1 {
+        ranges.into_iter().for_each(&f);
+        return;
+    }
+    rayon::scope(|s| {
+        for r in ranges {
+            let f = &f;
+            s.spawn(move |_| f(r));
+        }
+    });
+}
+
+/// Depth of one pass of the forward kernel: a tile is accumulated in registers over up
+/// to this many steps before it is written back (transposed, so that is kept rare).
+const KF: usize = 2048;
+
+/// `y[m, n] (+)= x[m, k] · W^T` for a weight `W [n, k]` (a linear layer's forward).
+/// Panics when the CPU lacks AVX-512F (check [`available`]) or a slice is too short.
+pub fn linear_fwd(m: usize, n: usize, k: usize, x: &[f32], w: Rows, y: &mut [f32], accumulate: bool) {
+    assert!(available(), "avx512 kernel on a CPU without AVX-512F");
+    assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            y[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let out = Out(y.as_mut_ptr());
+    let mut xt = Vec::new();
+    for ic in (0..m).step_by(MC) {
+        let mc = MC.min(m - ic);
+        let mc_pad = mc.div_ceil(NR) * NR;
+        for pc in (0..k).step_by(KF) {
+            let kc = KF.min(k - pc);
+            // x^T block as contiguous NR-column panels, shared by the threads:
+            // xt[t * kc * NR + p * NR + c] = x[ic + t * NR + c, pc + p], zero-padded
+            // (contiguous panels: rows of x^T at their natural stride alias in L1).
+            xt.clear();
+            xt.resize(kc * mc_pad, 0f32);
+            let xt_out = Out(xt.as_mut_ptr());
+            run_split(split(mc, NR, mc * kc * 8), |is| {
+                for i in is {
+                    let (t, c) = (i / NR, i % NR);
+                    let row = &x[(ic + i) * k + pc..(ic + i) * k + pc + kc];
+                    for (p, &v) in row.iter().enumerate() {
+                        // SAFETY: inside xt; threads own disjoint whole panels.
+                        unsafe { *xt_out.at(t * kc * NR + p * NR + c) = v };
+                    }
+                }
+            });
+            let xt = &xt[..];
+            let acc = accumulate || pc > 0;
+            // Threads own disjoint ranges of W rows = output columns.
+            run_split(split(n, MR, 2 * mc * n * kc), |cols| {
+                let mut a = Vec::new();
+                let mut tile = [0f32; MR * NR];
+                for j in cols.clone().step_by(MR) {
+                    let rows = MR.min(cols.end - j);
+                    // A = W[j .. j + MR, pc .. pc + kc], read in place when possible.
+                    let (ap, lda) = match w {
+                        Rows::F32(v) if rows == MR => (v[j * k + pc..].as_ptr(), k),
+                        _ => {
+                            a.resize(MR * kc, 0f32);
+                            for r in 0..MR {
+                                let dst = &mut a[r * kc..(r + 1) * kc];
+                                if r < rows {
+                                    w.read(j + r, k, pc, dst);
+                                } else {
+                                    dst.fill(0.0);
+                                }
+                            }
+                            (a.as_ptr(), kc)
+                        }
+                    };
+                    for it in (0..mc).step_by(NR) {
+                        // SAFETY: A has MR rows of kc floats at stride lda; xt has kc rows
+                        // of mc_pad >= it + NR floats; tile has MR * NR floats.
+                        unsafe { micro(kc, ap, lda, xt[it * kc..].as_ptr(), NR, tile.as_mut_ptr(), NR, false) };
+                        // tile[r][c] = y[ic + it + c, j + r].
+                        for c in 0..NR.min(mc - it) {
+                            // SAFETY: row ic + it + c < m, columns j .. j + rows < n, owned
+                            // by this thread.
+                            let dst = unsafe { std::slice::from_raw_parts_mut(out.at((ic + it + c) * n + j), rows) };
+                            if acc {
+                                dst.iter_mut().enumerate().for_each(|(r, d)| *d += tile[r * NR + c]);
+                            } else {
+                                dst.iter_mut().enumerate().for_each(|(r, d)| *d = tile[r * NR + c]);
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// `gx[m, cols] (+)= g[m, rows] · W` for a weight `W [rows, cols]` (a linear layer's
+/// input gradient). Panics like [`linear_fwd`].
+pub fn linear_bwd(m: usize, rows: usize, cols: usize, g: &[f32], w: Rows, gx: &mut [f32], accumulate: bool) {
+    assert!(available(), "avx512 kernel on a CPU without AVX-512F");
+    assert!(g.len() >= m * rows && w.len() >= rows * cols && gx.len() >= m * cols);
+    if m == 0 || cols == 0 {
+        return;
+    }
+    if rows == 0 {
+        if !accumulate {
+            gx[..m * cols].fill(0.0);
+        }
+        return;
+    }
+    let out = Out(gx.as_mut_ptr());
+    // Threads own disjoint column ranges of the output (and of W).
+    run_split(split(cols, NR, 2 * m * rows * cols), |range| {
+        let width = range.len().div_ceil(NR) * NR;
+        // B block W[pc .. pc + kc, range] as contiguous NR-column panels
+        // (b[jt * kc + p * NR + c]), zero-padded: W's rows at their natural stride alias
+        // in L1.
+        let mut b = vec![0f32; KC * width];
+        let mut row = vec![0f32; width];
+        let mut a = vec![0f32; MR * KC];
+        let mut tile = [0f32; MR * NR];
+        for pc in (0..rows).step_by(KC) {
+            let kc = KC.min(rows - pc);
+            for p in 0..kc {
+                w.read(pc + p, cols, range.start, &mut row[..range.len()]);
+                for (t, chunk) in row.chunks_exact(NR).enumerate() {
+                    b[t * kc * NR + p * NR..t * kc * NR + (p + 1) * NR].copy_from_slice(chunk);
+                }
+            }
+            let acc = accumulate || pc > 0;
+            for ic in (0..m).step_by(MC) {
+                let mc = MC.min(m - ic);
+                for jt in (0..range.len()).step_by(NR) {
+                    let ncols = NR.min(range.len() - jt);
+                    for i in (ic..ic + mc).step_by(MR) {
+                        let nrows = MR.min(ic + mc - i);
+                        let (ap, lda) = if nrows == MR {
+                            (g[i * rows + pc..].as_ptr(), rows)
+                        } else {
+                            for r in 0..MR {
+                                let dst = &mut a[r * kc..(r + 1) * kc];
+                                if r < nrows {
+                                    dst.copy_from_slice(&g[(i + r) * rows + pc..(i + r) * rows + pc + kc]);
+                                } else {
+                                    dst.fill(0.0);
+                                }
+                            }
+                            (a.as_ptr(), kc)
+                        };
+                        let (bt, ldb) = (b[jt * kc..].as_ptr(), NR);
+                        if ncols == NR && nrows == MR {
+                            // SAFETY: A has MR rows of kc floats at stride lda; B has kc rows
+                            // of >= jt + NR floats at stride ldb; the full tile of gx at
+                            // (i, range.start + jt) is inside gx and owned by this thread.
+                            unsafe { micro(kc, ap, lda, bt, ldb, out.at(i * cols + range.start + jt), cols, acc) };
+                            continue;
+                        }
+                        // SAFETY: as above, into the scratch tile.
+                        unsafe { micro(kc, ap, lda, bt, ldb, tile.as_mut_ptr(), NR, false) };
+                        for r in 0..nrows {
+                            let row = (i + r) * cols + range.start + jt;
+                            for c in 0..ncols {
+                                // SAFETY: inside gx; this thread owns these columns.
+                                unsafe {
+                                    let d = out.at(row + c);
+                                    *d = if acc { *d + tile[r * NR + c] } else { tile[r * NR + c] };
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// `dst[m, n] = lhs[m, k] · rhs (+ dst if accumulate)`, row-major; `rhs` is `[k, n]`
+/// (`rhs_t == false`) or the transpose of a `[n, k]` matrix (`rhs_t`).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, lhs: &[f32], rhs: &[f32], rhs_t: bool) {
+    if rhs_t {
+        linear_fwd(m, n, k, lhs, Rows::F32(rhs), dst, accumulate)
+    } else {
+        linear_bwd(m, k, n, lhs, Rows::F32(rhs), dst, accumulate)
+    }
+}
+
+/// The micro-kernel: `c[r * ldc + j] (+)= sum_p a[r * lda + p] * b[p * ldb + j]` for
+/// `r < MR`, `j < NR`, `p < kc`. Written out register by register (a macro) with
+/// unchecked pointer arithmetic, so that the 24 accumulators stay in registers in every
+/// build profile.
+///
+/// # Safety
+/// AVX-512F; `a` has `MR` rows of `kc` floats at stride `lda`, `b` has `kc` rows of `NR`
+/// floats at stride `ldb`, `c` has `MR` rows of `NR` writable floats at stride `ldc`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+unsafe fn micro(kc: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, accumulate: bool) {
+    macro_rules! kernel {
+        ($($r:literal => $c0:ident $c1:ident),*) => {{
+            $(let mut $c0 = _mm512_setzero_ps(); let mut $c1 = _mm512_setzero_ps();)*
+            let (mut a, mut b) = (a, b);
+            for _ in 0..kc {
+                let b0 = _mm512_loadu_ps(b);
+                let b1 = _mm512_loadu_ps(b.wrapping_add(16));
+                $(
+                    let av = _mm512_broadcastss_ps(_mm_load_ss(a.wrapping_add($r * lda)));
+                    $c0 = _mm512_fmadd_ps(av, b0, $c0);
+                    $c1 = _mm512_fmadd_ps(av, b1, $c1);
+                )*
+                a = a.wrapping_add(1);
+                b = b.wrapping_add(ldb);
+            }
+            $(
+                let p = c.wrapping_add($r * ldc);
+                if accumulate {
+                    $c0 = _mm512_add_ps($c0, _mm512_loadu_ps(p));
+                    $c1 = _mm512_add_ps($c1, _mm512_loadu_ps(p.wrapping_add(16)));
+                }
+                _mm512_storeu_ps(p, $c0);
+                _mm512_storeu_ps(p.wrapping_add(16), $c1);
+            )*
+        }};
+    }
+    kernel!(0 => c0a c0b, 1 => c1a c1b, 2 => c2a c2b, 3 => c3a c3b, 4 => c4a c4b, 5 => c5a c5b, 6 => c6a c6b, 7 => c7a c7b, 8 => c8a c8b, 9 => c9a c9b, 10 => c10a c10b, 11 => c11a c11b);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], rhs_t: bool) -> Vec<f64> {
+        let mut out = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                for p in 0..k {
+                    let r = if rhs_t { rhs[j * k + p] } else { rhs[p * n + j] };
+                    out[i * n + j] += lhs[i * k + p] as f64 * r as f64;
+                }
+            }
+        }
+        out
+    }
+
+    fn close(got: &[f32], want: &[f64], what: &str) {
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!((g as f64 - w).abs() < 1e-4 * (1.0 + w.abs()), "{what} [{i}]: {g} vs {w}");
+        }
+    }
+
+    /// Sizes around every blocking boundary (MR, NR, KC, MC) and the thread split.
+    const SHAPES: [(usize, usize, usize); 8] =
+        [(1, 1, 1), (13, 33, 7), (12, 32, 256), (25, 65, 257), (300, 40, 300), (30, 130, 70), (255, 96, 513), (64, 1000, 64)];
+
+    #[test]
+    fn sgemm_matches_a_reference_on_ragged_shapes() {
+        if !available() {
+            eprintln!("no AVX-512F on this CPU: skipped");
+            return;
+        }
+        for &(m, n, k) in &SHAPES {
+            let lhs: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+            let rhs: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
+            for rhs_t in [false, true] {
+                for accumulate in [false, true] {
+                    let mut dst: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32 * 0.5).collect();
+                    let mut want = reference(m, n, k, &lhs, &rhs, rhs_t);
+                    if accumulate {
+                        want.iter_mut().zip(&dst).for_each(|(w, d)| *w += *d as f64);
+                    }
+                    sgemm(m, n, k, &mut dst, accumulate, &lhs, &rhs, rhs_t);
+                    close(&dst, &want, &format!("{m}x{n}x{k} t={rhs_t} acc={accumulate}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn nf4_weights_match_their_dequantized_values() {
+        if !available() {
+            eprintln!("no AVX-512F on this CPU: skipped");
+            return;
+        }
+        // Row lengths that do and do not align with the 64-value NF4 blocks.
+        for &(m, n, k) in &[(13, 33, 64), (25, 65, 257), (255, 96, 320), (40, 7, 130)] {
+            let wv: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
+            let q = Nf4Tensor::quantize(&wv, &[n, k], true).unwrap();
+            let dense = q.dequantize();
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+            let mut y = vec![0f32; m * n];
+            linear_fwd(m, n, k, &x, Rows::Nf4(&q), &mut y, false);
+            close(&y, &reference(m, n, k, &x, &dense, true), &format!("nf4 fwd {m}x{n}x{k}"));
+            let g: Vec<f32> = (0..m * n).map(|i| ((i * 29 % 89) as f32 - 44.0) / 44.0).collect();
+            let mut gx = vec![0f32; m * k];
+            linear_bwd(m, n, k, &g, Rows::Nf4(&q), &mut gx, false);
+            close(&gx, &reference(m, k, n, &g, &dense, false), &format!("nf4 bwd {m}x{n}x{k}"));
+        }
+    }
+}
