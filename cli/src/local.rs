@@ -127,6 +127,23 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// GFLOP/s of the frozen-weight matrix products of `bench train`'s model (forward
+    /// and input gradient of q/k/v/o, gate/up, down and lm_head at 256 rows), f32 and NF4
+    /// weights, on every backend this machine has: the built-in AVX-512 kernels, the
+    /// system BLAS (OpenBLAS/MKL) and the gemm crate.
+    ///
+    /// Examples:
+    ///   lorafleet bench matmul
+    ///   lorafleet bench matmul --secs 1 --json
+    #[command(verbatim_doc_comment)]
+    Matmul {
+        /// Seconds to repeat each product.
+        #[arg(long, default_value_t = 0.5)]
+        secs: f64,
+        /// Print the results as one JSON array.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -272,6 +289,22 @@ pub fn run(c: LocalCommand) -> anyhow::Result<()> {
                     r.threads,
                     lorafleet_engine::blas::backend_name()
                 );
+            }
+            Ok(())
+        }
+        LocalCommand::Bench(BenchCommand::Matmul { secs, json }) => {
+            if !(secs > 0.0 && secs <= 60.0) {
+                anyhow::bail!("--secs: must be in (0, 60], got {secs}");
+            }
+            let rows = lorafleet_engine::bench::bench_matmul(secs);
+            if json {
+                println!("{}", serde_json::to_string(&rows)?);
+            } else {
+                println!("{:<13} {:<10} {:>16} {:<6} {:<20} {:>8}", "product", "pass", "m x out x in", "weight", "backend", "GFLOP/s");
+                for r in rows {
+                    let shape = format!("{}x{}x{}", r.m, r.out_features, r.in_features);
+                    println!("{:<13} {:<10} {:>16} {:<6} {:<20} {:>8.0}", r.role, r.pass, shape, r.weight, r.backend, r.gflops);
+                }
             }
             Ok(())
         }
@@ -545,6 +578,10 @@ mod tests {
         let c = TestCli::try_parse_from(["x", "bench", "train", "--quant", "nf4", "--checkpointing", "on", "--steps", "3"]).unwrap();
         assert!(matches!(c.c, LocalCommand::Bench(BenchCommand::Train { steps: 3, checkpointing: OnOff::On, .. })));
         assert!(TestCli::try_parse_from(["x", "bench", "train", "--quant", "int3"]).is_err());
+        let c = TestCli::try_parse_from(["x", "bench", "matmul", "--secs", "0.1", "--json"]).unwrap();
+        assert!(matches!(c.c, LocalCommand::Bench(BenchCommand::Matmul { json: true, .. })));
+        let e = run(LocalCommand::Bench(BenchCommand::Matmul { secs: -1.0, json: true })).unwrap_err().to_string();
+        assert!(e.contains("--secs"), "{e}");
         let c = TestCli::try_parse_from(["x", "merge", "--model", "m", "--adapter", "a", "--out", "o", "--dtype", "bf16"]).unwrap();
         assert!(matches!(c.c, LocalCommand::Merge { dtype: DtypeArg::Bf16, .. }));
     }

@@ -135,3 +135,96 @@ fn run(opts: &BenchOptions, dir: &std::path::Path, device: &Device) -> Result<Be
         optimizer_secs: phases[2] / opts.steps as f64,
     })
 }
+
+/// One line of [`bench_matmul`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MatmulResult {
+    /// What the product is in the training benchmark's model.
+    pub role: String,
+    /// `forward` (`y = x W^T`) or `input-grad` (`gx = g W`).
+    pub pass: String,
+    /// Rows of the activation, output features, input features.
+    pub m: usize,
+    pub out_features: usize,
+    pub in_features: usize,
+    /// `f32` or `nf4`.
+    pub weight: String,
+    pub backend: String,
+    pub gflops: f64,
+}
+
+/// The frozen-weight products of one training step of [`bench_train`]'s model (seq 256),
+/// timed on every backend this machine has: the AVX-512 kernels (f32 and NF4 weights,
+/// when the CPU has AVX-512F), the system BLAS (when one loads) and the gemm crate (f32;
+/// NF4 weights on those two are dequantized first, as the frozen linear layer does).
+/// Each product is repeated for about `secs_each` seconds.
+pub fn bench_matmul(secs_each: f64) -> Vec<MatmulResult> {
+    let shapes: [(&str, usize, usize, usize); 4] =
+        [("q/k/v/o_proj", 256, 512, 512), ("gate/up_proj", 256, 1408, 512), ("down_proj", 256, 512, 1408), ("lm_head", 255, 32000, 512)];
+    let mut out = Vec::new();
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for &(role, m, n, k) in &shapes {
+        let w: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-0.05..0.05)).collect();
+        let q = crate::nf4::Nf4Tensor::quantize(&w, &[n, k], true).expect("2-d weight quantizes");
+        let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let g: Vec<f32> = (0..m * n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        let (mut y, mut gx) = (vec![0f32; m * n], vec![0f32; m * k]);
+        let flops = 2.0 * (m * n * k) as f64;
+        let time = |f: &mut dyn FnMut()| -> f64 {
+            f();
+            let t0 = Instant::now();
+            let mut reps = 0u64;
+            while reps < 3 || t0.elapsed().as_secs_f64() < secs_each {
+                f();
+                reps += 1;
+            }
+            flops * reps as f64 / t0.elapsed().as_secs_f64() / 1e9
+        };
+        let mut record = |pass: &str, weight: &str, backend: String, gflops: f64| {
+            out.push(MatmulResult { role: role.into(), pass: pass.into(), m, out_features: n, in_features: k, weight: weight.into(), backend, gflops });
+        };
+        if crate::avx512::available() {
+            use crate::avx512::{linear_bwd, linear_fwd, Rows};
+            for (weight, rows) in [("f32", Rows::F32(&w)), ("nf4", Rows::Nf4(&q))] {
+                let gf = time(&mut || linear_fwd(m, n, k, &x, rows, &mut y, false));
+                record("forward", weight, "avx512 (built-in)".into(), gf);
+                let gf = time(&mut || linear_bwd(m, n, k, &g, rows, &mut gx, false));
+                record("input-grad", weight, "avx512 (built-in)".into(), gf);
+            }
+        }
+        type Sgemm = dyn Fn(usize, usize, usize, &mut [f32], bool, &[f32], &[f32], bool);
+        let system = crate::blas::system_search();
+        let mut others: Vec<(String, Box<Sgemm>)> = Vec::new();
+        if let Some(b) = system {
+            let name = b.name.clone();
+            others.push((name, Box::new(move |m, n, k, d, a, l, r, t| b.sgemm(m, n, k, d, a, l, r, t))));
+        }
+        others.push(("gemm crate".into(), Box::new(crate::blas::sgemm_portable)));
+        for (name, f) in &others {
+            for weight in ["f32", "nf4"] {
+                let mut deq = vec![0f32; n * k];
+                let gf = time(&mut || {
+                    let wv: &[f32] = if weight == "nf4" {
+                        q.dequantize_into(&mut deq);
+                        &deq
+                    } else {
+                        &w
+                    };
+                    f(m, n, k, &mut y, false, &x, wv, true)
+                });
+                record("forward", weight, name.clone(), gf);
+                let gf = time(&mut || {
+                    let wv: &[f32] = if weight == "nf4" {
+                        q.dequantize_into(&mut deq);
+                        &deq
+                    } else {
+                        &w
+                    };
+                    f(m, k, n, &mut gx, false, &g, wv, false)
+                });
+                record("input-grad", weight, name.clone(), gf);
+            }
+        }
+    }
+    out
+}

@@ -153,6 +153,13 @@ fn search_system() -> Option<Blas> {
     CANDIDATES.iter().find_map(|c| Blas::load(c).ok())
 }
 
+/// The system BLAS the library search finds, whichever backend the process uses (loaded
+/// once; for benchmarks and tests).
+pub fn system_search() -> Option<&'static Blas> {
+    static FOUND: OnceLock<Option<Blas>> = OnceLock::new();
+    FOUND.get_or_init(search_system).as_ref()
+}
+
 /// The process-wide backend (see the module docs), chosen on first use.
 pub fn backend() -> &'static Backend {
     static BACKEND: OnceLock<Backend> = OnceLock::new();
