@@ -15,7 +15,7 @@
 //!   (in place, or dequantized a 256-row block at a time).
 //!
 //! So an NF4 weight is never dequantized as a whole, and a full-precision weight is never
-//! copied. Threads (rayon, candle's thread count) own disjoint output column ranges and
+//! copied. Threads (candle's worker pool) own disjoint output column ranges and
 //! never wait for each other.
 //!
 //! Why it exists: on AMD Zen 4/5 the system OpenBLAS runs its AVX2 kernels (older
@@ -98,15 +98,23 @@ fn split(n: usize, align: usize, flops: usize) -> Vec<std::ops::Range<usize>> {
     (0..threads).map(|t| (t * per).min(n)..((t + 1) * per).min(n)).filter(|r| !r.is_empty()).collect()
 }
 
+/// Run `f` on each range, in parallel on candle's own worker pool (the threads its
+/// element-wise ops run on, the calling thread included), so that no second pool of
+/// threads competes with it for the cores.
 fn run_split(ranges: Vec<std::ops::Range<usize>>, f: impl Fn(std::ops::Range<usize>) + Sync) {
     if ranges.len() <= 1 {
         ranges.into_iter().for_each(&f);
         return;
     }
-    rayon::scope(|s| {
-        for r in ranges {
-            let f = &f;
-            s.spawn(move |_| f(r));
+    let pool = candle_core::utils::barrier_pool();
+    if pool.n_workers() + 1 < ranges.len() {
+        ranges.into_iter().for_each(&f);
+        return;
+    }
+    // Each of the n_workers + 1 participants runs at most one range.
+    pool.execute(|t| {
+        if let Some(r) = ranges.get(t) {
+            f(r.clone());
         }
     });
 }
