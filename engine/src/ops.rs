@@ -1,10 +1,11 @@
 //! Custom ops and differentiable building blocks.
 //!
 //! - [`FrozenLinear`]: `y = x W^T (+ b)` for a frozen weight (NF4 or full precision). On
-//!   CPU it is a candle `CustomOp1` that calls [`crate::blas::sgemm`] (a system BLAS when
-//!   there is one, else the `gemm` crate) directly on the input
-//!   buffer (NF4 weights dequantized per call through a byte-pair lookup table) and whose
-//!   backward returns only `grad_x = grad_y W`: no gradient for `W` is computed or kept.
+//!   CPU it is a candle `CustomOp1` that runs the product on the process-wide backend of
+//!   [`crate::blas`] directly on the input buffer (the AVX-512 kernels take NF4 weights as
+//!   they are and dequantize a block at a time; the other backends get a dequantized
+//!   copy through a byte-pair lookup table) and whose backward returns only
+//!   `grad_x = grad_y W`: no gradient for `W` is computed or kept.
 //! - [`CheckpointHook`]: the hook gradient checkpointing hangs a recomputation on.
 //! - Differentiable forms of RMSNorm, LayerNorm, softmax, rotary embedding (rotate
 //!   half), exact GELU and SiLU (candle's fused versions have no backward).
