@@ -119,6 +119,16 @@ fn run_split(ranges: Vec<std::ops::Range<usize>>, f: impl Fn(std::ops::Range<usi
     });
 }
 
+/// Checks the CPU, and handles an `[m, n]` output of a product over `k = 0` (zeros, or
+/// unchanged when accumulating) or with no elements: true when nothing is left to do.
+fn empty_product(m: usize, n: usize, k: usize, out: &mut [f32], accumulate: bool) -> bool {
+    assert!(available(), "avx512 kernel on a CPU without AVX-512F");
+    if k == 0 && !accumulate {
+        out[..m * n].fill(0.0);
+    }
+    m == 0 || n == 0 || k == 0
+}
+
 /// Depth of one pass of the forward kernel: a tile is accumulated in registers over up
 /// to this many steps before it is written back (transposed, so that is kept rare).
 const KF: usize = 2048;
@@ -126,15 +136,8 @@ const KF: usize = 2048;
 /// `y[m, n] (+)= x[m, k] · W^T` for a weight `W [n, k]` (a linear layer's forward).
 /// Panics when the CPU lacks AVX-512F (check [`available`]) or a slice is too short.
 pub fn linear_fwd(m: usize, n: usize, k: usize, x: &[f32], w: Rows, y: &mut [f32], accumulate: bool) {
-    assert!(available(), "avx512 kernel on a CPU without AVX-512F");
     assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            y[..m * n].fill(0.0);
-        }
+    if empty_product(m, n, k, y, accumulate) {
         return;
     }
     let out = Out(y.as_mut_ptr());
@@ -209,15 +212,8 @@ pub fn linear_fwd(m: usize, n: usize, k: usize, x: &[f32], w: Rows, y: &mut [f32
 /// `gx[m, cols] (+)= g[m, rows] · W` for a weight `W [rows, cols]` (a linear layer's
 /// input gradient). Panics like [`linear_fwd`].
 pub fn linear_bwd(m: usize, rows: usize, cols: usize, g: &[f32], w: Rows, gx: &mut [f32], accumulate: bool) {
-    assert!(available(), "avx512 kernel on a CPU without AVX-512F");
     assert!(g.len() >= m * rows && w.len() >= rows * cols && gx.len() >= m * cols);
-    if m == 0 || cols == 0 {
-        return;
-    }
-    if rows == 0 {
-        if !accumulate {
-            gx[..m * cols].fill(0.0);
-        }
+    if empty_product(m, cols, rows, gx, accumulate) {
         return;
     }
     let out = Out(gx.as_mut_ptr());
@@ -340,19 +336,7 @@ unsafe fn micro(kc: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize,
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn reference(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], rhs_t: bool) -> Vec<f64> {
-        let mut out = vec![0f64; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                for p in 0..k {
-                    let r = if rhs_t { rhs[j * k + p] } else { rhs[p * n + j] };
-                    out[i * n + j] += lhs[i * k + p] as f64 * r as f64;
-                }
-            }
-        }
-        out
-    }
+    use crate::blas::tests::reference;
 
     fn close(got: &[f32], want: &[f64], what: &str) {
         for (i, (&g, &w)) in got.iter().zip(want).enumerate() {

@@ -203,23 +203,20 @@ pub fn bench_matmul(secs_each: f64) -> Vec<MatmulResult> {
         for (name, f) in &others {
             for weight in ["f32", "nf4"] {
                 let mut deq = vec![0f32; n * k];
+                // The frozen layer hands these backends a dequantized copy of NF4 weights.
+                let weight_f32 = |deq: &mut Vec<f32>| -> bool {
+                    if weight == "nf4" {
+                        q.dequantize_into(deq);
+                    }
+                    weight == "nf4"
+                };
                 let gf = time(&mut || {
-                    let wv: &[f32] = if weight == "nf4" {
-                        q.dequantize_into(&mut deq);
-                        &deq
-                    } else {
-                        &w
-                    };
+                    let wv = if weight_f32(&mut deq) { &deq } else { &w };
                     f(m, n, k, &mut y, false, &x, wv, true)
                 });
                 record("forward", weight, name.clone(), gf);
                 let gf = time(&mut || {
-                    let wv: &[f32] = if weight == "nf4" {
-                        q.dequantize_into(&mut deq);
-                        &deq
-                    } else {
-                        &w
-                    };
+                    let wv = if weight_f32(&mut deq) { &deq } else { &w };
                     f(m, k, n, &mut gx, false, &g, wv, false)
                 });
                 record("input-grad", weight, name.clone(), gf);

@@ -264,10 +264,11 @@ pub fn sgemm_portable(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate:
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn reference(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], rhs_t: bool) -> Vec<f64> {
+    /// `lhs · rhs` in f64 (`rhs` `[k, n]`, or the transpose of `[n, k]` when `rhs_t`).
+    pub(crate) fn reference(m: usize, n: usize, k: usize, lhs: &[f32], rhs: &[f32], rhs_t: bool) -> Vec<f64> {
         let mut out = vec![0f64; m * n];
         for i in 0..m {
             for j in 0..n {
