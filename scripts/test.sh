@@ -13,9 +13,10 @@ cd "$ROOT"
 scripts/s3-server.sh install
 scripts/s3-server.sh install-moto
 
-# The engine's matrix products run on a system BLAS when one is installed
-# (engine/src/blas.rs). Install OpenBLAS where we can (root with apt, as in CI) so
-# that path is what the tests exercise; without it they use the gemm crate.
+# The engine's matrix products run on its AVX-512 kernels where the CPU has them, else on
+# a system BLAS when one is installed, else on the gemm crate (engine/src/blas.rs).
+# Install OpenBLAS where we can (root with apt, as in CI) so that the BLAS path is
+# tested too (blas::tests checks it whichever backend the process picks).
 if ! ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so\.0' && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
     { apt-get install -y -q libopenblas0-pthread || { apt-get update -q && apt-get install -y -q libopenblas0-pthread; }; } >/dev/null 2>&1 \
         || echo "note: could not install OpenBLAS; the engine tests use the gemm crate"
