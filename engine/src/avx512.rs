@@ -89,9 +89,10 @@ impl Out {
     }
 }
 
-/// Split `0..n` into per-thread ranges aligned to `align`, at least `min_work` flops each.
-fn split(n: usize, align: usize, flops: usize) -> Vec<std::ops::Range<usize>> {
-    let threads = candle_core::utils::get_num_threads().max(1);
+/// Split `0..n` into per-thread ranges aligned to `align` (one range unless `parallel`
+/// and the product has enough `flops` to pay for a hand-off).
+fn split(n: usize, align: usize, flops: usize, parallel: bool) -> Vec<std::ops::Range<usize>> {
+    let threads = if parallel { candle_core::utils::get_num_threads().max(1) } else { 1 };
     // A hand-off costs ~10 µs: below ~2 MFLOP run on the calling thread.
     let threads = if flops < 2_000_000 { 1 } else { threads };
     let per = n.div_ceil(align).div_ceil(threads).max(1) * align;
@@ -133,41 +134,61 @@ fn empty_product(m: usize, n: usize, k: usize, out: &mut [f32], accumulate: bool
 /// to this many steps before it is written back (transposed, so that is kept rare).
 const KF: usize = 2048;
 
+/// A second product folded into [`linear_fwd_ext`]: `y += x [m, r] · w^T` for `w [n, r]`,
+/// accumulated in the same register tiles (the LoRA branch `(s·h) B^T`).
+#[derive(Clone, Copy)]
+pub struct FwdExtra<'a> {
+    pub x: &'a [f32],
+    pub w: &'a [f32],
+    pub r: usize,
+}
+
+/// A second product folded into [`linear_bwd_ext`]: `gx += g [m, r] · w` for `w [r, cols]`
+/// (the LoRA branch of the input gradient, `(s·u) A`).
+#[derive(Clone, Copy)]
+pub struct BwdExtra<'a> {
+    pub g: &'a [f32],
+    pub w: &'a [f32],
+    pub r: usize,
+}
+
 /// `y[m, n] (+)= x[m, k] · W^T` for a weight `W [n, k]` (a linear layer's forward).
 /// Panics when the CPU lacks AVX-512F (check [`available`]) or a slice is too short.
 pub fn linear_fwd(m: usize, n: usize, k: usize, x: &[f32], w: Rows, y: &mut [f32], accumulate: bool) {
+    linear_fwd_ext(m, n, k, x, w, None, y, accumulate, true)
+}
+
+/// [`linear_fwd`] plus an optional [`FwdExtra`], on the calling thread alone unless
+/// `parallel`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_fwd_ext(m: usize, n: usize, k: usize, x: &[f32], w: Rows, extra: Option<FwdExtra>, y: &mut [f32], accumulate: bool, parallel: bool) {
     assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * n);
+    if let Some(e) = &extra {
+        assert!(k > 0 && e.x.len() >= m * e.r && e.w.len() >= n * e.r);
+    }
     if empty_product(m, n, k, y, accumulate) {
         return;
     }
     let out = Out(y.as_mut_ptr());
-    let mut xt = Vec::new();
+    let (mut xt, mut xt2) = (Vec::new(), Vec::new());
     for ic in (0..m).step_by(MC) {
         let mc = MC.min(m - ic);
-        let mc_pad = mc.div_ceil(NR) * NR;
         for pc in (0..k).step_by(KF) {
             let kc = KF.min(k - pc);
+            let last = pc + kc == k;
             // x^T block as contiguous NR-column panels, shared by the threads:
             // xt[t * kc * NR + p * NR + c] = x[ic + t * NR + c, pc + p], zero-padded
             // (contiguous panels: rows of x^T at their natural stride alias in L1).
-            xt.clear();
-            xt.resize(kc * mc_pad, 0f32);
-            let xt_out = Out(xt.as_mut_ptr());
-            run_split(split(mc, NR, mc * kc * 8), |is| {
-                for i in is {
-                    let (t, c) = (i / NR, i % NR);
-                    let row = &x[(ic + i) * k + pc..(ic + i) * k + pc + kc];
-                    for (p, &v) in row.iter().enumerate() {
-                        // SAFETY: inside xt; threads own disjoint whole panels.
-                        unsafe { *xt_out.at(t * kc * NR + p * NR + c) = v };
-                    }
-                }
-            });
-            let xt = &xt[..];
+            pack_xt(&mut xt, x, k, ic, mc, pc, kc, parallel);
+            let extra = if last { extra } else { None };
+            if let Some(e) = &extra {
+                pack_xt(&mut xt2, e.x, e.r, ic, mc, 0, e.r, false);
+            }
+            let (xt, xt2) = (&xt[..], &xt2[..]);
             let acc = accumulate || pc > 0;
             // Threads own disjoint ranges of W rows = output columns.
-            run_split(split(n, MR, 2 * mc * n * kc), |cols| {
-                let mut a = Vec::new();
+            run_split(split(n, MR, 2 * mc * n * kc, parallel), |cols| {
+                let (mut a, mut a2) = (Vec::new(), Vec::new());
                 let mut tile = [0f32; MR * NR];
                 for j in cols.clone().step_by(MR) {
                     let rows = MR.min(cols.end - j);
@@ -175,22 +196,21 @@ pub fn linear_fwd(m: usize, n: usize, k: usize, x: &[f32], w: Rows, y: &mut [f32
                     let (ap, lda) = match w {
                         Rows::F32(v) if rows == MR => (v[j * k + pc..].as_ptr(), k),
                         _ => {
-                            a.resize(MR * kc, 0f32);
-                            for r in 0..MR {
-                                let dst = &mut a[r * kc..(r + 1) * kc];
-                                if r < rows {
-                                    w.read(j + r, k, pc, dst);
-                                } else {
-                                    dst.fill(0.0);
-                                }
-                            }
+                            rows_block(&mut a, w, k, j, rows, pc, kc);
                             (a.as_ptr(), kc)
                         }
                     };
+                    if let Some(e) = &extra {
+                        rows_block(&mut a2, Rows::F32(e.w), e.r, j, rows, 0, e.r);
+                    }
                     for it in (0..mc).step_by(NR) {
                         // SAFETY: A has MR rows of kc floats at stride lda; xt has kc rows
                         // of mc_pad >= it + NR floats; tile has MR * NR floats.
                         unsafe { micro(kc, ap, lda, xt[it * kc..].as_ptr(), NR, tile.as_mut_ptr(), NR, false) };
+                        if let Some(e) = &extra {
+                            // SAFETY: as above for the MR x r block and the r-row panels.
+                            unsafe { micro(e.r, a2.as_ptr(), e.r, xt2[it * e.r..].as_ptr(), NR, tile.as_mut_ptr(), NR, true) };
+                        }
                         // tile[r][c] = y[ic + it + c, j + r].
                         for c in 0..NR.min(mc - it) {
                             // SAFETY: row ic + it + c < m, columns j .. j + rows < n, owned
@@ -209,16 +229,63 @@ pub fn linear_fwd(m: usize, n: usize, k: usize, x: &[f32], w: Rows, y: &mut [f32
     }
 }
 
+/// `xt[t * kc * NR + p * NR + c] = x[ic + t * NR + c, pc + p]` (row stride `k`) for
+/// `mc` rows, zero-padded to whole NR panels.
+#[allow(clippy::too_many_arguments)]
+fn pack_xt(xt: &mut Vec<f32>, x: &[f32], k: usize, ic: usize, mc: usize, pc: usize, kc: usize, parallel: bool) {
+    let mc_pad = mc.div_ceil(NR) * NR;
+    xt.clear();
+    xt.resize(kc * mc_pad, 0f32);
+    let xt_out = Out(xt.as_mut_ptr());
+    run_split(split(mc, NR, mc * kc * 8, parallel), |is| {
+        for i in is {
+            let (t, c) = (i / NR, i % NR);
+            let row = &x[(ic + i) * k + pc..(ic + i) * k + pc + kc];
+            for (p, &v) in row.iter().enumerate() {
+                // SAFETY: inside xt; threads own disjoint whole panels.
+                unsafe { *xt_out.at(t * kc * NR + p * NR + c) = v };
+            }
+        }
+    });
+}
+
+/// `a[r * kc + p] = w[j + r, pc + p]` for `r < rows`, zero rows up to `MR`.
+fn rows_block(a: &mut Vec<f32>, w: Rows, k: usize, j: usize, rows: usize, pc: usize, kc: usize) {
+    a.resize(MR * kc, 0f32);
+    for r in 0..MR {
+        let dst = &mut a[r * kc..(r + 1) * kc];
+        if r < rows {
+            w.read(j + r, k, pc, dst);
+        } else {
+            dst.fill(0.0);
+        }
+    }
+}
+
 /// `gx[m, cols] (+)= g[m, rows] · W` for a weight `W [rows, cols]` (a linear layer's
 /// input gradient). Panics like [`linear_fwd`].
 pub fn linear_bwd(m: usize, rows: usize, cols: usize, g: &[f32], w: Rows, gx: &mut [f32], accumulate: bool) {
+    linear_bwd_ext(m, rows, cols, g, w, None, gx, accumulate, true)
+}
+
+/// [`linear_bwd`] plus an optional [`BwdExtra`], on the calling thread alone unless
+/// `parallel`.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd_ext(m: usize, rows: usize, cols: usize, g: &[f32], w: Rows, extra: Option<BwdExtra>, gx: &mut [f32], accumulate: bool, parallel: bool) {
     assert!(g.len() >= m * rows && w.len() >= rows * cols && gx.len() >= m * cols);
-    if empty_product(m, cols, rows, gx, accumulate) {
+    let extra_rows = extra.map_or(0, |e| e.r);
+    if let Some(e) = &extra {
+        assert!(e.g.len() >= m * e.r && e.w.len() >= e.r * cols);
+    }
+    if empty_product(m, cols, rows + extra_rows, gx, accumulate) {
         return;
     }
+    // Blocks of the inner dimension: (first row, rows, from the extra product).
+    let mut blocks: Vec<(usize, usize, bool)> = (0..rows).step_by(KC).map(|pc| (pc, KC.min(rows - pc), false)).collect();
+    blocks.extend((0..extra_rows).step_by(KC).map(|pc| (pc, KC.min(extra_rows - pc), true)));
     let out = Out(gx.as_mut_ptr());
     // Threads own disjoint column ranges of the output (and of W).
-    run_split(split(cols, NR, 2 * m * rows * cols), |range| {
+    run_split(split(cols, NR, 2 * m * (rows + extra_rows) * cols, parallel), |range| {
         let width = range.len().div_ceil(NR) * NR;
         // B block W[pc .. pc + kc, range] as contiguous NR-column panels
         // (b[jt * kc + p * NR + c]), zero-padded: W's rows at their natural stride alias
@@ -227,15 +294,18 @@ pub fn linear_bwd(m: usize, rows: usize, cols: usize, g: &[f32], w: Rows, gx: &m
         let mut row = vec![0f32; width];
         let mut a = vec![0f32; MR * KC];
         let mut tile = [0f32; MR * NR];
-        for pc in (0..rows).step_by(KC) {
-            let kc = KC.min(rows - pc);
+        for (bi, &(pc, kc, is_extra)) in blocks.iter().enumerate() {
+            let (g, lda_full, w) = match (&extra, is_extra) {
+                (Some(e), true) => (e.g, e.r, Rows::F32(e.w)),
+                _ => (g, rows, w),
+            };
             for p in 0..kc {
                 w.read(pc + p, cols, range.start, &mut row[..range.len()]);
                 for (t, chunk) in row.chunks_exact(NR).enumerate() {
                     b[t * kc * NR + p * NR..t * kc * NR + (p + 1) * NR].copy_from_slice(chunk);
                 }
             }
-            let acc = accumulate || pc > 0;
+            let acc = accumulate || bi > 0;
             for ic in (0..m).step_by(MC) {
                 let mc = MC.min(m - ic);
                 for jt in (0..range.len()).step_by(NR) {
@@ -243,12 +313,12 @@ pub fn linear_bwd(m: usize, rows: usize, cols: usize, g: &[f32], w: Rows, gx: &m
                     for i in (ic..ic + mc).step_by(MR) {
                         let nrows = MR.min(ic + mc - i);
                         let (ap, lda) = if nrows == MR {
-                            (g[i * rows + pc..].as_ptr(), rows)
+                            (g[i * lda_full + pc..].as_ptr(), lda_full)
                         } else {
                             for r in 0..MR {
                                 let dst = &mut a[r * kc..(r + 1) * kc];
                                 if r < nrows {
-                                    dst.copy_from_slice(&g[(i + r) * rows + pc..(i + r) * rows + pc + kc]);
+                                    dst.copy_from_slice(&g[(i + r) * lda_full + pc..(i + r) * lda_full + pc + kc]);
                                 } else {
                                     dst.fill(0.0);
                                 }
@@ -390,6 +460,33 @@ mod tests {
             let mut gx = vec![0f32; m * k];
             linear_bwd(m, n, k, &g, Rows::Nf4(&q), &mut gx, false);
             close(&gx, &reference(m, k, n, &g, &dense, false), &format!("nf4 bwd {m}x{n}x{k}"));
+        }
+    }
+
+    #[test]
+    fn folded_extra_products_match_a_reference() {
+        if !available() {
+            eprintln!("no AVX-512F on this CPU: skipped");
+            return;
+        }
+        let v = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| (((i * 37 + seed * 11) % 101) as f32 - 50.0) / 50.0).collect() };
+        for &(m, n, k, r) in &[(13, 33, 64, 8), (300, 65, 257, 3), (40, 7, 2100, 16)] {
+            for parallel in [false, true] {
+                // forward: y = x W^T + x2 w2^T
+                let (x, w, x2, w2) = (v(m * k, 1), v(n * k, 2), v(m * r, 3), v(n * r, 4));
+                let mut y = vec![0f32; m * n];
+                linear_fwd_ext(m, n, k, &x, Rows::F32(&w), Some(FwdExtra { x: &x2, w: &w2, r }), &mut y, false, parallel);
+                let mut want = reference(m, n, k, &x, &w, true);
+                want.iter_mut().zip(reference(m, n, r, &x2, &w2, true)).for_each(|(a, b)| *a += b);
+                close(&y, &want, &format!("fwd extra {m}x{n}x{k}+{r} par={parallel}"));
+                // input gradient: gx = g W + g2 w2 (W [n, k], w2 [r, k])
+                let (g, g2, w2) = (v(m * n, 5), v(m * r, 6), v(r * k, 7));
+                let mut gx = vec![1f32; m * k];
+                linear_bwd_ext(m, n, k, &g, Rows::F32(&w), Some(BwdExtra { g: &g2, w: &w2, r }), &mut gx, true, parallel);
+                let mut want = reference(m, k, n, &g, &w, false);
+                want.iter_mut().zip(reference(m, k, r, &g2, &w2, false)).for_each(|(a, b)| *a += b + 1.0);
+                close(&gx, &want, &format!("bwd extra {m}x{n}x{k}+{r} par={parallel}"));
+            }
         }
     }
 }

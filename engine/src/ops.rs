@@ -339,3 +339,147 @@ pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
 pub fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
     x.silu()
 }
+
+// ---------------------------------------------------------------------------------
+// The LoRA layer as one op.
+
+/// Whether [`lora_linear_fused`] can run for this input: f32 on the CPU with the AVX-512
+/// backend (the kernels it folds the LoRA products into).
+pub fn lora_fusable(base: &FrozenLinear, x: &Tensor) -> bool {
+    x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && base.inner.dtype == DType::F32
+        && matches!(crate::blas::backend(), crate::blas::Backend::Avx512)
+}
+
+/// `y = x W^T (+ b) + s · (dropout(x) A^T) B^T` as one custom op (check [`lora_fusable`]
+/// first): the LoRA products ride in the frozen product's register tiles (forward
+/// `[x, s·h] [W, B]^T`, input gradient `[g, s·u] [W; A]`, `u = g B`), and the backward
+/// returns the gradients of x, A and B in one go. `mask` is the inverted-dropout mask of
+/// x's elements (`None`: no dropout).
+pub fn lora_linear_fused(base: &FrozenLinear, x: &Tensor, a: &Tensor, b: &Tensor, scaling: f64, mask: Option<Vec<f32>>) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let Some((&k, lead)) = dims.split_last() else { candle_core::bail!("lora linear: scalar input") };
+    let m: usize = lead.iter().product();
+    let (r, ka) = a.dims2()?;
+    let (n, rb) = b.dims2()?;
+    if k != base.in_dim() || ka != k || rb != r || n != base.out_dim() {
+        candle_core::bail!("lora linear: x [.., {k}], A [{r}, {ka}], B [{n}, {rb}] do not fit the base [{}, {}]", base.out_dim(), base.in_dim());
+    }
+    if let Some(mk) = &mask {
+        if mk.len() != m * k {
+            candle_core::bail!("lora linear: dropout mask has {} values for {} inputs", mk.len(), m * k);
+        }
+    }
+    let op = LoraFused { inner: base.inner.clone(), scaling: scaling as f32, mask, saved_hs: std::sync::Mutex::new(None) };
+    let x2 = x.reshape((m, k))?.contiguous()?;
+    let y = x2.apply_op3_arc(&a.contiguous()?, &b.contiguous()?, Arc::new(Box::new(op)))?;
+    let mut out_dims = lead.to_vec();
+    out_dims.push(n);
+    y.reshape(out_dims)
+}
+
+struct LoraFused {
+    inner: Arc<FrozenInner>,
+    scaling: f32,
+    mask: Option<Vec<f32>>,
+    /// `s · h = s · dropout(x) A^T` `[m, r]` from the forward pass.
+    saved_hs: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+fn tensor_f32(t: &Tensor, what: &str) -> candle_core::Result<Vec<f32>> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) => Ok(cpu_f32(s, layout, what)?.into_owned()),
+        _ => candle_core::bail!("{what}: not on the cpu"),
+    }
+}
+
+/// `[rows, cols] -> [cols, rows]`.
+fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; v.len()];
+    for (i, row) in v.chunks_exact(cols).enumerate() {
+        for (j, &x) in row.iter().enumerate() {
+            t[j * rows + i] = x;
+        }
+    }
+    t
+}
+
+impl LoraFused {
+    fn dropped<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        match &self.mask {
+            Some(mk) => std::borrow::Cow::Owned(x.iter().zip(mk).map(|(a, b)| a * b).collect()),
+            None => std::borrow::Cow::Borrowed(x),
+        }
+    }
+}
+
+impl candle_core::CustomOp3 for LoraFused {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use crate::avx512::{linear_fwd_ext, FwdExtra, Rows};
+        let (m, k) = l1.shape().dims2()?;
+        let (r, _) = l2.shape().dims2()?;
+        let n = self.inner.out_dim;
+        let x = cpu_f32(s1, l1, "lora linear input")?;
+        let a = cpu_f32(s2, l2, "lora A")?;
+        let b = cpu_f32(s3, l3, "lora B")?;
+        let xd = self.dropped(&x);
+        let mut hs = vec![0f32; m * r];
+        linear_fwd_ext(m, r, k, &xd, Rows::F32(&a), None, &mut hs, false, false);
+        hs.iter_mut().for_each(|v| *v *= self.scaling);
+        let mut y = vec![0f32; m * n];
+        let acc = match &self.inner.bias_f32 {
+            Some(bias) => {
+                y.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(bias));
+                true
+            }
+            None => false,
+        };
+        with_weight_rows(&self.inner, |w| linear_fwd_ext(m, n, k, &x, w, Some(FwdExtra { x: &hs, w: &b, r }), &mut y, acc, true))?;
+        *self.saved_hs.lock().map_err(|_| candle_core::Error::Msg("lora linear state poisoned".into()))? = Some(hs);
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use crate::avx512::{linear_bwd_ext, BwdExtra, Rows};
+        let (m, k) = x.dims2()?;
+        let (r, _) = a.dims2()?;
+        let n = self.inner.out_dim;
+        let hs = self.saved_hs.lock().map_err(|_| candle_core::Error::Msg("lora linear state poisoned".into()))?.clone();
+        let Some(hs) = hs else { candle_core::bail!("lora linear: backward before forward") };
+        let (xv, av, bv) = (tensor_f32(x, "lora linear input")?, tensor_f32(a, "lora A")?, tensor_f32(b, "lora B")?);
+        let g = tensor_f32(&grad.to_dtype(DType::F32)?.contiguous()?, "lora linear gradient")?;
+        // u = g B [m, r], scaled.
+        let mut us = vec![0f32; m * r];
+        linear_bwd_ext(m, n, r, &g, Rows::F32(&bv), None, &mut us, false, true);
+        us.iter_mut().for_each(|v| *v *= self.scaling);
+        // gx = g W + (s·u) A, the LoRA part through the dropout mask.
+        let mut gx = vec![0f32; m * k];
+        match &self.mask {
+            None => with_weight_rows(&self.inner, |w| linear_bwd_ext(m, n, k, &g, w, Some(BwdExtra { g: &us, w: &av, r }), &mut gx, false, true))?,
+            Some(mk) => {
+                with_weight_rows(&self.inner, |w| linear_bwd_ext(m, n, k, &g, w, None, &mut gx, false, true))?;
+                let mut t = vec![0f32; m * k];
+                linear_bwd_ext(m, r, k, &us, Rows::F32(&av), None, &mut t, false, true);
+                gx.iter_mut().zip(t.iter().zip(mk)).for_each(|(d, (v, mm))| *d += v * mm);
+            }
+        }
+        // dA = (s·u)^T dropout(x) [r, k]; dB^T = (s·h)^T g [r, n].
+        let xd = self.dropped(&xv);
+        let mut da = vec![0f32; r * k];
+        linear_bwd_ext(r, m, k, &transpose(&us, m, r), Rows::F32(&xd), None, &mut da, false, true);
+        let mut dbt = vec![0f32; r * n];
+        linear_bwd_ext(r, m, n, &transpose(&hs, m, r), Rows::F32(&g), None, &mut dbt, false, true);
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(gx, (m, k), dev)?),
+            Some(Tensor::from_vec(da, (r, k), dev)?),
+            Some(Tensor::from_vec(transpose(&dbt, r, n), (n, r), dev)?),
+        ))
+    }
+}
