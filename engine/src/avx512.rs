@@ -75,16 +75,16 @@ impl Rows<'_> {
     }
 }
 
-/// Raw output pointer shared by the threads, each writing disjoint columns.
+/// Raw output pointer shared by the threads, each writing disjoint elements.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+pub(crate) struct Out(pub(crate) *mut f32);
 // SAFETY: threads write disjoint column ranges of the output (see the callers).
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 impl Out {
     /// The element `i` (a method, so that closures capture the whole `Out`).
-    fn at(&self, i: usize) -> *mut f32 {
+    pub(crate) fn at(&self, i: usize) -> *mut f32 {
         self.0.wrapping_add(i)
     }
 }
@@ -97,6 +97,12 @@ fn split(n: usize, align: usize, flops: usize, parallel: bool) -> Vec<std::ops::
     let threads = if flops < 2_000_000 { 1 } else { threads };
     let per = n.div_ceil(align).div_ceil(threads).max(1) * align;
     (0..threads).map(|t| (t * per).min(n)..((t + 1) * per).min(n)).filter(|r| !r.is_empty()).collect()
+}
+
+/// Run `f` over `0..n` split into per-thread ranges (on candle's worker pool), or on the
+/// calling thread when the work (`flops`) is too small to hand off.
+pub(crate) fn parallel_ranges(n: usize, flops: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    run_split(split(n, 1, flops, true), f)
 }
 
 /// Run `f` on each range, in parallel on candle's own worker pool (the threads its

@@ -483,3 +483,175 @@ impl candle_core::CustomOp3 for LoraFused {
         ))
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Attention as one op.
+
+/// Whether [`attention_fused`] can run: f32 on the CPU with the AVX-512 backend.
+pub fn attention_fusable(q: &Tensor) -> bool {
+    q.device().is_cpu() && q.dtype() == DType::F32 && matches!(crate::blas::backend(), crate::blas::Backend::Avx512)
+}
+
+/// Scaled dot-product attention with an additive mask as one op (check
+/// [`attention_fusable`] first): `q [b, h, s, d]`, `k`/`v` `[b, kvh, t, d]` (grouped
+/// query heads share K/V heads without copies), `mask [b or 1, 1, s, t]` ->
+/// `[b, s, h * d]`. Per head: `S = q k^T / sqrt(d) + mask`, `P = softmax(S)` (kept for
+/// the backward pass), `o = P v`; the backward computes `dv = P^T do`, `dP = do v^T`,
+/// `dS = P (dP - rowsum(dP P)) / sqrt(d)`, `dq = dS k`, `dk = dS^T q`. Heads run in
+/// parallel, each product on the AVX-512 kernel.
+pub fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, h, s, d) = q.dims4()?;
+    let (bk, kvh, t, dk) = k.dims4()?;
+    if bk != b || dk != d || v.dims() != k.dims() || kvh == 0 || h % kvh != 0 {
+        candle_core::bail!("attention: q {:?}, k {:?}, v {:?} do not fit", q.dims(), k.dims(), v.dims());
+    }
+    let (mrows, _, ms, mt) = mask.dims4()?;
+    if (mrows != 1 && mrows != b) || ms != s || mt != t {
+        candle_core::bail!("attention: mask {:?} does not fit q {:?} and k {:?}", mask.dims(), q.dims(), k.dims());
+    }
+    let mask = tensor_f32(&mask.to_dtype(DType::F32)?.contiguous()?, "attention mask")?;
+    let op = AttentionOp { b, h, kvh, s, t, d, mask, mask_rows: mrows, saved_p: std::sync::Mutex::new(None) };
+    q.contiguous()?.apply_op3_arc(&k.contiguous()?, &v.contiguous()?, Arc::new(Box::new(op)))
+}
+
+struct AttentionOp {
+    b: usize,
+    h: usize,
+    kvh: usize,
+    s: usize,
+    t: usize,
+    d: usize,
+    mask: Vec<f32>,
+    mask_rows: usize,
+    /// Softmax probabilities `[b, h, s, t]` from the forward pass.
+    saved_p: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl AttentionOp {
+    fn scale(&self) -> f32 {
+        1.0 / (self.d as f32).sqrt()
+    }
+    /// Offsets of head `(bi, hh)`'s q rows, its K/V head's rows, and its mask rows.
+    fn offsets(&self, head: usize) -> (usize, usize, usize) {
+        let (bi, hh) = (head / self.h, head % self.h);
+        let g = hh / (self.h / self.kvh);
+        let mrow = if self.mask_rows == 1 { 0 } else { bi };
+        ((bi * self.h + hh) * self.s * self.d, (bi * self.kvh + g) * self.t * self.d, mrow * self.s * self.t)
+    }
+}
+
+impl candle_core::CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use crate::avx512::{linear_bwd_ext, linear_fwd_ext, Out, Rows};
+        let (q, k, v) = (cpu_f32(s1, l1, "attention q")?, cpu_f32(s2, l2, "attention k")?, cpu_f32(s3, l3, "attention v")?);
+        let (b, h, s, t, d) = (self.b, self.h, self.s, self.t, self.d);
+        let mut out = vec![0f32; b * s * h * d];
+        let mut p = vec![0f32; b * h * s * t];
+        let (out_ptr, p_ptr) = (Out(out.as_mut_ptr()), Out(p.as_mut_ptr()));
+        let scale = self.scale();
+        crate::avx512::parallel_ranges(b * h, 4 * b * h * s * t * d, |heads| {
+            let mut o = vec![0f32; s * d];
+            for head in heads {
+                let (qo, ko, mo) = self.offsets(head);
+                // SAFETY: each head owns its [s, t] block of p.
+                let ph = unsafe { std::slice::from_raw_parts_mut(p_ptr.at(head * s * t), s * t) };
+                linear_fwd_ext(s, t, d, &q[qo..qo + s * d], Rows::F32(&k[ko..ko + t * d]), None, ph, false, false);
+                for (i, row) in ph.chunks_exact_mut(t).enumerate() {
+                    let mrow = &self.mask[mo + i * t..mo + (i + 1) * t];
+                    let mut max = f32::NEG_INFINITY;
+                    for (x, &m) in row.iter_mut().zip(mrow) {
+                        *x = *x * scale + m;
+                        max = max.max(*x);
+                    }
+                    if max == f32::NEG_INFINITY {
+                        row.fill(0.0);
+                        continue;
+                    }
+                    let mut sum = 0f32;
+                    for x in row.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|x| *x *= inv);
+                }
+                linear_bwd_ext(s, t, d, ph, Rows::F32(&v[ko..ko + t * d]), None, &mut o, false, false);
+                let (bi, hh) = (head / h, head % h);
+                for (i, row) in o.chunks_exact(d).enumerate() {
+                    // SAFETY: each head owns columns hh * d .. (hh + 1) * d of out.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.at((bi * s + i) * h * d + hh * d), d) };
+                    dst.copy_from_slice(row);
+                }
+            }
+        });
+        *self.saved_p.lock().map_err(|_| candle_core::Error::Msg("attention state poisoned".into()))? = Some(p);
+        Ok((CpuStorage::F32(out), Shape::from((b, s, h * d))))
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        use crate::avx512::{linear_bwd_ext, linear_fwd_ext, Out, Rows};
+        let p = self.saved_p.lock().map_err(|_| candle_core::Error::Msg("attention state poisoned".into()))?.clone();
+        let Some(p) = p else { candle_core::bail!("attention: backward before forward") };
+        let (qv, kv, vv) = (tensor_f32(q, "attention q")?, tensor_f32(k, "attention k")?, tensor_f32(v, "attention v")?);
+        let g = tensor_f32(&grad.to_dtype(DType::F32)?.contiguous()?, "attention gradient")?;
+        let (b, h, kvh, s, t, d) = (self.b, self.h, self.kvh, self.s, self.t, self.d);
+        let scale = self.scale();
+        let mut dq = vec![0f32; b * h * s * d];
+        // Per query head; summed over the heads of each K/V group below.
+        let mut dk_h = vec![0f32; b * h * t * d];
+        let mut dv_h = vec![0f32; b * h * t * d];
+        let (dq_ptr, dk_ptr, dv_ptr) = (Out(dq.as_mut_ptr()), Out(dk_h.as_mut_ptr()), Out(dv_h.as_mut_ptr()));
+        crate::avx512::parallel_ranges(b * h, 8 * b * h * s * t * d, |heads| {
+            let (mut go, mut ds) = (vec![0f32; s * d], vec![0f32; s * t]);
+            for head in heads {
+                let (qo, ko, _) = self.offsets(head);
+                let (bi, hh) = (head / h, head % h);
+                for (i, row) in go.chunks_exact_mut(d).enumerate() {
+                    let at = (bi * s + i) * h * d + hh * d;
+                    row.copy_from_slice(&g[at..at + d]);
+                }
+                let ph = &p[head * s * t..(head + 1) * s * t];
+                let (kh, vh, qh) = (&kv[ko..ko + t * d], &vv[ko..ko + t * d], &qv[qo..qo + s * d]);
+                // SAFETY: each head owns its [t, d] / [s, d] blocks of the outputs.
+                let (dvh, dkh, dqh) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(dv_ptr.at(head * t * d), t * d),
+                        std::slice::from_raw_parts_mut(dk_ptr.at(head * t * d), t * d),
+                        std::slice::from_raw_parts_mut(dq_ptr.at(head * s * d), s * d),
+                    )
+                };
+                // dv = P^T do
+                linear_bwd_ext(t, s, d, &transpose(ph, s, t), Rows::F32(&go), None, dvh, false, false);
+                // dP = do v^T, then dS = P (dP - rowsum(dP P)) * scale (in ds)
+                linear_fwd_ext(s, t, d, &go, Rows::F32(vh), None, &mut ds, false, false);
+                for (dsr, pr) in ds.chunks_exact_mut(t).zip(ph.chunks_exact(t)) {
+                    let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                    dsr.iter_mut().zip(pr).for_each(|(x, &pp)| *x = pp * (*x - dot) * scale);
+                }
+                // dq = dS k; dk = dS^T q
+                linear_bwd_ext(s, t, d, &ds, Rows::F32(kh), None, dqh, false, false);
+                linear_bwd_ext(t, s, d, &transpose(&ds, s, t), Rows::F32(qh), None, dkh, false, false);
+            }
+        });
+        let n_rep = h / kvh;
+        let group_sum = |per_head: &[f32]| -> Vec<f32> {
+            let mut out = vec![0f32; b * kvh * t * d];
+            for (head, chunk) in per_head.chunks_exact(t * d).enumerate() {
+                let (bi, hh) = (head / h, head % h);
+                let dst = &mut out[(bi * kvh + hh / n_rep) * t * d..][..t * d];
+                dst.iter_mut().zip(chunk).for_each(|(a, b)| *a += b);
+            }
+            out
+        };
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, (b, h, s, d), dev)?),
+            Some(Tensor::from_vec(group_sum(&dk_h), (b, kvh, t, d), dev)?),
+            Some(Tensor::from_vec(group_sum(&dv_h), (b, kvh, t, d), dev)?),
+        ))
+    }
+}

@@ -68,6 +68,15 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
 /// Scaled dot-product attention with an additive mask, softmax in f32.
 /// `q [b, h, s, d]`, `k`/`v` `[b, kvh, t, d]` -> `[b, s, h * d]`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if ops::attention_fusable(q) {
+        return Ok(ops::attention_fused(q, k, v, mask)?);
+    }
+    attention_composite(q, k, v, mask)
+}
+
+/// [`attention`] from separate candle ops (any device and dtype; the reference the fused
+/// op is tested against).
+pub fn attention_composite(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (b, h, s, d) = q.dims4()?;
     let kvh = k.dim(1)?;
     let k = repeat_kv(&k.contiguous()?, h / kvh)?;
