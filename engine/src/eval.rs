@@ -106,6 +106,7 @@ fn exp_neg(x: f32) -> f32 {
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+#[inline(always)]
 fn row_max(row: &[f32]) -> f32 {
     let mut m = [f32::NEG_INFINITY; 8];
     let mut chunks = row.chunks_exact(8);
@@ -117,7 +118,44 @@ fn row_max(row: &[f32]) -> f32 {
     chunks.remainder().iter().chain(m.iter()).copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
+/// `log(sum(exp(row)))`, vectorized for AVX-512 where the CPU has it (the same code,
+/// compiled twice: the default build targets baseline x86-64).
 fn row_lse(row: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if crate::avx512::available() {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn wide(row: &[f32]) -> f32 {
+            row_lse_body(row)
+        }
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { wide(row) };
+    }
+    row_lse_body(row)
+}
+
+/// `out[i] = g * exp(x[i] - lse)`: one row of the loss gradient (before the target's
+/// `-g`), vectorized like [`row_lse`].
+fn softmax_grad_row(out: &mut [f32], x: &[f32], lse: f32, g: f32) {
+    #[inline(always)]
+    fn body(out: &mut [f32], x: &[f32], lse: f32, g: f32) {
+        for (o, xi) in out.iter_mut().zip(x) {
+            *o = g * exp_neg(xi - lse);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::avx512::available() {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn wide(out: &mut [f32], x: &[f32], lse: f32, g: f32) {
+            body(out, x, lse, g)
+        }
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { wide(out, x, lse, g) };
+    }
+    body(out, x, lse, g)
+}
+
+#[inline(always)]
+fn row_lse_body(row: &[f32]) -> f32 {
     let max = row_max(row);
     // 8 partial sums keep the reduction vectorizable
     let mut acc = [0f32; 8];
@@ -184,10 +222,7 @@ impl candle_core::CustomOp1 for CrossEntropySum {
             for (j, row) in out.chunks_mut(v).enumerate() {
                 let r = first + j;
                 let xr = &x[r * v..(r + 1) * v];
-                let l = lse[r];
-                for (o, xi) in row.iter_mut().zip(xr) {
-                    *o = g * exp_neg(xi - l);
-                }
+                softmax_grad_row(row, xr, lse[r], g);
                 row[targets[r] as usize] -= g;
             }
         });
