@@ -99,11 +99,14 @@ fn par_rows<T: Send>(data: &mut [T], row_len: usize, f: impl Fn(usize, &mut [T])
 #[inline(always)]
 fn exp_neg(x: f32) -> f32 {
     let x = if x > -87.0 { x } else { -87.0 };
-    // round to nearest with the 1.5 * 2^23 trick (no SSE4.1 `round` needed)
-    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    // round to nearest with the 1.5 * 2^23 trick (no SSE4.1 `round` needed): the integer
+    // n then sits in the low bits of t, so 2^n is built with wrapping integer ops only (a
+    // checked add or a saturating float->int cast would keep the loop scalar).
+    let t = x * std::f32::consts::LOG2_E + 12_582_912.0;
+    let n = t - 12_582_912.0;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    p * f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23)
 }
 
 #[inline(always)]
