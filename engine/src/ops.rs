@@ -388,19 +388,33 @@ struct LoraFused {
 }
 
 fn tensor_f32(t: &Tensor, what: &str) -> candle_core::Result<Vec<f32>> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(s) => Ok(cpu_f32(s, layout, what)?.into_owned()),
-        _ => candle_core::bail!("{what}: not on the cpu"),
-    }
+    with_f32s(&[t], what, |v| Ok(v[0].to_vec()))
 }
 
-/// `[rows, cols] -> [cols, rows]`.
+/// Run `f` with the data of contiguous f32 CPU tensors, borrowed (no copies).
+fn with_f32s<R>(ts: &[&Tensor], what: &str, f: impl FnOnce(&[&[f32]]) -> candle_core::Result<R>) -> candle_core::Result<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (storage, layout) in &guards {
+        match (&**storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => slices.push(&v[a..b]),
+            _ => candle_core::bail!("{what}: contiguous f32 cpu tensors expected"),
+        }
+    }
+    f(&slices)
+}
+
+/// `[rows, cols] -> [cols, rows]`, in 16 x 16 blocks (cache-friendly both ways).
 fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const B: usize = 16;
     let mut t = vec![0f32; v.len()];
-    for (i, row) in v.chunks_exact(cols).enumerate() {
-        for (j, &x) in row.iter().enumerate() {
-            t[j * rows + i] = x;
+    for i0 in (0..rows).step_by(B) {
+        for j0 in (0..cols).step_by(B) {
+            for i in i0..(i0 + B).min(rows) {
+                for j in j0..(j0 + B).min(cols) {
+                    t[j * rows + i] = v[i * cols + j];
+                }
+            }
         }
     }
     t
@@ -446,41 +460,49 @@ impl candle_core::CustomOp3 for LoraFused {
     }
 
     fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        use crate::avx512::{linear_bwd_ext, BwdExtra, Rows};
         let (m, k) = x.dims2()?;
         let (r, _) = a.dims2()?;
         let n = self.inner.out_dim;
         let hs = self.saved_hs.lock().map_err(|_| candle_core::Error::Msg("lora linear state poisoned".into()))?.clone();
         let Some(hs) = hs else { candle_core::bail!("lora linear: backward before forward") };
-        let (xv, av, bv) = (tensor_f32(x, "lora linear input")?, tensor_f32(a, "lora A")?, tensor_f32(b, "lora B")?);
-        let g = tensor_f32(&grad.to_dtype(DType::F32)?.contiguous()?, "lora linear gradient")?;
-        // u = g B [m, r], scaled.
-        let mut us = vec![0f32; m * r];
-        linear_bwd_ext(m, n, r, &g, Rows::F32(&bv), None, &mut us, false, true);
-        us.iter_mut().for_each(|v| *v *= self.scaling);
-        // gx = g W + (s·u) A, the LoRA part through the dropout mask.
-        let mut gx = vec![0f32; m * k];
-        match &self.mask {
-            None => with_weight_rows(&self.inner, |w| linear_bwd_ext(m, n, k, &g, w, Some(BwdExtra { g: &us, w: &av, r }), &mut gx, false, true))?,
-            Some(mk) => {
-                with_weight_rows(&self.inner, |w| linear_bwd_ext(m, n, k, &g, w, None, &mut gx, false, true))?;
-                let mut t = vec![0f32; m * k];
-                linear_bwd_ext(m, r, k, &us, Rows::F32(&av), None, &mut t, false, true);
-                gx.iter_mut().zip(t.iter().zip(mk)).for_each(|(d, (v, mm))| *d += v * mm);
-            }
-        }
-        // dA = (s·u)^T dropout(x) [r, k]; dB^T = (s·h)^T g [r, n].
-        let xd = self.dropped(&xv);
-        let mut da = vec![0f32; r * k];
-        linear_bwd_ext(r, m, k, &transpose(&us, m, r), Rows::F32(&xd), None, &mut da, false, true);
-        let mut dbt = vec![0f32; r * n];
-        linear_bwd_ext(r, m, n, &transpose(&hs, m, r), Rows::F32(&g), None, &mut dbt, false, true);
+        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        let (gx, da, dbt) = with_f32s(&[x, a, b, &grad], "lora linear backward", |v| self.grads(m, k, r, n, &hs, v[0], v[1], v[2], v[3]))?;
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(gx, (m, k), dev)?),
             Some(Tensor::from_vec(da, (r, k), dev)?),
             Some(Tensor::from_vec(transpose(&dbt, r, n), (n, r), dev)?),
         ))
+    }
+}
+
+impl LoraFused {
+    /// `(grad x [m, k], grad A [r, k], grad B^T [r, n])`.
+    #[allow(clippy::too_many_arguments)]
+    fn grads(&self, m: usize, k: usize, r: usize, n: usize, hs: &[f32], xv: &[f32], av: &[f32], bv: &[f32], g: &[f32]) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        use crate::avx512::{linear_bwd_ext, BwdExtra, Rows};
+        // u = g B [m, r], scaled.
+        let mut us = vec![0f32; m * r];
+        linear_bwd_ext(m, n, r, g, Rows::F32(bv), None, &mut us, false, true);
+        us.iter_mut().for_each(|v| *v *= self.scaling);
+        // gx = g W + (s·u) A, the LoRA part through the dropout mask.
+        let mut gx = vec![0f32; m * k];
+        match &self.mask {
+            None => with_weight_rows(&self.inner, |w| linear_bwd_ext(m, n, k, g, w, Some(BwdExtra { g: &us, w: av, r }), &mut gx, false, true))?,
+            Some(mk) => {
+                with_weight_rows(&self.inner, |w| linear_bwd_ext(m, n, k, g, w, None, &mut gx, false, true))?;
+                let mut t = vec![0f32; m * k];
+                linear_bwd_ext(m, r, k, &us, Rows::F32(av), None, &mut t, false, true);
+                gx.iter_mut().zip(t.iter().zip(mk)).for_each(|(d, (v, mm))| *d += v * mm);
+            }
+        }
+        // dA = (s·u)^T dropout(x) [r, k]; dB^T = (s·h)^T g [r, n].
+        let xd = self.dropped(xv);
+        let mut da = vec![0f32; r * k];
+        linear_bwd_ext(r, m, k, &transpose(&us, m, r), Rows::F32(&xd), None, &mut da, false, true);
+        let mut dbt = vec![0f32; r * n];
+        linear_bwd_ext(r, m, n, &transpose(hs, m, r), Rows::F32(g), None, &mut dbt, false, true);
+        Ok((gx, da, dbt))
     }
 }
 
@@ -593,11 +615,24 @@ impl candle_core::CustomOp3 for AttentionOp {
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let p = self.saved_p.lock().map_err(|_| candle_core::Error::Msg("attention state poisoned".into()))?.take();
+        let Some(p) = p else { candle_core::bail!("attention: one backward pass per forward pass") };
+        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        let (dq, dk, dv) = with_f32s(&[q, k, v, &grad], "attention backward", |x| Ok(self.grads(&p, x[0], x[1], x[2], x[3])))?;
+        let (b, h, kvh, s, t, d) = (self.b, self.h, self.kvh, self.s, self.t, self.d);
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, (b, h, s, d), dev)?),
+            Some(Tensor::from_vec(dk, (b, kvh, t, d), dev)?),
+            Some(Tensor::from_vec(dv, (b, kvh, t, d), dev)?),
+        ))
+    }
+}
+
+impl AttentionOp {
+    /// `(dq [b, h, s, d], dk [b, kvh, t, d], dv [b, kvh, t, d])`.
+    fn grads(&self, p: &[f32], qv: &[f32], kv: &[f32], vv: &[f32], g: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         use crate::avx512::{linear_bwd_ext, linear_fwd_ext, Out, Rows};
-        let p = self.saved_p.lock().map_err(|_| candle_core::Error::Msg("attention state poisoned".into()))?.clone();
-        let Some(p) = p else { candle_core::bail!("attention: backward before forward") };
-        let (qv, kv, vv) = (tensor_f32(q, "attention q")?, tensor_f32(k, "attention k")?, tensor_f32(v, "attention v")?);
-        let g = tensor_f32(&grad.to_dtype(DType::F32)?.contiguous()?, "attention gradient")?;
         let (b, h, kvh, s, t, d) = (self.b, self.h, self.kvh, self.s, self.t, self.d);
         let scale = self.scale();
         let mut dq = vec![0f32; b * h * s * d];
@@ -647,11 +682,6 @@ impl candle_core::CustomOp3 for AttentionOp {
             }
             out
         };
-        let dev = q.device();
-        Ok((
-            Some(Tensor::from_vec(dq, (b, h, s, d), dev)?),
-            Some(Tensor::from_vec(group_sum(&dk_h), (b, kvh, t, d), dev)?),
-            Some(Tensor::from_vec(group_sum(&dv_h), (b, kvh, t, d), dev)?),
-        ))
+        (dq, group_sum(&dk_h), group_sum(&dv_h))
     }
 }
