@@ -685,3 +685,159 @@ impl AttentionOp {
         (dq, group_sum(&dk_h), group_sum(&dv_h))
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Rotary embedding and RMSNorm as single ops (f32 on the CPU, any matmul backend).
+
+/// Rotary embedding ("rotate half") of `x` as one op, reading `x` either as
+/// `[b, n, s, d]` or, with `n` given, as the `[b, s, n * d]` output of a projection (the
+/// head split is folded in, saving a transposed copy); the result is `[b, n, s, d]`.
+/// `cos`/`sin` are `[b, s, d]`. Falls back to the composite ops off the CPU, for other
+/// dtypes and for odd `d`.
+pub fn rope_heads(x: &Tensor, n: Option<usize>, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, s, d) = cos.dims3()?;
+    let (heads, split) = match n {
+        Some(n) => (n, true),
+        None => (x.dim(1)?, false),
+    };
+    let fusable = x.device().is_cpu() && x.dtype() == DType::F32 && d % 2 == 0;
+    if !fusable {
+        let x = if split { x.reshape((b, s, heads, d))?.transpose(1, 2)?.contiguous()? } else { x.clone() };
+        return rope(&x, cos, sin);
+    }
+    let want: &[usize] = if split { &[b, s, heads * d] } else { &[b, heads, s, d] };
+    if x.dims() != want {
+        candle_core::bail!("rope: input {:?}, expected {want:?}", x.dims());
+    }
+    let cos = tensor_f32(&cos.to_dtype(DType::F32)?.contiguous()?, "rope cos")?;
+    let sin = tensor_f32(&sin.to_dtype(DType::F32)?.contiguous()?, "rope sin")?;
+    x.contiguous()?.apply_op1(RopeOp { b, n: heads, s, d, split, cos, sin })
+}
+
+struct RopeOp {
+    b: usize,
+    n: usize,
+    s: usize,
+    d: usize,
+    /// Input `[b, s, n * d]` (else `[b, n, s, d]`).
+    split: bool,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeOp {
+    /// Offset of row `(bi, hh, i)` in the input.
+    fn src(&self, bi: usize, hh: usize, i: usize) -> usize {
+        if self.split {
+            (bi * self.s + i) * self.n * self.d + hh * self.d
+        } else {
+            ((bi * self.n + hh) * self.s + i) * self.d
+        }
+    }
+}
+
+impl candle_core::CustomOp1 for RopeOp {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(st, l, "rope input")?;
+        let (b, n, s, d, half) = (self.b, self.n, self.s, self.d, self.d / 2);
+        let mut y = vec![0f32; b * n * s * d];
+        for (row, out) in y.chunks_exact_mut(d).enumerate() {
+            let (bi, hh, i) = (row / (n * s), row / s % n, row % s);
+            let xr = &x[self.src(bi, hh, i)..][..d];
+            let (c, sn) = (&self.cos[(bi * s + i) * d..][..d], &self.sin[(bi * s + i) * d..][..d]);
+            for j in 0..half {
+                out[j] = xr[j] * c[j] + -xr[j + half] * sn[j];
+                out[j + half] = xr[j + half] * c[j + half] + xr[j] * sn[j + half];
+            }
+        }
+        Ok((CpuStorage::F32(y), Shape::from((b, n, s, d))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        let (b, n, s, d, half) = (self.b, self.n, self.s, self.d, self.d / 2);
+        let mut dx = vec![0f32; b * n * s * d];
+        with_f32s(&[&grad], "rope gradient", |g| {
+            for (row, gr) in g[0].chunks_exact(d).enumerate() {
+                let (bi, hh, i) = (row / (n * s), row / s % n, row % s);
+                let (c, sn) = (&self.cos[(bi * s + i) * d..][..d], &self.sin[(bi * s + i) * d..][..d]);
+                let o = self.src(bi, hh, i);
+                let out = &mut dx[o..o + d];
+                for j in 0..half {
+                    out[j] = gr[j] * c[j] + gr[j + half] * sn[j + half];
+                    out[j + half] = gr[j + half] * c[j + half] - gr[j] * sn[j];
+                }
+            }
+            Ok(())
+        })?;
+        Ok(Some(Tensor::from_vec(dx, arg.dims(), arg.device())?))
+    }
+}
+
+/// Llama RMSNorm as one op for f32 CPU inputs (the composite [`rms_norm`] otherwise):
+/// `y = x / sqrt(mean(x^2) + eps) * w`; the backward returns the input gradient only
+/// (the norm weight is frozen).
+pub fn rms_norm_fused(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if !(x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32) {
+        return rms_norm(x, w, eps);
+    }
+    let h = x.dim(D::Minus1)?;
+    if w.dims() != [h] {
+        candle_core::bail!("rms_norm: weight {:?} for {h} features", w.dims());
+    }
+    let w = tensor_f32(&w.contiguous()?, "rms_norm weight")?;
+    x.contiguous()?.apply_op1(RmsNormOp { eps: eps as f32, w, saved_r: std::sync::Mutex::new(None) })
+}
+
+struct RmsNormOp {
+    eps: f32,
+    w: Vec<f32>,
+    /// `1 / sqrt(mean(x^2) + eps)` per row.
+    saved_r: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl candle_core::CustomOp1 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(st, l, "rms_norm input")?;
+        let h = self.w.len();
+        let mut y = vec![0f32; x.len()];
+        let mut rs = Vec::with_capacity(x.len() / h.max(1));
+        for (xr, yr) in x.chunks_exact(h).zip(y.chunks_exact_mut(h)) {
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
+            let r = 1.0 / (ms + self.eps).sqrt();
+            for ((o, &v), &w) in yr.iter_mut().zip(xr).zip(&self.w) {
+                *o = v * r * w;
+            }
+            rs.push(r);
+        }
+        *self.saved_r.lock().map_err(|_| candle_core::Error::Msg("rms_norm state poisoned".into()))? = Some(rs);
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let rs = self.saved_r.lock().map_err(|_| candle_core::Error::Msg("rms_norm state poisoned".into()))?.clone();
+        let Some(rs) = rs else { candle_core::bail!("rms_norm: backward before forward") };
+        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        let h = self.w.len();
+        let mut dx = vec![0f32; arg.elem_count()];
+        with_f32s(&[arg, &grad], "rms_norm backward", |v| {
+            for (((xr, gr), dr), &r) in v[0].chunks_exact(h).zip(v[1].chunks_exact(h)).zip(dx.chunks_exact_mut(h)).zip(&rs) {
+                // dx = r * (g w - x_hat * mean(g w x_hat)), x_hat = x r
+                let dot: f32 = xr.iter().zip(gr).zip(&self.w).map(|((x, g), w)| g * w * x * r).sum::<f32>() / h as f32;
+                for (((o, &x), &g), &w) in dr.iter_mut().zip(xr).zip(gr).zip(&self.w) {
+                    *o = r * (g * w - x * r * dot);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(Some(Tensor::from_vec(dx, arg.dims(), arg.device())?))
+    }
+}

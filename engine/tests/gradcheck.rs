@@ -405,3 +405,55 @@ fn fused_attention_equals_the_composite_ops() {
         }
     }
 }
+
+/// Output and input gradient of `fused` and `composite` (f32) agree to `tol` relative to
+/// the largest value.
+fn same_as_composite(name: &str, x0: &Tensor, fused: &dyn Fn(&Tensor) -> Tensor, composite: &dyn Fn(&Tensor) -> Tensor, tol: f32) {
+    let run = |f: &dyn Fn(&Tensor) -> Tensor| {
+        let x = Var::from_tensor(x0).unwrap();
+        let y = f(x.as_tensor());
+        let r = rand_t(y.dims(), 77, DType::F32);
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        (y.dims().to_vec(), flat(&y), flat(g.get(x.as_tensor()).unwrap()))
+    };
+    let (fd, fy, fg) = run(fused);
+    let (cd, cy, cg) = run(composite);
+    assert_eq!(fd, cd, "{name}: shapes");
+    for (what, f, c) in [("output", &fy, &cy), ("input gradient", &fg, &cg)] {
+        let scale = c.iter().fold(1f32, |s, v| s.max(v.abs()));
+        let worst = f.iter().zip(c).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(worst <= tol * scale, "{name}: {what} differs by {worst} (scale {scale})");
+    }
+}
+
+#[test]
+fn fused_rope_and_rms_norm_equal_the_composite_ops() {
+    let inv: Vec<f32> = (0..8).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / 16.0)).collect();
+    let pos = [(0..7).collect::<Vec<u32>>(), vec![3, 4, 5, 9, 10, 11, 12]];
+    let (cos, sin) = lorafleet_engine::model::transformer::rope_tables(&inv, &pos, DType::F32, &Device::Cpu).unwrap();
+    // [b, n, s, d] input
+    same_as_composite(
+        "rope [b, n, s, d]",
+        &rand_t(&[2, 3, 7, 16], 61, DType::F32),
+        &|x| ops::rope_heads(x, None, &cos, &sin).unwrap(),
+        &|x| ops::rope(x, &cos, &sin).unwrap(),
+        1e-6,
+    );
+    // [b, s, n * d] projection output, heads split inside the op
+    same_as_composite(
+        "rope [b, s, n * d]",
+        &rand_t(&[2, 7, 3 * 16], 62, DType::F32),
+        &|x| ops::rope_heads(x, Some(3), &cos, &sin).unwrap(),
+        &|x| ops::rope(&x.reshape((2, 7, 3, 16)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap(), &cos, &sin).unwrap(),
+        1e-6,
+    );
+    let w = rand_t(&[48], 63, DType::F32);
+    same_as_composite(
+        "rms_norm",
+        &(rand_t(&[2, 7, 48], 64, DType::F32) * 3.0).unwrap(),
+        &|x| ops::rms_norm_fused(x, &w, 1e-5).unwrap(),
+        &|x| ops::rms_norm(x, &w, 1e-5).unwrap(),
+        2e-6,
+    );
+}

@@ -42,7 +42,7 @@ pub enum Norm {
 impl Norm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Norm::Rms { w, eps } => ops::rms_norm(x, w, *eps)?,
+            Norm::Rms { w, eps } => ops::rms_norm_fused(x, w, *eps)?,
             Norm::Layer { w, b, eps } => ops::layer_norm(x, w, b, *eps)?,
         })
     }
