@@ -306,9 +306,18 @@ pub fn linear_bwd_ext(m: usize, rows: usize, cols: usize, g: &[f32], w: Rows, ex
                 _ => (g, rows, w),
             };
             for p in 0..kc {
-                w.read(pc + p, cols, range.start, &mut row[..range.len()]);
-                for (t, chunk) in row.chunks_exact(NR).enumerate() {
-                    b[t * kc * NR + p * NR..t * kc * NR + (p + 1) * NR].copy_from_slice(chunk);
+                // The row's slice of W: in place for f32, dequantized into `row` for NF4.
+                let src: &[f32] = match w {
+                    Rows::F32(v) => &v[(pc + p) * cols + range.start..][..range.len()],
+                    Rows::Nf4(_) => {
+                        w.read(pc + p, cols, range.start, &mut row[..range.len()]);
+                        &row[..range.len()]
+                    }
+                };
+                for (t, chunk) in src.chunks(NR).enumerate() {
+                    let dst = &mut b[t * kc * NR + p * NR..t * kc * NR + (p + 1) * NR];
+                    dst[..chunk.len()].copy_from_slice(chunk);
+                    dst[chunk.len()..].fill(0.0);
                 }
             }
             let acc = accumulate || bi > 0;
