@@ -276,7 +276,8 @@ pub fn run(c: LocalCommand) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
-                let rss = r.peak_rss_mib.map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "n/a".into());
+                let mib = |v: Option<f64>| v.map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "n/a".into());
+                let rss = format!("{} (training steps {})", mib(r.peak_rss_mib), mib(r.train_peak_rss_mib));
                 println!(
                     "lorafleet {} checkpointing {}: {:.1} tokens/s ({:.3} s/step: forward+loss {:.3}, backward {:.3}, optimizer {:.3}), peak RSS {rss}, threads {}, matmul {}",
                     if quant == QuantArg::Nf4 { "nf4" } else { "none" },
