@@ -5,7 +5,9 @@
 //! Module map (see docs/architecture.md):
 //! - `model`: the `CausalLm` contract, HF config parsing, Llama-family and Falcon models.
 //! - `nf4`: bitsandbytes-exact NF4 quantization; `ops`: the frozen linear custom ops and
-//!   differentiable building blocks; `blas`: the matrix product they run on.
+//!   differentiable building blocks; `fused`: single-op forms of the hot chains (LoRA
+//!   layer, attention, RoPE, RMSNorm) for f32 CPU compute; `blas` and `avx512`: the
+//!   matrix products they run on.
 //! - `lora`: LoRA layers and PEFT adapter files.
 //! - `data`, `optim`, `train`, `eval`, `generate`: the training side.
 
@@ -13,6 +15,7 @@ pub mod error;
 pub mod model;
 pub mod nf4;
 pub mod ops;
+pub mod fused;
 pub mod blas;
 pub mod avx512;
 pub mod lora;

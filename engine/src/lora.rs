@@ -73,12 +73,12 @@ pub fn dropout_mask(n: usize, p: f64, seed: u64, pass: u64, id: u64) -> Vec<f32>
 impl LoraLinear {
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let Some(l) = &self.lora else { return Ok(self.base.forward(x)?) };
-        if !crate::ops::lora_fusable(&self.base, x) {
+        if !crate::fused::lora_fusable(&self.base, x) {
             return self.forward_composite(x, ctx);
         }
         let (a, b) = if ctx.track { (l.a.as_tensor().clone(), l.b.as_tensor().clone()) } else { (l.a.as_tensor().detach(), l.b.as_tensor().detach()) };
         let mask = (ctx.training && l.dropout > 0.0).then(|| dropout_mask(x.elem_count(), l.dropout, ctx.dropout_seed, ctx.pass, l.id));
-        Ok(crate::ops::lora_linear_fused(&self.base, x, &a, &b, l.scaling, mask)?)
+        Ok(crate::fused::lora_linear_fused(&self.base, x, &a, &b, l.scaling, mask)?)
     }
 
     /// The same layer from separate candle ops (any device and dtype; the reference the

@@ -11,6 +11,7 @@ use lorafleet_engine::lora::{ForwardCtx, LoraLinear};
 use lorafleet_engine::model::transformer::{attention, attention_composite, causal_mask};
 use lorafleet_engine::model::{load_model, CausalLm, ForwardInput, LoadOptions, LoraInit, LoraSettingsRequest, Quant};
 use lorafleet_engine::nf4::Nf4Tensor;
+use lorafleet_engine::fused;
 use lorafleet_engine::ops::{self, FrozenLinear, FrozenWeight};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -351,7 +352,7 @@ fn fused_lora_layer_equals_the_composite_ops() {
         let x = Var::from_tensor(&rand_t(&[1, m, k], 45, DType::F32)).unwrap();
         let rw = rand_t(&[1, m, n], 46, DType::F32);
         if lorafleet_engine::avx512::available() && std::env::var_os("LORAFLEET_BLAS").is_none() {
-            assert!(ops::lora_fusable(&layer.base, x.as_tensor()), "the fused path must be the one under test here");
+            assert!(fused::lora_fusable(&layer.base, x.as_tensor()), "the fused path must be the one under test here");
         }
         let run = |fused: bool| {
             let y = if fused { layer.forward(x.as_tensor(), &ctx) } else { layer.forward_composite(x.as_tensor(), &ctx) }.unwrap();
@@ -387,7 +388,7 @@ fn fused_attention_equals_the_composite_ops() {
         let k = Var::from_tensor(&rand_t(&[b, kvh, t, d], 52, DType::F32)).unwrap();
         let v = Var::from_tensor(&rand_t(&[b, kvh, t, d], 53, DType::F32)).unwrap();
         if lorafleet_engine::avx512::available() && std::env::var_os("LORAFLEET_BLAS").is_none() {
-            assert!(ops::attention_fusable(q.as_tensor()), "the fused path must be the one under test here");
+            assert!(fused::attention_fusable(q.as_tensor()), "the fused path must be the one under test here");
         }
         let rw = rand_t(&[b, s, h * d], 54, DType::F32);
         let run = |fused: bool| {
@@ -436,7 +437,7 @@ fn fused_rope_and_rms_norm_equal_the_composite_ops() {
     same_as_composite(
         "rope [b, n, s, d]",
         &rand_t(&[2, 3, 7, 16], 61, DType::F32),
-        &|x| ops::rope_heads(x, None, &cos, &sin).unwrap(),
+        &|x| fused::rope_heads(x, None, &cos, &sin).unwrap(),
         &|x| ops::rope(x, &cos, &sin).unwrap(),
         1e-6,
     );
@@ -444,7 +445,7 @@ fn fused_rope_and_rms_norm_equal_the_composite_ops() {
     same_as_composite(
         "rope [b, s, n * d]",
         &rand_t(&[2, 7, 3 * 16], 62, DType::F32),
-        &|x| ops::rope_heads(x, Some(3), &cos, &sin).unwrap(),
+        &|x| fused::rope_heads(x, Some(3), &cos, &sin).unwrap(),
         &|x| ops::rope(&x.reshape((2, 7, 3, 16)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap(), &cos, &sin).unwrap(),
         1e-6,
     );
@@ -452,7 +453,7 @@ fn fused_rope_and_rms_norm_equal_the_composite_ops() {
     same_as_composite(
         "rms_norm",
         &(rand_t(&[2, 7, 48], 64, DType::F32) * 3.0).unwrap(),
-        &|x| ops::rms_norm_fused(x, &w, 1e-5).unwrap(),
+        &|x| fused::rms_norm_fused(x, &w, 1e-5).unwrap(),
         &|x| ops::rms_norm(x, &w, 1e-5).unwrap(),
         2e-6,
     );

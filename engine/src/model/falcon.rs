@@ -78,8 +78,8 @@ impl Block for FalconBlock {
         let fused = self.query_key_value.forward(&attn_in, ctx)?;
         let (q, k, v) =
             split_fused_qkv(&fused, self.num_heads, self.num_kv_heads, self.head_dim, self.new_arch, self.multi_query)?;
-        let q = ops::rope_heads(&q, None, &env.cos, &env.sin)?;
-        let k = ops::rope_heads(&k, None, &env.cos, &env.sin)?;
+        let q = crate::fused::rope_heads(&q, None, &env.cos, &env.sin)?;
+        let k = crate::fused::rope_heads(&k, None, &env.cos, &env.sin)?;
         let (k, v) = update_cache(cache, k, v)?;
         let a = attention(&q, &k, &v, &env.mask)?;
         let attn_out = self.dense.forward(&a, ctx)?;

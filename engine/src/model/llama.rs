@@ -9,7 +9,7 @@ use super::config::LlamaConfig;
 use super::loader::Builder;
 use super::transformer::{attention, split_heads, update_cache, Block, BlockEnv, LayerCache, Norm, Transformer};
 use crate::lora::{ForwardCtx, LoraLinear};
-use crate::ops;
+use crate::{fused, ops};
 use crate::Result;
 
 pub struct LlamaBlock {
@@ -30,14 +30,14 @@ pub struct LlamaBlock {
 
 impl Block for LlamaBlock {
     fn forward(&self, x: &Tensor, env: &BlockEnv, ctx: &ForwardCtx, cache: Option<&mut LayerCache>) -> Result<Tensor> {
-        let h = ops::rms_norm_fused(x, &self.input_layernorm, self.eps)?;
-        let q = ops::rope_heads(&self.q_proj.forward(&h, ctx)?, Some(self.num_heads), &env.cos, &env.sin)?;
-        let k = ops::rope_heads(&self.k_proj.forward(&h, ctx)?, Some(self.num_kv_heads), &env.cos, &env.sin)?;
+        let h = fused::rms_norm_fused(x, &self.input_layernorm, self.eps)?;
+        let q = fused::rope_heads(&self.q_proj.forward(&h, ctx)?, Some(self.num_heads), &env.cos, &env.sin)?;
+        let k = fused::rope_heads(&self.k_proj.forward(&h, ctx)?, Some(self.num_kv_heads), &env.cos, &env.sin)?;
         let v = split_heads(&self.v_proj.forward(&h, ctx)?, self.num_kv_heads, self.head_dim)?;
         let (k, v) = update_cache(cache, k, v)?;
         let a = attention(&q, &k, &v, &env.mask)?;
         let x = (x + self.o_proj.forward(&a, ctx)?)?;
-        let h = ops::rms_norm_fused(&x, &self.post_attention_layernorm, self.eps)?;
+        let h = fused::rms_norm_fused(&x, &self.post_attention_layernorm, self.eps)?;
         let g = ops::silu(&self.gate_proj.forward(&h, ctx)?)?;
         let u = self.up_proj.forward(&h, ctx)?;
         let m = self.down_proj.forward(&(g * u)?, ctx)?;

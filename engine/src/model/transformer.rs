@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::{CausalLm, ForwardInput, KvCache, ModelInfo};
 use crate::lora::{ForwardCtx, LoraLinear};
+use crate::fused;
 use crate::ops::{self, CheckpointHook, FrozenLinear};
 use crate::{EngineError, Result};
 
@@ -42,7 +43,7 @@ pub enum Norm {
 impl Norm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Norm::Rms { w, eps } => ops::rms_norm_fused(x, w, *eps)?,
+            Norm::Rms { w, eps } => fused::rms_norm_fused(x, w, *eps)?,
             Norm::Layer { w, b, eps } => ops::layer_norm(x, w, b, *eps)?,
         })
     }
@@ -68,8 +69,8 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
 /// Scaled dot-product attention with an additive mask, softmax in f32.
 /// `q [b, h, s, d]`, `k`/`v` `[b, kvh, t, d]` -> `[b, s, h * d]`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    if ops::attention_fusable(q) {
-        return Ok(ops::attention_fused(q, k, v, mask)?);
+    if fused::attention_fusable(q) {
+        return Ok(fused::attention_fused(q, k, v, mask)?);
     }
     attention_composite(q, k, v, mask)
 }

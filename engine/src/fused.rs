@@ -1,0 +1,519 @@
+//! Single custom ops with hand-written backward passes for the hot chains of a decoder
+//! block, used for f32 compute on the CPU (the composite candle ops of [`crate::ops`]
+//! everywhere else, and as the reference each of these is tested against in
+//! `tests/gradcheck.rs`):
+//! - [`lora_linear_fused`]: the LoRA layer, its products riding in the frozen product's
+//!   AVX-512 register tiles; one backward yields the gradients of x, A and B;
+//! - [`attention_fused`]: scaled dot-product attention with an additive mask, per-head
+//!   products on the AVX-512 kernels, grouped K/V heads without copies;
+//! - [`rope_heads`]: rotary embedding with the head split folded in;
+//! - [`rms_norm_fused`]: Llama's RMSNorm (input gradient only: the weight is frozen).
+//!
+//! The first two need the AVX-512 backend of [`crate::blas`]; the other two run on any.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, DType, Layout, Shape, Storage, Tensor, D};
+
+use crate::ops::{cpu_f32, rms_norm, rope, with_weight_rows, FrozenInner, FrozenLinear};
+
+// The LoRA layer as one op.
+
+/// Whether [`lora_linear_fused`] can run for this input: f32 on the CPU with the AVX-512
+/// backend (the kernels it folds the LoRA products into).
+pub fn lora_fusable(base: &FrozenLinear, x: &Tensor) -> bool {
+    x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && base.inner.dtype == DType::F32
+        && matches!(crate::blas::backend(), crate::blas::Backend::Avx512)
+}
+
+/// `y = x W^T (+ b) + s · (dropout(x) A^T) B^T` as one custom op (check [`lora_fusable`]
+/// first): the LoRA products ride in the frozen product's register tiles (forward
+/// `[x, s·h] [W, B]^T`, input gradient `[g, s·u] [W; A]`, `u = g B`), and the backward
+/// returns the gradients of x, A and B in one go. `mask` is the inverted-dropout mask of
+/// x's elements (`None`: no dropout).
+pub fn lora_linear_fused(base: &FrozenLinear, x: &Tensor, a: &Tensor, b: &Tensor, scaling: f64, mask: Option<Vec<f32>>) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let Some((&k, lead)) = dims.split_last() else { candle_core::bail!("lora linear: scalar input") };
+    let m: usize = lead.iter().product();
+    let (r, ka) = a.dims2()?;
+    let (n, rb) = b.dims2()?;
+    if k != base.in_dim() || ka != k || rb != r || n != base.out_dim() {
+        candle_core::bail!("lora linear: x [.., {k}], A [{r}, {ka}], B [{n}, {rb}] do not fit the base [{}, {}]", base.out_dim(), base.in_dim());
+    }
+    if let Some(mk) = &mask {
+        if mk.len() != m * k {
+            candle_core::bail!("lora linear: dropout mask has {} values for {} inputs", mk.len(), m * k);
+        }
+    }
+    let op = LoraFused { inner: base.inner.clone(), scaling: scaling as f32, mask, saved_hs: std::sync::Mutex::new(None) };
+    let x2 = x.reshape((m, k))?.contiguous()?;
+    let y = x2.apply_op3_arc(&a.contiguous()?, &b.contiguous()?, Arc::new(Box::new(op)))?;
+    let mut out_dims = lead.to_vec();
+    out_dims.push(n);
+    y.reshape(out_dims)
+}
+
+struct LoraFused {
+    inner: Arc<FrozenInner>,
+    scaling: f32,
+    mask: Option<Vec<f32>>,
+    /// `s · h = s · dropout(x) A^T` `[m, r]` from the forward pass.
+    saved_hs: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+fn tensor_f32(t: &Tensor, what: &str) -> candle_core::Result<Vec<f32>> {
+    with_f32s(&[t], what, |v| Ok(v[0].to_vec()))
+}
+
+/// Run `f` with the data of contiguous f32 CPU tensors, borrowed (no copies).
+fn with_f32s<R>(ts: &[&Tensor], what: &str, f: impl FnOnce(&[&[f32]]) -> candle_core::Result<R>) -> candle_core::Result<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (storage, layout) in &guards {
+        match (&**storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => slices.push(&v[a..b]),
+            _ => candle_core::bail!("{what}: contiguous f32 cpu tensors expected"),
+        }
+    }
+    f(&slices)
+}
+
+/// `[rows, cols] -> [cols, rows]`, in 16 x 16 blocks (cache-friendly both ways).
+fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const B: usize = 16;
+    let mut t = vec![0f32; v.len()];
+    for i0 in (0..rows).step_by(B) {
+        for j0 in (0..cols).step_by(B) {
+            for i in i0..(i0 + B).min(rows) {
+                for j in j0..(j0 + B).min(cols) {
+                    t[j * rows + i] = v[i * cols + j];
+                }
+            }
+        }
+    }
+    t
+}
+
+impl LoraFused {
+    fn dropped<'a>(&self, x: &'a [f32]) -> std::borrow::Cow<'a, [f32]> {
+        match &self.mask {
+            Some(mk) => std::borrow::Cow::Owned(x.iter().zip(mk).map(|(a, b)| a * b).collect()),
+            None => std::borrow::Cow::Borrowed(x),
+        }
+    }
+}
+
+impl candle_core::CustomOp3 for LoraFused {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use crate::avx512::{linear_fwd_ext, FwdExtra, Rows};
+        let (m, k) = l1.shape().dims2()?;
+        let (r, _) = l2.shape().dims2()?;
+        let n = self.inner.out_dim;
+        let x = cpu_f32(s1, l1, "lora linear input")?;
+        let a = cpu_f32(s2, l2, "lora A")?;
+        let b = cpu_f32(s3, l3, "lora B")?;
+        let xd = self.dropped(&x);
+        let mut hs = vec![0f32; m * r];
+        linear_fwd_ext(m, r, k, &xd, Rows::F32(&a), None, &mut hs, false, false);
+        hs.iter_mut().for_each(|v| *v *= self.scaling);
+        let mut y = vec![0f32; m * n];
+        let acc = match &self.inner.bias_f32 {
+            Some(bias) => {
+                y.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(bias));
+                true
+            }
+            None => false,
+        };
+        with_weight_rows(&self.inner, |w| linear_fwd_ext(m, n, k, &x, w, Some(FwdExtra { x: &hs, w: &b, r }), &mut y, acc, true))?;
+        *self.saved_hs.lock().map_err(|_| candle_core::Error::Msg("lora linear state poisoned".into()))? = Some(hs);
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, k) = x.dims2()?;
+        let (r, _) = a.dims2()?;
+        let n = self.inner.out_dim;
+        let hs = self.saved_hs.lock().map_err(|_| candle_core::Error::Msg("lora linear state poisoned".into()))?.clone();
+        let Some(hs) = hs else { candle_core::bail!("lora linear: backward before forward") };
+        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        let (gx, da, dbt) = with_f32s(&[x, a, b, &grad], "lora linear backward", |v| self.grads(m, k, r, n, &hs, v[0], v[1], v[2], v[3]))?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(gx, (m, k), dev)?),
+            Some(Tensor::from_vec(da, (r, k), dev)?),
+            Some(Tensor::from_vec(transpose(&dbt, r, n), (n, r), dev)?),
+        ))
+    }
+}
+
+impl LoraFused {
+    /// `(grad x [m, k], grad A [r, k], grad B^T [r, n])`.
+    #[allow(clippy::too_many_arguments)]
+    fn grads(&self, m: usize, k: usize, r: usize, n: usize, hs: &[f32], xv: &[f32], av: &[f32], bv: &[f32], g: &[f32]) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        use crate::avx512::{linear_bwd_ext, BwdExtra, Rows};
+        // u = g B [m, r], scaled.
+        let mut us = vec![0f32; m * r];
+        linear_bwd_ext(m, n, r, g, Rows::F32(bv), None, &mut us, false, true);
+        us.iter_mut().for_each(|v| *v *= self.scaling);
+        // gx = g W + (s·u) A, the LoRA part through the dropout mask.
+        let mut gx = vec![0f32; m * k];
+        match &self.mask {
+            None => with_weight_rows(&self.inner, |w| linear_bwd_ext(m, n, k, g, w, Some(BwdExtra { g: &us, w: av, r }), &mut gx, false, true))?,
+            Some(mk) => {
+                with_weight_rows(&self.inner, |w| linear_bwd_ext(m, n, k, g, w, None, &mut gx, false, true))?;
+                let mut t = vec![0f32; m * k];
+                linear_bwd_ext(m, r, k, &us, Rows::F32(av), None, &mut t, false, true);
+                gx.iter_mut().zip(t.iter().zip(mk)).for_each(|(d, (v, mm))| *d += v * mm);
+            }
+        }
+        // dA = (s·u)^T dropout(x) [r, k]; dB^T = (s·h)^T g [r, n].
+        let xd = self.dropped(xv);
+        let mut da = vec![0f32; r * k];
+        linear_bwd_ext(r, m, k, &transpose(&us, m, r), Rows::F32(&xd), None, &mut da, false, true);
+        let mut dbt = vec![0f32; r * n];
+        linear_bwd_ext(r, m, n, &transpose(hs, m, r), Rows::F32(g), None, &mut dbt, false, true);
+        Ok((gx, da, dbt))
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Attention as one op.
+
+/// Whether [`attention_fused`] can run: f32 on the CPU with the AVX-512 backend.
+pub fn attention_fusable(q: &Tensor) -> bool {
+    q.device().is_cpu() && q.dtype() == DType::F32 && matches!(crate::blas::backend(), crate::blas::Backend::Avx512)
+}
+
+/// Scaled dot-product attention with an additive mask as one op (check
+/// [`attention_fusable`] first): `q [b, h, s, d]`, `k`/`v` `[b, kvh, t, d]` (grouped
+/// query heads share K/V heads without copies), `mask [b or 1, 1, s, t]` ->
+/// `[b, s, h * d]`. Per head: `S = q k^T / sqrt(d) + mask`, `P = softmax(S)` (kept for
+/// the backward pass), `o = P v`; the backward computes `dv = P^T do`, `dP = do v^T`,
+/// `dS = P (dP - rowsum(dP P)) / sqrt(d)`, `dq = dS k`, `dk = dS^T q`. Heads run in
+/// parallel, each product on the AVX-512 kernel.
+pub fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, h, s, d) = q.dims4()?;
+    let (bk, kvh, t, dk) = k.dims4()?;
+    if bk != b || dk != d || v.dims() != k.dims() || kvh == 0 || h % kvh != 0 {
+        candle_core::bail!("attention: q {:?}, k {:?}, v {:?} do not fit", q.dims(), k.dims(), v.dims());
+    }
+    let (mrows, _, ms, mt) = mask.dims4()?;
+    if (mrows != 1 && mrows != b) || ms != s || mt != t {
+        candle_core::bail!("attention: mask {:?} does not fit q {:?} and k {:?}", mask.dims(), q.dims(), k.dims());
+    }
+    let mask = tensor_f32(&mask.to_dtype(DType::F32)?.contiguous()?, "attention mask")?;
+    let op = AttentionOp { b, h, kvh, s, t, d, mask, mask_rows: mrows, saved_p: std::sync::Mutex::new(None) };
+    q.contiguous()?.apply_op3_arc(&k.contiguous()?, &v.contiguous()?, Arc::new(Box::new(op)))
+}
+
+struct AttentionOp {
+    b: usize,
+    h: usize,
+    kvh: usize,
+    s: usize,
+    t: usize,
+    d: usize,
+    mask: Vec<f32>,
+    mask_rows: usize,
+    /// Softmax probabilities `[b, h, s, t]` from the forward pass.
+    saved_p: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl AttentionOp {
+    fn scale(&self) -> f32 {
+        1.0 / (self.d as f32).sqrt()
+    }
+    /// Offsets of head `(bi, hh)`'s q rows, its K/V head's rows, and its mask rows.
+    fn offsets(&self, head: usize) -> (usize, usize, usize) {
+        let (bi, hh) = (head / self.h, head % self.h);
+        let g = hh / (self.h / self.kvh);
+        let mrow = if self.mask_rows == 1 { 0 } else { bi };
+        ((bi * self.h + hh) * self.s * self.d, (bi * self.kvh + g) * self.t * self.d, mrow * self.s * self.t)
+    }
+}
+
+impl candle_core::CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use crate::avx512::{linear_bwd_ext, linear_fwd_ext, Out, Rows};
+        let (q, k, v) = (cpu_f32(s1, l1, "attention q")?, cpu_f32(s2, l2, "attention k")?, cpu_f32(s3, l3, "attention v")?);
+        let (b, h, s, t, d) = (self.b, self.h, self.s, self.t, self.d);
+        let mut out = vec![0f32; b * s * h * d];
+        let mut p = vec![0f32; b * h * s * t];
+        let (out_ptr, p_ptr) = (Out(out.as_mut_ptr()), Out(p.as_mut_ptr()));
+        let scale = self.scale();
+        crate::avx512::parallel_ranges(b * h, 4 * b * h * s * t * d, |heads| {
+            let mut o = vec![0f32; s * d];
+            for head in heads {
+                let (qo, ko, mo) = self.offsets(head);
+                // SAFETY: each head owns its [s, t] block of p.
+                let ph = unsafe { std::slice::from_raw_parts_mut(p_ptr.at(head * s * t), s * t) };
+                linear_fwd_ext(s, t, d, &q[qo..qo + s * d], Rows::F32(&k[ko..ko + t * d]), None, ph, false, false);
+                for (i, row) in ph.chunks_exact_mut(t).enumerate() {
+                    let mrow = &self.mask[mo + i * t..mo + (i + 1) * t];
+                    let mut max = f32::NEG_INFINITY;
+                    for (x, &m) in row.iter_mut().zip(mrow) {
+                        *x = *x * scale + m;
+                        max = max.max(*x);
+                    }
+                    if max == f32::NEG_INFINITY {
+                        row.fill(0.0);
+                        continue;
+                    }
+                    let mut sum = 0f32;
+                    for x in row.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|x| *x *= inv);
+                }
+                linear_bwd_ext(s, t, d, ph, Rows::F32(&v[ko..ko + t * d]), None, &mut o, false, false);
+                let (bi, hh) = (head / h, head % h);
+                for (i, row) in o.chunks_exact(d).enumerate() {
+                    // SAFETY: each head owns columns hh * d .. (hh + 1) * d of out.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(out_ptr.at((bi * s + i) * h * d + hh * d), d) };
+                    dst.copy_from_slice(row);
+                }
+            }
+        });
+        *self.saved_p.lock().map_err(|_| candle_core::Error::Msg("attention state poisoned".into()))? = Some(p);
+        Ok((CpuStorage::F32(out), Shape::from((b, s, h * d))))
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let p = self.saved_p.lock().map_err(|_| candle_core::Error::Msg("attention state poisoned".into()))?.take();
+        let Some(p) = p else { candle_core::bail!("attention: one backward pass per forward pass") };
+        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        let (dq, dk, dv) = with_f32s(&[q, k, v, &grad], "attention backward", |x| Ok(self.grads(&p, x[0], x[1], x[2], x[3])))?;
+        let (b, h, kvh, s, t, d) = (self.b, self.h, self.kvh, self.s, self.t, self.d);
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, (b, h, s, d), dev)?),
+            Some(Tensor::from_vec(dk, (b, kvh, t, d), dev)?),
+            Some(Tensor::from_vec(dv, (b, kvh, t, d), dev)?),
+        ))
+    }
+}
+
+impl AttentionOp {
+    /// `(dq [b, h, s, d], dk [b, kvh, t, d], dv [b, kvh, t, d])`.
+    fn grads(&self, p: &[f32], qv: &[f32], kv: &[f32], vv: &[f32], g: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        use crate::avx512::{linear_bwd_ext, linear_fwd_ext, Out, Rows};
+        let (b, h, kvh, s, t, d) = (self.b, self.h, self.kvh, self.s, self.t, self.d);
+        let scale = self.scale();
+        let mut dq = vec![0f32; b * h * s * d];
+        // Per query head; summed over the heads of each K/V group below.
+        let mut dk_h = vec![0f32; b * h * t * d];
+        let mut dv_h = vec![0f32; b * h * t * d];
+        let (dq_ptr, dk_ptr, dv_ptr) = (Out(dq.as_mut_ptr()), Out(dk_h.as_mut_ptr()), Out(dv_h.as_mut_ptr()));
+        crate::avx512::parallel_ranges(b * h, 8 * b * h * s * t * d, |heads| {
+            let (mut go, mut ds) = (vec![0f32; s * d], vec![0f32; s * t]);
+            for head in heads {
+                let (qo, ko, _) = self.offsets(head);
+                let (bi, hh) = (head / h, head % h);
+                for (i, row) in go.chunks_exact_mut(d).enumerate() {
+                    let at = (bi * s + i) * h * d + hh * d;
+                    row.copy_from_slice(&g[at..at + d]);
+                }
+                let ph = &p[head * s * t..(head + 1) * s * t];
+                let (kh, vh, qh) = (&kv[ko..ko + t * d], &vv[ko..ko + t * d], &qv[qo..qo + s * d]);
+                // SAFETY: each head owns its [t, d] / [s, d] blocks of the outputs.
+                let (dvh, dkh, dqh) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(dv_ptr.at(head * t * d), t * d),
+                        std::slice::from_raw_parts_mut(dk_ptr.at(head * t * d), t * d),
+                        std::slice::from_raw_parts_mut(dq_ptr.at(head * s * d), s * d),
+                    )
+                };
+                // dv = P^T do
+                linear_bwd_ext(t, s, d, &transpose(ph, s, t), Rows::F32(&go), None, dvh, false, false);
+                // dP = do v^T, then dS = P (dP - rowsum(dP P)) * scale (in ds)
+                linear_fwd_ext(s, t, d, &go, Rows::F32(vh), None, &mut ds, false, false);
+                for (dsr, pr) in ds.chunks_exact_mut(t).zip(ph.chunks_exact(t)) {
+                    let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                    dsr.iter_mut().zip(pr).for_each(|(x, &pp)| *x = pp * (*x - dot) * scale);
+                }
+                // dq = dS k; dk = dS^T q
+                linear_bwd_ext(s, t, d, &ds, Rows::F32(kh), None, dqh, false, false);
+                linear_bwd_ext(t, s, d, &transpose(&ds, s, t), Rows::F32(qh), None, dkh, false, false);
+            }
+        });
+        let n_rep = h / kvh;
+        let group_sum = |per_head: &[f32]| -> Vec<f32> {
+            let mut out = vec![0f32; b * kvh * t * d];
+            for (head, chunk) in per_head.chunks_exact(t * d).enumerate() {
+                let (bi, hh) = (head / h, head % h);
+                let dst = &mut out[(bi * kvh + hh / n_rep) * t * d..][..t * d];
+                dst.iter_mut().zip(chunk).for_each(|(a, b)| *a += b);
+            }
+            out
+        };
+        (dq, group_sum(&dk_h), group_sum(&dv_h))
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Rotary embedding and RMSNorm as single ops (f32 on the CPU, any matmul backend).
+
+/// Rotary embedding ("rotate half") of `x` as one op, reading `x` either as
+/// `[b, n, s, d]` or, with `n` given, as the `[b, s, n * d]` output of a projection (the
+/// head split is folded in, saving a transposed copy); the result is `[b, n, s, d]`.
+/// `cos`/`sin` are `[b, s, d]`. Falls back to the composite ops off the CPU, for other
+/// dtypes and for odd `d`.
+pub fn rope_heads(x: &Tensor, n: Option<usize>, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let (b, s, d) = cos.dims3()?;
+    let (heads, split) = match n {
+        Some(n) => (n, true),
+        None => (x.dim(1)?, false),
+    };
+    let fusable = x.device().is_cpu() && x.dtype() == DType::F32 && d % 2 == 0;
+    if !fusable {
+        let x = if split { x.reshape((b, s, heads, d))?.transpose(1, 2)?.contiguous()? } else { x.clone() };
+        return rope(&x, cos, sin);
+    }
+    let want: &[usize] = if split { &[b, s, heads * d] } else { &[b, heads, s, d] };
+    if x.dims() != want {
+        candle_core::bail!("rope: input {:?}, expected {want:?}", x.dims());
+    }
+    let cos = tensor_f32(&cos.to_dtype(DType::F32)?.contiguous()?, "rope cos")?;
+    let sin = tensor_f32(&sin.to_dtype(DType::F32)?.contiguous()?, "rope sin")?;
+    x.contiguous()?.apply_op1(RopeOp { b, n: heads, s, d, split, cos, sin })
+}
+
+struct RopeOp {
+    b: usize,
+    n: usize,
+    s: usize,
+    d: usize,
+    /// Input `[b, s, n * d]` (else `[b, n, s, d]`).
+    split: bool,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeOp {
+    /// Offset of row `(bi, hh, i)` in the input.
+    fn src(&self, bi: usize, hh: usize, i: usize) -> usize {
+        if self.split {
+            (bi * self.s + i) * self.n * self.d + hh * self.d
+        } else {
+            ((bi * self.n + hh) * self.s + i) * self.d
+        }
+    }
+}
+
+impl candle_core::CustomOp1 for RopeOp {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(st, l, "rope input")?;
+        let (b, n, s, d, half) = (self.b, self.n, self.s, self.d, self.d / 2);
+        let mut y = vec![0f32; b * n * s * d];
+        for (row, out) in y.chunks_exact_mut(d).enumerate() {
+            let (bi, hh, i) = (row / (n * s), row / s % n, row % s);
+            let xr = &x[self.src(bi, hh, i)..][..d];
+            let (c, sn) = (&self.cos[(bi * s + i) * d..][..d], &self.sin[(bi * s + i) * d..][..d]);
+            for j in 0..half {
+                out[j] = xr[j] * c[j] + -xr[j + half] * sn[j];
+                out[j + half] = xr[j + half] * c[j + half] + xr[j] * sn[j + half];
+            }
+        }
+        Ok((CpuStorage::F32(y), Shape::from((b, n, s, d))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        let (b, n, s, d, half) = (self.b, self.n, self.s, self.d, self.d / 2);
+        let mut dx = vec![0f32; b * n * s * d];
+        with_f32s(&[&grad], "rope gradient", |g| {
+            for (row, gr) in g[0].chunks_exact(d).enumerate() {
+                let (bi, hh, i) = (row / (n * s), row / s % n, row % s);
+                let (c, sn) = (&self.cos[(bi * s + i) * d..][..d], &self.sin[(bi * s + i) * d..][..d]);
+                let o = self.src(bi, hh, i);
+                let out = &mut dx[o..o + d];
+                for j in 0..half {
+                    out[j] = gr[j] * c[j] + gr[j + half] * sn[j + half];
+                    out[j + half] = gr[j + half] * c[j + half] - gr[j] * sn[j];
+                }
+            }
+            Ok(())
+        })?;
+        Ok(Some(Tensor::from_vec(dx, arg.dims(), arg.device())?))
+    }
+}
+
+/// Llama RMSNorm as one op for f32 CPU inputs (the composite [`rms_norm`] otherwise):
+/// `y = x / sqrt(mean(x^2) + eps) * w`; the backward returns the input gradient only
+/// (the norm weight is frozen).
+pub fn rms_norm_fused(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if !(x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32) {
+        return rms_norm(x, w, eps);
+    }
+    let h = x.dim(D::Minus1)?;
+    if w.dims() != [h] {
+        candle_core::bail!("rms_norm: weight {:?} for {h} features", w.dims());
+    }
+    let w = tensor_f32(&w.contiguous()?, "rms_norm weight")?;
+    x.contiguous()?.apply_op1(RmsNormOp { eps: eps as f32, w, saved_r: std::sync::Mutex::new(None) })
+}
+
+struct RmsNormOp {
+    eps: f32,
+    w: Vec<f32>,
+    /// `1 / sqrt(mean(x^2) + eps)` per row.
+    saved_r: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl candle_core::CustomOp1 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = cpu_f32(st, l, "rms_norm input")?;
+        let h = self.w.len();
+        let mut y = vec![0f32; x.len()];
+        let mut rs = Vec::with_capacity(x.len() / h.max(1));
+        for (xr, yr) in x.chunks_exact(h).zip(y.chunks_exact_mut(h)) {
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / h as f32;
+            let r = 1.0 / (ms + self.eps).sqrt();
+            for ((o, &v), &w) in yr.iter_mut().zip(xr).zip(&self.w) {
+                *o = v * r * w;
+            }
+            rs.push(r);
+        }
+        *self.saved_r.lock().map_err(|_| candle_core::Error::Msg("rms_norm state poisoned".into()))? = Some(rs);
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let rs = self.saved_r.lock().map_err(|_| candle_core::Error::Msg("rms_norm state poisoned".into()))?.clone();
+        let Some(rs) = rs else { candle_core::bail!("rms_norm: backward before forward") };
+        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        let h = self.w.len();
+        let mut dx = vec![0f32; arg.elem_count()];
+        with_f32s(&[arg, &grad], "rms_norm backward", |v| {
+            for (((xr, gr), dr), &r) in v[0].chunks_exact(h).zip(v[1].chunks_exact(h)).zip(dx.chunks_exact_mut(h)).zip(&rs) {
+                // dx = r * (g w - x_hat * mean(g w x_hat)), x_hat = x r
+                let dot: f32 = xr.iter().zip(gr).zip(&self.w).map(|((x, g), w)| g * w * x * r).sum::<f32>() / h as f32;
+                for (((o, &x), &g), &w) in dr.iter_mut().zip(xr).zip(gr).zip(&self.w) {
+                    *o = r * (g * w - x * r * dot);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(Some(Tensor::from_vec(dx, arg.dims(), arg.device())?))
+    }
+}
