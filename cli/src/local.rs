@@ -129,7 +129,7 @@ pub enum BenchCommand {
     },
     /// GFLOP/s of the frozen-weight matrix products of `bench train`'s model (forward
     /// and input gradient of q/k/v/o, gate/up, down and lm_head at 256 rows), f32 and NF4
-    /// weights, on every backend this machine has: the built-in AVX-512 kernels, the
+    /// weights, on every backend this machine has: the built-in kernels (AVX-512, AVX2), the
     /// system BLAS (OpenBLAS/MKL) and the gemm crate.
     ///
     /// Examples:

@@ -200,13 +200,14 @@ pub fn bench_matmul(secs_each: f64) -> Vec<MatmulResult> {
         let mut record = |pass: &str, weight: &str, backend: String, gflops: f64| {
             out.push(MatmulResult { role: role.into(), pass: pass.into(), m, out_features: n, in_features: k, weight: weight.into(), backend, gflops });
         };
-        if crate::avx512::available() {
-            use crate::avx512::{linear_bwd, linear_fwd, Rows};
+        for isa in crate::kernels::Isa::ALL.into_iter().filter(|i| i.supported()) {
+            use crate::kernels::{linear_bwd, linear_fwd, Rows};
+            let name = format!("{} (built-in)", isa.name());
             for (weight, rows) in [("f32", Rows::F32(&w)), ("nf4", Rows::Nf4(&q))] {
-                let gf = time(&mut || linear_fwd(m, n, k, &x, rows, &mut y, false));
-                record("forward", weight, "avx512 (built-in)".into(), gf);
-                let gf = time(&mut || linear_bwd(m, n, k, &g, rows, &mut gx, false));
-                record("input-grad", weight, "avx512 (built-in)".into(), gf);
+                let gf = time(&mut || linear_fwd(isa, m, n, k, &x, rows, &mut y, false));
+                record("forward", weight, name.clone(), gf);
+                let gf = time(&mut || linear_bwd(isa, m, n, k, &g, rows, &mut gx, false));
+                record("input-grad", weight, name.clone(), gf);
             }
         }
         type Sgemm = dyn Fn(usize, usize, usize, &mut [f32], bool, &[f32], &[f32], bool);

@@ -2,24 +2,28 @@
 //! the output head, forward and input-gradient), which is most of a training step.
 //!
 //! Three backends compute the same `dst = lhs · rhs (+ dst)`:
-//! - [`crate::avx512`], our own AVX-512 kernel, on x86-64 CPUs that have AVX-512F
-//!   (240-310 GFLOP/s on 2 AMD Zen 5 cores for the benchmark's shapes);
+//! - [`crate::kernels`], our own kernels, on x86-64 CPUs with AVX-512F (240-310 GFLOP/s
+//!   on 2 AMD Zen 5 cores for the benchmark's shapes) or AVX2 + FMA;
 //! - a system BLAS loaded at run time (`cblas_sgemm`): OpenBLAS (Debian/Ubuntu
 //!   `libopenblas0-pthread`; 155-230 GFLOP/s on the same cores, where it runs its AVX2
 //!   kernels) or Intel MKL (`libmkl_rt`);
 //! - the `gemm` crate that candle uses (always there; 55-115 GFLOP/s on the same cores).
 //!
-//! `LORAFLEET_BLAS` picks: unset = the AVX-512 kernel if the CPU has AVX-512F, else the
-//! first of `libopenblas.so.0`, `libopenblas.so`, `libmkl_rt.so.2`, `libmkl_rt.so` the
-//! loader finds, else the `gemm` crate; `avx512` = the AVX-512 kernel (an error on CPUs
-//! without it falls back as unset); `system` = the library search only; `off` = the
-//! `gemm` crate; anything else = the path of a library exporting `cblas_sgemm`. Nothing
-//! is linked at build time, so a binary runs (more slowly) on machines without a BLAS.
+//! `LORAFLEET_BLAS` picks: unset = the built-in kernels on the best instruction set the
+//! CPU has (AVX-512F, else AVX2 + FMA), else the first of `libopenblas.so.0`,
+//! `libopenblas.so`, `libmkl_rt.so.2`, `libmkl_rt.so` the loader finds, else the `gemm`
+//! crate; `avx512` or `avx2` = the built-in kernels on that instruction set (on a CPU
+//! without it: a warning, then as unset); `system` = the library search only; `off` =
+//! the `gemm` crate; anything else = the path of a library exporting `cblas_sgemm`.
+//! Nothing is linked at build time, so a binary runs (more slowly) on machines without a
+//! BLAS.
 
 use std::ffi::c_int;
 use std::sync::OnceLock;
 
 use tracing::{info, warn};
+
+use crate::kernels::Isa;
 
 const ROW_MAJOR: c_int = 101;
 const NO_TRANS: c_int = 111;
@@ -144,7 +148,8 @@ pub fn keep_freed_memory() {
 
 /// Where [`sgemm`] runs.
 pub enum Backend {
-    Avx512,
+    /// The built-in kernels ([`crate::kernels`]) on this instruction set.
+    Kernels(Isa),
     System(Blas),
     GemmCrate,
 }
@@ -168,14 +173,21 @@ pub fn backend() -> &'static Backend {
         let b = match choice.as_str() {
             "off" | "none" | "0" | "gemm" => Backend::GemmCrate,
             "system" => search_system().map(Backend::System).unwrap_or(Backend::GemmCrate),
-            "" | "avx512" => {
-                if crate::avx512::available() {
-                    Backend::Avx512
-                } else {
-                    if choice == "avx512" {
-                        warn!("LORAFLEET_BLAS=avx512 but this CPU has no AVX-512F; looking for a system BLAS");
+            "" | "avx512" | "avx2" => {
+                let asked = Isa::ALL.into_iter().find(|i| i.name() == choice);
+                match asked.filter(|i| i.supported()).or_else(Isa::detect) {
+                    Some(isa) => {
+                        if asked.is_some_and(|a| a != isa) {
+                            warn!(fallback = isa.name(), "LORAFLEET_BLAS={choice} but this CPU does not have it");
+                        }
+                        Backend::Kernels(isa)
                     }
-                    search_system().map(Backend::System).unwrap_or(Backend::GemmCrate)
+                    None => {
+                        if !choice.is_empty() {
+                            warn!("LORAFLEET_BLAS={choice} but this CPU does not have it; looking for a system BLAS");
+                        }
+                        search_system().map(Backend::System).unwrap_or(Backend::GemmCrate)
+                    }
                 }
             }
             path => match Blas::load(path) {
@@ -188,7 +200,7 @@ pub fn backend() -> &'static Backend {
         };
         match &b {
             Backend::GemmCrate if choice.is_empty() => {
-                info!("no AVX-512 and no system BLAS (install libopenblas0-pthread for faster training); matrix products use the gemm crate")
+                info!("neither AVX-512 nor AVX2 and no system BLAS (install libopenblas0-pthread for faster training); matrix products use the gemm crate")
             }
             other => info!(backend = %name_of(other), "matrix product backend"),
         }
@@ -198,9 +210,18 @@ pub fn backend() -> &'static Backend {
 
 fn name_of(b: &Backend) -> String {
     match b {
-        Backend::Avx512 => "avx512 (built-in)".to_string(),
+        Backend::Kernels(isa) => format!("{} (built-in)", isa.name()),
         Backend::System(l) => l.name.clone(),
         Backend::GemmCrate => "gemm crate".to_string(),
+    }
+}
+
+/// The instruction set of the built-in kernels, when they are the backend (the fused
+/// LoRA and attention ops run on them).
+pub fn kernel_isa() -> Option<Isa> {
+    match backend() {
+        Backend::Kernels(isa) => Some(*isa),
+        _ => None,
     }
 }
 
@@ -212,7 +233,8 @@ pub fn system() -> Option<&'static Blas> {
     }
 }
 
-/// Which backend [`sgemm`] uses: `avx512 (built-in)`, the BLAS library's name, or
+/// Which backend [`sgemm`] uses: `avx512 (built-in)`, `avx2 (built-in)`, the BLAS
+/// library's name, or
 /// `gemm crate`.
 pub fn backend_name() -> String {
     name_of(backend())
@@ -223,7 +245,7 @@ pub fn backend_name() -> String {
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, lhs: &[f32], rhs: &[f32], rhs_t: bool) {
     match backend() {
-        Backend::Avx512 => crate::avx512::sgemm(m, n, k, dst, accumulate, lhs, rhs, rhs_t),
+        Backend::Kernels(isa) => crate::kernels::sgemm(*isa, m, n, k, dst, accumulate, lhs, rhs, rhs_t),
         Backend::System(b) => b.sgemm(m, n, k, dst, accumulate, lhs, rhs, rhs_t),
         Backend::GemmCrate => sgemm_portable(m, n, k, dst, accumulate, lhs, rhs, rhs_t),
     }

@@ -7,6 +7,8 @@ use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{BatchTensors, MicroBatch};
+#[cfg(target_arch = "x86_64")]
+use crate::kernels::Isa;
 use crate::model::CausalLm;
 use crate::Result;
 
@@ -121,17 +123,35 @@ fn row_max(row: &[f32]) -> f32 {
     chunks.remainder().iter().chain(m.iter()).copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
-/// `log(sum(exp(row)))`, vectorized for AVX-512 where the CPU has it (the same code,
-/// compiled twice: the default build targets baseline x86-64).
+/// The instruction set the loss is vectorized for: the matrix kernels' (so that
+/// `LORAFLEET_BLAS=avx2` measures an AVX2 CPU on an AVX-512 one), else the CPU's best.
+#[cfg(target_arch = "x86_64")]
+fn loss_isa() -> Option<Isa> {
+    crate::blas::kernel_isa().or_else(Isa::detect)
+}
+
+/// `log(sum(exp(row)))`, vectorized for AVX-512 or AVX2 where the CPU has them (the
+/// same code, compiled three times: the default build targets baseline x86-64).
 fn row_lse(row: &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if crate::avx512::available() {
-        #[target_feature(enable = "avx512f")]
-        unsafe fn wide(row: &[f32]) -> f32 {
-            row_lse_body(row)
+    match loss_isa() {
+        Some(Isa::Avx512) => {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn wide(row: &[f32]) -> f32 {
+                row_lse_body(row)
+            }
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { wide(row) };
         }
-        // SAFETY: the CPU has AVX-512F.
-        return unsafe { wide(row) };
+        Some(Isa::Avx2) => {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn wide(row: &[f32]) -> f32 {
+                row_lse_body(row)
+            }
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { wide(row) };
+        }
+        None => {}
     }
     row_lse_body(row)
 }
@@ -146,13 +166,24 @@ fn softmax_grad_row(out: &mut [f32], x: &[f32], lse: f32, g: f32) {
         }
     }
     #[cfg(target_arch = "x86_64")]
-    if crate::avx512::available() {
-        #[target_feature(enable = "avx512f")]
-        unsafe fn wide(out: &mut [f32], x: &[f32], lse: f32, g: f32) {
-            body(out, x, lse, g)
+    match loss_isa() {
+        Some(Isa::Avx512) => {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn wide(out: &mut [f32], x: &[f32], lse: f32, g: f32) {
+                body(out, x, lse, g)
+            }
+            // SAFETY: the CPU has AVX-512F.
+            return unsafe { wide(out, x, lse, g) };
         }
-        // SAFETY: the CPU has AVX-512F.
-        return unsafe { wide(out, x, lse, g) };
+        Some(Isa::Avx2) => {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn wide(out: &mut [f32], x: &[f32], lse: f32, g: f32) {
+                body(out, x, lse, g)
+            }
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { wide(out, x, lse, g) };
+        }
+        None => {}
     }
     body(out, x, lse, g)
 }

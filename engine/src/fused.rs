@@ -3,29 +3,31 @@
 //! everywhere else, and as the reference each of these is tested against in
 //! `tests/gradcheck.rs`):
 //! - [`lora_linear_fused`]: the LoRA layer, its products riding in the frozen product's
-//!   AVX-512 register tiles; one backward yields the gradients of x, A and B;
+//!   register tiles; one backward yields the gradients of x, A and B;
 //! - [`attention_fused`]: scaled dot-product attention with an additive mask, per-head
-//!   products on the AVX-512 kernels, grouped K/V heads without copies;
+//!   products on the built-in kernels, grouped K/V heads without copies;
 //! - [`rope_heads`]: rotary embedding with the head split folded in;
 //! - [`rms_norm_fused`]: Llama's RMSNorm (input gradient only: the weight is frozen).
 //!
-//! The first two need the AVX-512 backend of [`crate::blas`]; the other two run on any.
+//! The first two need the built-in kernels ([`crate::kernels`], AVX-512 or AVX2) as the
+//! backend of [`crate::blas`]; the other two run on any.
 
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, DType, Layout, Shape, Storage, Tensor, D};
 
+use crate::kernels::Isa;
 use crate::ops::{cpu_f32, rms_norm, rope, with_weight_rows, FrozenInner, FrozenLinear};
 
 // The LoRA layer as one op.
 
-/// Whether [`lora_linear_fused`] can run for this input: f32 on the CPU with the AVX-512
-/// backend (the kernels it folds the LoRA products into).
+/// Whether [`lora_linear_fused`] can run for this input: f32 on the CPU with the built-in
+/// kernels as the backend (it folds the LoRA products into their tiles).
 pub fn lora_fusable(base: &FrozenLinear, x: &Tensor) -> bool {
     x.device().is_cpu()
         && x.dtype() == DType::F32
         && base.inner.dtype == DType::F32
-        && matches!(crate::blas::backend(), crate::blas::Backend::Avx512)
+        && crate::blas::kernel_isa().is_some()
 }
 
 /// `y = x W^T (+ b) + s · (dropout(x) A^T) B^T` as one custom op (check [`lora_fusable`]
@@ -47,7 +49,8 @@ pub fn lora_linear_fused(base: &FrozenLinear, x: &Tensor, a: &Tensor, b: &Tensor
             candle_core::bail!("lora linear: dropout mask has {} values for {} inputs", mk.len(), m * k);
         }
     }
-    let op = LoraFused { inner: base.inner.clone(), scaling: scaling as f32, mask, saved_hs: std::sync::Mutex::new(None) };
+    let Some(isa) = crate::blas::kernel_isa() else { candle_core::bail!("lora linear: the fused op needs the built-in kernels (check lora_fusable)") };
+    let op = LoraFused { isa, inner: base.inner.clone(), scaling: scaling as f32, mask, saved_hs: std::sync::Mutex::new(None) };
     let x2 = x.reshape((m, k))?.contiguous()?;
     let y = x2.apply_op3_arc(&a.contiguous()?, &b.contiguous()?, Arc::new(Box::new(op)))?;
     let mut out_dims = lead.to_vec();
@@ -56,6 +59,7 @@ pub fn lora_linear_fused(base: &FrozenLinear, x: &Tensor, a: &Tensor, b: &Tensor
 }
 
 struct LoraFused {
+    isa: Isa,
     inner: Arc<FrozenInner>,
     scaling: f32,
     mask: Option<Vec<f32>>,
@@ -111,7 +115,7 @@ impl candle_core::CustomOp3 for LoraFused {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        use crate::avx512::{linear_fwd_ext, FwdExtra, Rows};
+        use crate::kernels::{linear_fwd_ext, FwdExtra, Rows};
         let (m, k) = l1.shape().dims2()?;
         let (r, _) = l2.shape().dims2()?;
         let n = self.inner.out_dim;
@@ -120,7 +124,7 @@ impl candle_core::CustomOp3 for LoraFused {
         let b = cpu_f32(s3, l3, "lora B")?;
         let xd = self.dropped(&x);
         let mut hs = vec![0f32; m * r];
-        linear_fwd_ext(m, r, k, &xd, Rows::F32(&a), None, &mut hs, false, false);
+        linear_fwd_ext(self.isa, m, r, k, &xd, Rows::F32(&a), None, &mut hs, false, false);
         hs.iter_mut().for_each(|v| *v *= self.scaling);
         let mut y = vec![0f32; m * n];
         let acc = match &self.inner.bias_f32 {
@@ -130,7 +134,7 @@ impl candle_core::CustomOp3 for LoraFused {
             }
             None => false,
         };
-        with_weight_rows(&self.inner, |w| linear_fwd_ext(m, n, k, &x, w, Some(FwdExtra { x: &hs, w: &b, r }), &mut y, acc, true))?;
+        with_weight_rows(&self.inner, |w| linear_fwd_ext(self.isa, m, n, k, &x, w, Some(FwdExtra { x: &hs, w: &b, r }), &mut y, acc, true))?;
         *self.saved_hs.lock().map_err(|_| candle_core::Error::Msg("lora linear state poisoned".into()))? = Some(hs);
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
@@ -156,28 +160,28 @@ impl LoraFused {
     /// `(grad x [m, k], grad A [r, k], grad B^T [r, n])`.
     #[allow(clippy::too_many_arguments)]
     fn grads(&self, m: usize, k: usize, r: usize, n: usize, hs: &[f32], xv: &[f32], av: &[f32], bv: &[f32], g: &[f32]) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        use crate::avx512::{linear_bwd_ext, BwdExtra, Rows};
+        use crate::kernels::{linear_bwd_ext, BwdExtra, Rows};
         // u = g B [m, r], scaled.
         let mut us = vec![0f32; m * r];
-        linear_bwd_ext(m, n, r, g, Rows::F32(bv), None, &mut us, false, true);
+        linear_bwd_ext(self.isa, m, n, r, g, Rows::F32(bv), None, &mut us, false, true);
         us.iter_mut().for_each(|v| *v *= self.scaling);
         // gx = g W + (s·u) A, the LoRA part through the dropout mask.
         let mut gx = vec![0f32; m * k];
         match &self.mask {
-            None => with_weight_rows(&self.inner, |w| linear_bwd_ext(m, n, k, g, w, Some(BwdExtra { g: &us, w: av, r }), &mut gx, false, true))?,
+            None => with_weight_rows(&self.inner, |w| linear_bwd_ext(self.isa, m, n, k, g, w, Some(BwdExtra { g: &us, w: av, r }), &mut gx, false, true))?,
             Some(mk) => {
-                with_weight_rows(&self.inner, |w| linear_bwd_ext(m, n, k, g, w, None, &mut gx, false, true))?;
+                with_weight_rows(&self.inner, |w| linear_bwd_ext(self.isa, m, n, k, g, w, None, &mut gx, false, true))?;
                 let mut t = vec![0f32; m * k];
-                linear_bwd_ext(m, r, k, &us, Rows::F32(av), None, &mut t, false, true);
+                linear_bwd_ext(self.isa, m, r, k, &us, Rows::F32(av), None, &mut t, false, true);
                 gx.iter_mut().zip(t.iter().zip(mk)).for_each(|(d, (v, mm))| *d += v * mm);
             }
         }
         // dA = (s·u)^T dropout(x) [r, k]; dB^T = (s·h)^T g [r, n].
         let xd = self.dropped(xv);
         let mut da = vec![0f32; r * k];
-        linear_bwd_ext(r, m, k, &transpose(&us, m, r), Rows::F32(&xd), None, &mut da, false, true);
+        linear_bwd_ext(self.isa, r, m, k, &transpose(&us, m, r), Rows::F32(&xd), None, &mut da, false, true);
         let mut dbt = vec![0f32; r * n];
-        linear_bwd_ext(r, m, n, &transpose(hs, m, r), Rows::F32(g), None, &mut dbt, false, true);
+        linear_bwd_ext(self.isa, r, m, n, &transpose(hs, m, r), Rows::F32(g), None, &mut dbt, false, true);
         Ok((gx, da, dbt))
     }
 }
@@ -185,9 +189,10 @@ impl LoraFused {
 // ---------------------------------------------------------------------------------
 // Attention as one op.
 
-/// Whether [`attention_fused`] can run: f32 on the CPU with the AVX-512 backend.
+/// Whether [`attention_fused`] can run: f32 on the CPU with the built-in kernels as the
+/// backend.
 pub fn attention_fusable(q: &Tensor) -> bool {
-    q.device().is_cpu() && q.dtype() == DType::F32 && matches!(crate::blas::backend(), crate::blas::Backend::Avx512)
+    q.device().is_cpu() && q.dtype() == DType::F32 && crate::blas::kernel_isa().is_some()
 }
 
 /// Scaled dot-product attention with an additive mask as one op (check
@@ -196,7 +201,7 @@ pub fn attention_fusable(q: &Tensor) -> bool {
 /// `[b, s, h * d]`. Per head: `S = q k^T / sqrt(d) + mask`, `P = softmax(S)` (kept for
 /// the backward pass), `o = P v`; the backward computes `dv = P^T do`, `dP = do v^T`,
 /// `dS = P (dP - rowsum(dP P)) / sqrt(d)`, `dq = dS k`, `dk = dS^T q`. Heads run in
-/// parallel, each product on the AVX-512 kernel.
+/// parallel, each product on the built-in kernels.
 pub fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
     let (b, h, s, d) = q.dims4()?;
     let (bk, kvh, t, dk) = k.dims4()?;
@@ -208,11 +213,13 @@ pub fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> can
         candle_core::bail!("attention: mask {:?} does not fit q {:?} and k {:?}", mask.dims(), q.dims(), k.dims());
     }
     let mask = tensor_f32(&mask.to_dtype(DType::F32)?.contiguous()?, "attention mask")?;
-    let op = AttentionOp { b, h, kvh, s, t, d, mask, mask_rows: mrows, saved_p: std::sync::Mutex::new(None) };
+    let Some(isa) = crate::blas::kernel_isa() else { candle_core::bail!("attention: the fused op needs the built-in kernels (check attention_fusable)") };
+    let op = AttentionOp { isa, b, h, kvh, s, t, d, mask, mask_rows: mrows, saved_p: std::sync::Mutex::new(None) };
     q.contiguous()?.apply_op3_arc(&k.contiguous()?, &v.contiguous()?, Arc::new(Box::new(op)))
 }
 
 struct AttentionOp {
+    isa: Isa,
     b: usize,
     h: usize,
     kvh: usize,
@@ -244,20 +251,20 @@ impl candle_core::CustomOp3 for AttentionOp {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        use crate::avx512::{linear_bwd_ext, linear_fwd_ext, Out, Rows};
+        use crate::kernels::{linear_bwd_ext, linear_fwd_ext, Out, Rows};
         let (q, k, v) = (cpu_f32(s1, l1, "attention q")?, cpu_f32(s2, l2, "attention k")?, cpu_f32(s3, l3, "attention v")?);
         let (b, h, s, t, d) = (self.b, self.h, self.s, self.t, self.d);
         let mut out = vec![0f32; b * s * h * d];
         let mut p = vec![0f32; b * h * s * t];
         let (out_ptr, p_ptr) = (Out(out.as_mut_ptr()), Out(p.as_mut_ptr()));
         let scale = self.scale();
-        crate::avx512::parallel_ranges(b * h, 4 * b * h * s * t * d, |heads| {
+        crate::kernels::parallel_ranges(b * h, 4 * b * h * s * t * d, |heads| {
             let mut o = vec![0f32; s * d];
             for head in heads {
                 let (qo, ko, mo) = self.offsets(head);
                 // SAFETY: each head owns its [s, t] block of p.
                 let ph = unsafe { std::slice::from_raw_parts_mut(p_ptr.at(head * s * t), s * t) };
-                linear_fwd_ext(s, t, d, &q[qo..qo + s * d], Rows::F32(&k[ko..ko + t * d]), None, ph, false, false);
+                linear_fwd_ext(self.isa, s, t, d, &q[qo..qo + s * d], Rows::F32(&k[ko..ko + t * d]), None, ph, false, false);
                 for (i, row) in ph.chunks_exact_mut(t).enumerate() {
                     let mrow = &self.mask[mo + i * t..mo + (i + 1) * t];
                     let mut max = f32::NEG_INFINITY;
@@ -277,7 +284,7 @@ impl candle_core::CustomOp3 for AttentionOp {
                     let inv = 1.0 / sum;
                     row.iter_mut().for_each(|x| *x *= inv);
                 }
-                linear_bwd_ext(s, t, d, ph, Rows::F32(&v[ko..ko + t * d]), None, &mut o, false, false);
+                linear_bwd_ext(self.isa, s, t, d, ph, Rows::F32(&v[ko..ko + t * d]), None, &mut o, false, false);
                 let (bi, hh) = (head / h, head % h);
                 for (i, row) in o.chunks_exact(d).enumerate() {
                     // SAFETY: each head owns columns hh * d .. (hh + 1) * d of out.
@@ -308,7 +315,7 @@ impl candle_core::CustomOp3 for AttentionOp {
 impl AttentionOp {
     /// `(dq [b, h, s, d], dk [b, kvh, t, d], dv [b, kvh, t, d])`.
     fn grads(&self, p: &[f32], qv: &[f32], kv: &[f32], vv: &[f32], g: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        use crate::avx512::{linear_bwd_ext, linear_fwd_ext, Out, Rows};
+        use crate::kernels::{linear_bwd_ext, linear_fwd_ext, Out, Rows};
         let (b, h, kvh, s, t, d) = (self.b, self.h, self.kvh, self.s, self.t, self.d);
         let scale = self.scale();
         let mut dq = vec![0f32; b * h * s * d];
@@ -316,7 +323,7 @@ impl AttentionOp {
         let mut dk_h = vec![0f32; b * h * t * d];
         let mut dv_h = vec![0f32; b * h * t * d];
         let (dq_ptr, dk_ptr, dv_ptr) = (Out(dq.as_mut_ptr()), Out(dk_h.as_mut_ptr()), Out(dv_h.as_mut_ptr()));
-        crate::avx512::parallel_ranges(b * h, 8 * b * h * s * t * d, |heads| {
+        crate::kernels::parallel_ranges(b * h, 8 * b * h * s * t * d, |heads| {
             let (mut go, mut ds) = (vec![0f32; s * d], vec![0f32; s * t]);
             for head in heads {
                 let (qo, ko, _) = self.offsets(head);
@@ -336,16 +343,16 @@ impl AttentionOp {
                     )
                 };
                 // dv = P^T do
-                linear_bwd_ext(t, s, d, &transpose(ph, s, t), Rows::F32(&go), None, dvh, false, false);
+                linear_bwd_ext(self.isa, t, s, d, &transpose(ph, s, t), Rows::F32(&go), None, dvh, false, false);
                 // dP = do v^T, then dS = P (dP - rowsum(dP P)) * scale (in ds)
-                linear_fwd_ext(s, t, d, &go, Rows::F32(vh), None, &mut ds, false, false);
+                linear_fwd_ext(self.isa, s, t, d, &go, Rows::F32(vh), None, &mut ds, false, false);
                 for (dsr, pr) in ds.chunks_exact_mut(t).zip(ph.chunks_exact(t)) {
                     let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
                     dsr.iter_mut().zip(pr).for_each(|(x, &pp)| *x = pp * (*x - dot) * scale);
                 }
                 // dq = dS k; dk = dS^T q
-                linear_bwd_ext(s, t, d, &ds, Rows::F32(kh), None, dqh, false, false);
-                linear_bwd_ext(t, s, d, &transpose(&ds, s, t), Rows::F32(qh), None, dkh, false, false);
+                linear_bwd_ext(self.isa, s, t, d, &ds, Rows::F32(kh), None, dqh, false, false);
+                linear_bwd_ext(self.isa, t, s, d, &transpose(&ds, s, t), Rows::F32(qh), None, dkh, false, false);
             }
         });
         let n_rep = h / kvh;

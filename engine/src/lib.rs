@@ -6,7 +6,7 @@
 //! - `model`: the `CausalLm` contract, HF config parsing, Llama-family and Falcon models.
 //! - `nf4`: bitsandbytes-exact NF4 quantization; `ops`: the frozen linear custom ops and
 //!   differentiable building blocks; `fused`: single-op forms of the hot chains (LoRA
-//!   layer, attention, RoPE, RMSNorm) for f32 CPU compute; `blas` and `avx512`: the
+//!   layer, attention, RoPE, RMSNorm) for f32 CPU compute; `blas` and `kernels`: the
 //!   matrix products they run on.
 //! - `lora`: LoRA layers and PEFT adapter files.
 //! - `data`, `optim`, `train`, `eval`, `generate`: the training side.
@@ -17,7 +17,7 @@ pub mod nf4;
 pub mod ops;
 pub mod fused;
 pub mod blas;
-pub mod avx512;
+pub mod kernels;
 pub mod lora;
 pub mod peft;
 pub mod quantize;

@@ -2,7 +2,7 @@
 //!
 //! - [`FrozenLinear`]: `y = x W^T (+ b)` for a frozen weight (NF4 or full precision). On
 //!   CPU it is a candle `CustomOp1` that runs the product on the process-wide backend of
-//!   [`crate::blas`] directly on the input buffer (the AVX-512 kernels take NF4 weights as
+//!   [`crate::blas`] directly on the input buffer (the built-in kernels take NF4 weights as
 //!   they are and dequantize a block at a time; the other backends get a dequantized
 //!   copy through a byte-pair lookup table) and whose backward returns only
 //!   `grad_x = grad_y W`: no gradient for `W` is computed or kept.
@@ -17,6 +17,7 @@ use candle_core::{
 };
 use half::bf16;
 
+use crate::kernels::Rows;
 use crate::nf4::Nf4Tensor;
 
 /// A frozen weight `[out, in]`.
@@ -142,12 +143,11 @@ fn to_storage(v: Vec<f32>, dtype: DType) -> candle_core::Result<CpuStorage> {
 }
 
 /// Run `f` with the weight as a row-major f32 `[out, in]` matrix: in place (f32) or as
-/// NF4 rows for the AVX-512 kernels, which dequantize block by block; a dequantized or
+/// NF4 rows for the built-in kernels, which dequantize block by block; a dequantized or
 /// converted copy otherwise.
-pub(crate) fn with_weight_rows<R>(inner: &FrozenInner, f: impl FnOnce(crate::avx512::Rows) -> R) -> candle_core::Result<R> {
-    use crate::avx512::Rows;
+pub(crate) fn with_weight_rows<R>(inner: &FrozenInner, f: impl FnOnce(Rows) -> R) -> candle_core::Result<R> {
     match &inner.weight {
-        FrozenWeight::Nf4(q) if matches!(crate::blas::backend(), crate::blas::Backend::Avx512) => Ok(f(Rows::Nf4(q))),
+        FrozenWeight::Nf4(q) if crate::blas::kernel_isa().is_some() => Ok(f(Rows::Nf4(q))),
         _ => with_weight_f32(inner, |w| f(Rows::F32(w))),
     }
 }
@@ -156,10 +156,10 @@ pub(crate) fn with_weight_rows<R>(inner: &FrozenInner, f: impl FnOnce(crate::avx
 fn frozen_fwd(inner: &FrozenInner, m: usize, x: &[f32], y: &mut [f32], accumulate: bool) -> candle_core::Result<()> {
     let (n, k) = (inner.out_dim, inner.in_dim);
     with_weight_rows(inner, |w| match (crate::blas::backend(), w) {
-        (crate::blas::Backend::Avx512, w) => crate::avx512::linear_fwd(m, n, k, x, w, y, accumulate),
+        (crate::blas::Backend::Kernels(isa), w) => crate::kernels::linear_fwd(*isa, m, n, k, x, w, y, accumulate),
         // rhs = W^T: element (kk, nn) = W[nn, kk] at nn * k + kk.
-        (_, crate::avx512::Rows::F32(w)) => crate::blas::sgemm(m, n, k, y, accumulate, x, w, true),
-        (_, crate::avx512::Rows::Nf4(_)) => unreachable!("NF4 rows are only handed to the AVX-512 kernel"),
+        (_, Rows::F32(w)) => crate::blas::sgemm(m, n, k, y, accumulate, x, w, true),
+        (_, Rows::Nf4(_)) => unreachable!("NF4 rows are only handed to the built-in kernels"),
     })
 }
 
@@ -167,10 +167,10 @@ fn frozen_fwd(inner: &FrozenInner, m: usize, x: &[f32], y: &mut [f32], accumulat
 fn frozen_bwd(inner: &FrozenInner, m: usize, g: &[f32], gx: &mut [f32]) -> candle_core::Result<()> {
     let (n, k) = (inner.out_dim, inner.in_dim);
     with_weight_rows(inner, |w| match (crate::blas::backend(), w) {
-        (crate::blas::Backend::Avx512, w) => crate::avx512::linear_bwd(m, n, k, g, w, gx, false),
+        (crate::blas::Backend::Kernels(isa), w) => crate::kernels::linear_bwd(*isa, m, n, k, g, w, gx, false),
         // rhs = W: element (nn, kk) at nn * k + kk.
-        (_, crate::avx512::Rows::F32(w)) => crate::blas::sgemm(m, k, n, gx, false, g, w, false),
-        (_, crate::avx512::Rows::Nf4(_)) => unreachable!("NF4 rows are only handed to the AVX-512 kernel"),
+        (_, Rows::F32(w)) => crate::blas::sgemm(m, k, n, gx, false, g, w, false),
+        (_, Rows::Nf4(_)) => unreachable!("NF4 rows are only handed to the built-in kernels"),
     })
 }
 

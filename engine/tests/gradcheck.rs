@@ -3,6 +3,8 @@
 //! parameter of every layer gets a non-zero gradient, checkpointing on/off agree, and
 //! a directional finite difference of the full loss matches.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -351,7 +353,7 @@ fn fused_lora_layer_equals_the_composite_ops() {
         let ctx = ForwardCtx { track: true, training: dropout > 0.0, dropout_seed: 9, pass: 2 };
         let x = Var::from_tensor(&rand_t(&[1, m, k], 45, DType::F32)).unwrap();
         let rw = rand_t(&[1, m, n], 46, DType::F32);
-        if lorafleet_engine::avx512::available() && std::env::var_os("LORAFLEET_BLAS").is_none() {
+        if common::expect_fused() {
             assert!(fused::lora_fusable(&layer.base, x.as_tensor()), "the fused path must be the one under test here");
         }
         let run = |fused: bool| {
@@ -387,7 +389,7 @@ fn fused_attention_equals_the_composite_ops() {
         let q = Var::from_tensor(&rand_t(&[b, h, s, d], 51, DType::F32)).unwrap();
         let k = Var::from_tensor(&rand_t(&[b, kvh, t, d], 52, DType::F32)).unwrap();
         let v = Var::from_tensor(&rand_t(&[b, kvh, t, d], 53, DType::F32)).unwrap();
-        if lorafleet_engine::avx512::available() && std::env::var_os("LORAFLEET_BLAS").is_none() {
+        if common::expect_fused() {
             assert!(fused::attention_fusable(q.as_tensor()), "the fused path must be the one under test here");
         }
         let rw = rand_t(&[b, s, h * d], 54, DType::F32);
@@ -457,4 +459,15 @@ fn fused_rope_and_rms_norm_equal_the_composite_ops() {
         &|x| ops::rms_norm(x, &w, 1e-5).unwrap(),
         2e-6,
     );
+}
+
+#[test]
+fn avx2_kernels_pass_the_fused_and_model_gradient_checks() {
+    // The fused ops against the composite ones, and the model-level checks (every LoRA
+    // parameter gets a gradient, checkpointing agrees, directional finite difference),
+    // again on the AVX2 kernels.
+    common::rerun_on_avx2("_equal", 3);
+    common::rerun_on_avx2("every_lora_parameter_gets_a_gradient", 1);
+    common::rerun_on_avx2("gradient_checkpointing_gives_identical_gradients", 1);
+    common::rerun_on_avx2("full_model_directional_finite_difference", 1);
 }

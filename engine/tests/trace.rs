@@ -1,6 +1,8 @@
 //! Reproduce the PEFT + torch.optim.AdamW training traces of the fixtures: every loss
 //! and every final adapter weight within 1e-4 (fixtures README, "Training trace").
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
@@ -112,6 +114,11 @@ fn tiny_falcon_trace_matches_peft() {
 #[test]
 fn tiny_llama_trace_with_gradient_checkpointing() {
     check_trace("tiny-llama", true);
+}
+
+#[test]
+fn traces_match_peft_on_the_avx2_kernels() {
+    common::rerun_on_avx2("_trace", 3);
 }
 
 /// The spec's QLoRA defaults (NF4 double-quant, bf16 compute, dropout, grad accumulation

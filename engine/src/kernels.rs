@@ -1,27 +1,32 @@
-//! Single-precision products for x86-64 CPUs with AVX-512F, written for the frozen
-//! linear layers of LoRA training: a few hundred activation rows against large weights
-//! that are full precision or NF4.
+//! Single-precision products for x86-64 CPUs with AVX-512F or AVX2 + FMA, written for
+//! the frozen linear layers of LoRA training: a few hundred activation rows against
+//! large weights that are full precision or NF4.
 //!
-//! One register-blocked micro-kernel computes a `MR x NR` (12 x 32) tile with 512-bit
-//! fused multiply-adds: per step of the inner dimension two vector loads of a B row,
-//! `MR` broadcasts from the A rows, `2 * MR` FMAs into 24 zmm accumulators. Both
-//! operands are read in place with their row strides; only what is not laid out for it
-//! is copied into small per-thread buffers:
-//! - forward `y = x W^T` ([`linear_fwd`]) computes `y^T = W x^T` tile by tile: A is 12
-//!   rows of W (read in place, or dequantized from NF4 a 12 x 256 block at a time), B is
-//!   a 256-row block of `x^T` (transposed once per block), and tiles are written back
+//! One register-blocked micro-kernel computes a `MR x NR` (12 x 32) tile with fused
+//! multiply-adds. With AVX-512 ([`Isa::Avx512`]) that is one pass: per step of the inner
+//! dimension two 16-lane loads of a B row, `MR` broadcasts from the A rows, `2 * MR` FMAs
+//! into 24 zmm accumulators. With AVX2 ([`Isa::Avx2`]; 16 ymm registers) it is four
+//! passes of a 6 x 16 kernel (12 accumulators, two 8-lane B loads and six broadcasts per
+//! step) over the same operands. Both operands are read in place with their row strides;
+//! only what is not laid out for it is copied into small per-thread buffers:
+//! - forward `y = x W^T` ([`Isa::linear_fwd`]) computes `y^T = W x^T` tile by tile: A is
+//!   12 rows of W (read in place, or dequantized from NF4 a 12 x 2048 block at a time), B
+//!   is a block of `x^T` (transposed once per block), and tiles are written back
 //!   transposed;
-//! - input gradient `gx = g W` ([`linear_bwd`]): A is rows of g in place, B is rows of W
-//!   (in place, or dequantized a 256-row block at a time).
+//! - input gradient `gx = g W` ([`Isa::linear_bwd`]): A is rows of g in place, B is rows
+//!   of W (in place, or dequantized a 256-row block at a time).
 //!
 //! So an NF4 weight is never dequantized as a whole, and a full-precision weight is never
 //! copied. Threads (candle's worker pool) own disjoint output column ranges and
 //! never wait for each other.
 //!
-//! Why it exists: on AMD Zen 4/5 the system OpenBLAS runs its AVX2 kernels (older
-//! releases do not know these CPUs, and machines pin `OPENBLAS_CORETYPE=Haswell` because
-//! the AVX-512 kernels of those releases misbehave there), which leaves half of the
-//! cores' FMA throughput unused.
+//! Why it exists: candle's own CPU matmul (the gemm crate) reaches a third of what these
+//! cores can do, a system BLAS is not always installed, and even where it is, it cannot
+//! fold the LoRA products into the frozen product's tiles or read NF4 weights without a
+//! dequantized copy. On AMD Zen 4/5 the system OpenBLAS also runs its AVX2 kernels
+//! (older releases do not know these CPUs, and machines pin `OPENBLAS_CORETYPE=Haswell`
+//! because the AVX-512 kernels of those releases misbehave there), which leaves half of
+//! the cores' FMA throughput unused.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -37,16 +42,51 @@ const KC: usize = 256;
 /// Rows of the left operand per block (`MC x KC` floats = 256 KiB, in L2).
 const MC: usize = 256;
 
-/// Whether this CPU can run the kernels of this module.
+/// The instruction set a kernel runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// AVX-512F: one 12 x 32 tile per pass in 24 zmm accumulators.
+    Avx512,
+    /// AVX2 and FMA (Intel Haswell and later, AMD Zen): four 6 x 16 passes per tile.
+    Avx2,
+}
+
+impl Isa {
+    /// Every instruction set of this module, the fastest first.
+    pub const ALL: [Isa; 2] = [Isa::Avx512, Isa::Avx2];
+
+    /// Whether this CPU can run it.
+    pub fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Isa::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+                Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// The fastest instruction set this CPU supports, if any.
+    pub fn detect() -> Option<Isa> {
+        Isa::ALL.into_iter().find(|i| i.supported())
+    }
+
+    /// `avx512` or `avx2` (as `LORAFLEET_BLAS` spells it).
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+        }
+    }
+}
+
+/// Whether this CPU can run the kernels of this module (on some instruction set).
 pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Isa::detect().is_some()
 }
 
 /// A row-major `[rows, cols]` matrix of frozen weights, full precision or NF4
@@ -128,8 +168,8 @@ fn run_split(ranges: Vec<std::ops::Range<usize>>, f: impl Fn(std::ops::Range<usi
 
 /// Checks the CPU, and handles an `[m, n]` output of a product over `k = 0` (zeros, or
 /// unchanged when accumulating) or with no elements: true when nothing is left to do.
-fn empty_product(m: usize, n: usize, k: usize, out: &mut [f32], accumulate: bool) -> bool {
-    assert!(available(), "avx512 kernel on a CPU without AVX-512F");
+fn empty_product(isa: Isa, m: usize, n: usize, k: usize, out: &mut [f32], accumulate: bool) -> bool {
+    assert!(isa.supported(), "{} kernel on a CPU without it", isa.name());
     if k == 0 && !accumulate {
         out[..m * n].fill(0.0);
     }
@@ -159,20 +199,21 @@ pub struct BwdExtra<'a> {
 }
 
 /// `y[m, n] (+)= x[m, k] · W^T` for a weight `W [n, k]` (a linear layer's forward).
-/// Panics when the CPU lacks AVX-512F (check [`available`]) or a slice is too short.
-pub fn linear_fwd(m: usize, n: usize, k: usize, x: &[f32], w: Rows, y: &mut [f32], accumulate: bool) {
-    linear_fwd_ext(m, n, k, x, w, None, y, accumulate, true)
+/// Panics when the CPU lacks `isa` (check [`Isa::supported`]) or a slice is too short.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_fwd(isa: Isa, m: usize, n: usize, k: usize, x: &[f32], w: Rows, y: &mut [f32], accumulate: bool) {
+    linear_fwd_ext(isa, m, n, k, x, w, None, y, accumulate, true)
 }
 
 /// [`linear_fwd`] plus an optional [`FwdExtra`], on the calling thread alone unless
 /// `parallel`.
 #[allow(clippy::too_many_arguments)]
-pub fn linear_fwd_ext(m: usize, n: usize, k: usize, x: &[f32], w: Rows, extra: Option<FwdExtra>, y: &mut [f32], accumulate: bool, parallel: bool) {
+pub fn linear_fwd_ext(isa: Isa, m: usize, n: usize, k: usize, x: &[f32], w: Rows, extra: Option<FwdExtra>, y: &mut [f32], accumulate: bool, parallel: bool) {
     assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * n);
     if let Some(e) = &extra {
         assert!(k > 0 && e.x.len() >= m * e.r && e.w.len() >= n * e.r);
     }
-    if empty_product(m, n, k, y, accumulate) {
+    if empty_product(isa, m, n, k, y, accumulate) {
         return;
     }
     let out = Out(y.as_mut_ptr());
@@ -212,10 +253,10 @@ pub fn linear_fwd_ext(m: usize, n: usize, k: usize, x: &[f32], w: Rows, extra: O
                     for it in (0..mc).step_by(NR) {
                         // SAFETY: A has MR rows of kc floats at stride lda; xt has kc rows
                         // of mc_pad >= it + NR floats; tile has MR * NR floats.
-                        unsafe { micro(kc, ap, lda, xt[it * kc..].as_ptr(), NR, tile.as_mut_ptr(), NR, false) };
+                        unsafe { micro(isa, kc, ap, lda, xt[it * kc..].as_ptr(), NR, tile.as_mut_ptr(), NR, false) };
                         if let Some(e) = &extra {
                             // SAFETY: as above for the MR x r block and the r-row panels.
-                            unsafe { micro(e.r, a2.as_ptr(), e.r, xt2[it * e.r..].as_ptr(), NR, tile.as_mut_ptr(), NR, true) };
+                            unsafe { micro(isa, e.r, a2.as_ptr(), e.r, xt2[it * e.r..].as_ptr(), NR, tile.as_mut_ptr(), NR, true) };
                         }
                         // tile[r][c] = y[ic + it + c, j + r].
                         for c in 0..NR.min(mc - it) {
@@ -270,20 +311,21 @@ fn rows_block(a: &mut Vec<f32>, w: Rows, k: usize, j: usize, rows: usize, pc: us
 
 /// `gx[m, cols] (+)= g[m, rows] · W` for a weight `W [rows, cols]` (a linear layer's
 /// input gradient). Panics like [`linear_fwd`].
-pub fn linear_bwd(m: usize, rows: usize, cols: usize, g: &[f32], w: Rows, gx: &mut [f32], accumulate: bool) {
-    linear_bwd_ext(m, rows, cols, g, w, None, gx, accumulate, true)
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd(isa: Isa, m: usize, rows: usize, cols: usize, g: &[f32], w: Rows, gx: &mut [f32], accumulate: bool) {
+    linear_bwd_ext(isa, m, rows, cols, g, w, None, gx, accumulate, true)
 }
 
 /// [`linear_bwd`] plus an optional [`BwdExtra`], on the calling thread alone unless
 /// `parallel`.
 #[allow(clippy::too_many_arguments)]
-pub fn linear_bwd_ext(m: usize, rows: usize, cols: usize, g: &[f32], w: Rows, extra: Option<BwdExtra>, gx: &mut [f32], accumulate: bool, parallel: bool) {
+pub fn linear_bwd_ext(isa: Isa, m: usize, rows: usize, cols: usize, g: &[f32], w: Rows, extra: Option<BwdExtra>, gx: &mut [f32], accumulate: bool, parallel: bool) {
     assert!(g.len() >= m * rows && w.len() >= rows * cols && gx.len() >= m * cols);
     let extra_rows = extra.map_or(0, |e| e.r);
     if let Some(e) = &extra {
         assert!(e.g.len() >= m * e.r && e.w.len() >= e.r * cols);
     }
-    if empty_product(m, cols, rows + extra_rows, gx, accumulate) {
+    if empty_product(isa, m, cols, rows + extra_rows, gx, accumulate) {
         return;
     }
     // Blocks of the inner dimension: (first row, rows, from the extra product).
@@ -345,11 +387,11 @@ pub fn linear_bwd_ext(m: usize, rows: usize, cols: usize, g: &[f32], w: Rows, ex
                             // SAFETY: A has MR rows of kc floats at stride lda; B has kc rows
                             // of >= jt + NR floats at stride ldb; the full tile of gx at
                             // (i, range.start + jt) is inside gx and owned by this thread.
-                            unsafe { micro(kc, ap, lda, bt, ldb, out.at(i * cols + range.start + jt), cols, acc) };
+                            unsafe { micro(isa, kc, ap, lda, bt, ldb, out.at(i * cols + range.start + jt), cols, acc) };
                             continue;
                         }
                         // SAFETY: as above, into the scratch tile.
-                        unsafe { micro(kc, ap, lda, bt, ldb, tile.as_mut_ptr(), NR, false) };
+                        unsafe { micro(isa, kc, ap, lda, bt, ldb, tile.as_mut_ptr(), NR, false) };
                         for r in 0..nrows {
                             let row = (i + r) * cols + range.start + jt;
                             for c in 0..ncols {
@@ -370,25 +412,50 @@ pub fn linear_bwd_ext(m: usize, rows: usize, cols: usize, g: &[f32], w: Rows, ex
 /// `dst[m, n] = lhs[m, k] · rhs (+ dst if accumulate)`, row-major; `rhs` is `[k, n]`
 /// (`rhs_t == false`) or the transpose of a `[n, k]` matrix (`rhs_t`).
 #[allow(clippy::too_many_arguments)]
-pub fn sgemm(m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, lhs: &[f32], rhs: &[f32], rhs_t: bool) {
+pub fn sgemm(isa: Isa, m: usize, n: usize, k: usize, dst: &mut [f32], accumulate: bool, lhs: &[f32], rhs: &[f32], rhs_t: bool) {
     if rhs_t {
-        linear_fwd(m, n, k, lhs, Rows::F32(rhs), dst, accumulate)
+        linear_fwd(isa, m, n, k, lhs, Rows::F32(rhs), dst, accumulate)
     } else {
-        linear_bwd(m, k, n, lhs, Rows::F32(rhs), dst, accumulate)
+        linear_bwd(isa, m, k, n, lhs, Rows::F32(rhs), dst, accumulate)
     }
 }
 
 /// The micro-kernel: `c[r * ldc + j] (+)= sum_p a[r * lda + p] * b[p * ldb + j]` for
-/// `r < MR`, `j < NR`, `p < kc`. Written out register by register (a macro) with
-/// unchecked pointer arithmetic, so that the 24 accumulators stay in registers in every
-/// build profile.
+/// `r < MR`, `j < NR`, `p < kc`, on `isa`.
 ///
 /// # Safety
-/// AVX-512F; `a` has `MR` rows of `kc` floats at stride `lda`, `b` has `kc` rows of `NR`
-/// floats at stride `ldb`, `c` has `MR` rows of `NR` writable floats at stride `ldc`.
+/// The CPU supports `isa`; `a` has `MR` rows of `kc` floats at stride `lda`, `b` has `kc`
+/// rows of `NR` floats at stride `ldb`, `c` has `MR` rows of `NR` writable floats at
+/// stride `ldc`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn micro(isa: Isa, kc: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, accumulate: bool) {
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        Isa::Avx512 => micro_avx512(kc, a, lda, b, ldb, c, ldc, accumulate),
+        Isa::Avx2 => {
+            // Four 6 x 16 quarters of the 12 x 32 tile, each over the whole depth: the
+            // B panel and the A rows are re-read from L1/L2, which AVX2's half-width
+            // FMAs leave time for.
+            for (r, col) in [(0, 0), (0, 16), (6, 0), (6, 16)] {
+                micro_avx2(kc, a.wrapping_add(r * lda), lda, b.wrapping_add(col), ldb, c.wrapping_add(r * ldc + col), ldc, accumulate);
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("no {} kernel on this architecture", isa.name())
+}
+
+/// [`micro`] on AVX-512F, written out register by register (a macro) with unchecked
+/// pointer arithmetic, so that the 24 accumulators stay in registers in every build
+/// profile.
+///
+/// # Safety
+/// As [`micro`], with AVX-512F.
+#[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
-unsafe fn micro(kc: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, accumulate: bool) {
+unsafe fn micro_avx512(kc: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, accumulate: bool) {
     macro_rules! kernel {
         ($($r:literal => $c0:ident $c1:ident),*) => {{
             $(let mut $c0 = _mm512_setzero_ps(); let mut $c1 = _mm512_setzero_ps();)*
@@ -418,6 +485,46 @@ unsafe fn micro(kc: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize,
     kernel!(0 => c0a c0b, 1 => c1a c1b, 2 => c2a c2b, 3 => c3a c3b, 4 => c4a c4b, 5 => c5a c5b, 6 => c6a c6b, 7 => c7a c7b, 8 => c8a c8b, 9 => c9a c9b, 10 => c10a c10b, 11 => c11a c11b);
 }
 
+/// A 6 x 16 quarter of [`micro`] on AVX2 + FMA: `c[r * ldc + j] (+)= sum_p
+/// a[r * lda + p] b[p * ldb + j]` for `r < 6`, `j < 16`, in 12 ymm accumulators (two B
+/// loads and six broadcasts per step leave 3 of the 16 registers free).
+///
+/// # Safety
+/// AVX2 and FMA; `a` has 6 rows of `kc` floats at stride `lda`, `b` has `kc` rows of 16
+/// floats at stride `ldb`, `c` has 6 rows of 16 writable floats at stride `ldc`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn micro_avx2(kc: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, accumulate: bool) {
+    macro_rules! kernel {
+        ($($r:literal => $c0:ident $c1:ident),*) => {{
+            $(let mut $c0 = _mm256_setzero_ps(); let mut $c1 = _mm256_setzero_ps();)*
+            let (mut a, mut b) = (a, b);
+            for _ in 0..kc {
+                let b0 = _mm256_loadu_ps(b);
+                let b1 = _mm256_loadu_ps(b.wrapping_add(8));
+                $(
+                    let av = _mm256_broadcast_ss(&*a.wrapping_add($r * lda));
+                    $c0 = _mm256_fmadd_ps(av, b0, $c0);
+                    $c1 = _mm256_fmadd_ps(av, b1, $c1);
+                )*
+                a = a.wrapping_add(1);
+                b = b.wrapping_add(ldb);
+            }
+            $(
+                let p = c.wrapping_add($r * ldc);
+                if accumulate {
+                    $c0 = _mm256_add_ps($c0, _mm256_loadu_ps(p));
+                    $c1 = _mm256_add_ps($c1, _mm256_loadu_ps(p.wrapping_add(8)));
+                }
+                _mm256_storeu_ps(p, $c0);
+                _mm256_storeu_ps(p.wrapping_add(8), $c1);
+            )*
+        }};
+    }
+    kernel!(0 => c0a c0b, 1 => c1a c1b, 2 => c2a c2b, 3 => c3a c3b, 4 => c4a c4b, 5 => c5a c5b);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,12 +540,32 @@ mod tests {
     const SHAPES: [(usize, usize, usize); 8] =
         [(1, 1, 1), (13, 33, 7), (12, 32, 256), (25, 65, 257), (300, 40, 300), (30, 130, 70), (255, 96, 513), (64, 1000, 64)];
 
+    /// The instruction sets this CPU can run (each test covers all of them).
+    fn isas() -> Vec<Isa> {
+        let v: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.supported()).collect();
+        if v.is_empty() {
+            eprintln!("neither AVX-512F nor AVX2 + FMA on this CPU: skipped");
+        }
+        v
+    }
+
+    #[test]
+    fn this_x86_cpu_runs_a_kernel() {
+        // The development and CI machines have AVX-512; any x86-64 CPU of the last ten
+        // years has AVX2. Where neither exists the other tests skip, and say so.
+        if cfg!(target_arch = "x86_64") && std::env::var_os("CI").is_some() {
+            assert!(Isa::Avx2.supported(), "the CI machine has no AVX2: the kernel tests would skip");
+        }
+    }
+
     #[test]
     fn sgemm_matches_a_reference_on_ragged_shapes() {
-        if !available() {
-            eprintln!("no AVX-512F on this CPU: skipped");
-            return;
+        for isa in isas() {
+            ragged_shapes(isa);
         }
+    }
+
+    fn ragged_shapes(isa: Isa) {
         for &(m, n, k) in &SHAPES {
             let lhs: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
             let rhs: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
@@ -449,8 +576,8 @@ mod tests {
                     if accumulate {
                         want.iter_mut().zip(&dst).for_each(|(w, d)| *w += *d as f64);
                     }
-                    sgemm(m, n, k, &mut dst, accumulate, &lhs, &rhs, rhs_t);
-                    close(&dst, &want, &format!("{m}x{n}x{k} t={rhs_t} acc={accumulate}"));
+                    sgemm(isa, m, n, k, &mut dst, accumulate, &lhs, &rhs, rhs_t);
+                    close(&dst, &want, &format!("{isa:?} {m}x{n}x{k} t={rhs_t} acc={accumulate}"));
                 }
             }
         }
@@ -458,10 +585,12 @@ mod tests {
 
     #[test]
     fn nf4_weights_match_their_dequantized_values() {
-        if !available() {
-            eprintln!("no AVX-512F on this CPU: skipped");
-            return;
+        for isa in isas() {
+            nf4_weights(isa);
         }
+    }
+
+    fn nf4_weights(isa: Isa) {
         // Row lengths that do and do not align with the 64-value NF4 blocks.
         for &(m, n, k) in &[(13, 33, 64), (25, 65, 257), (255, 96, 320), (40, 7, 130)] {
             let wv: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
@@ -469,38 +598,40 @@ mod tests {
             let dense = q.dequantize();
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
             let mut y = vec![0f32; m * n];
-            linear_fwd(m, n, k, &x, Rows::Nf4(&q), &mut y, false);
-            close(&y, &reference(m, n, k, &x, &dense, true), &format!("nf4 fwd {m}x{n}x{k}"));
+            linear_fwd(isa, m, n, k, &x, Rows::Nf4(&q), &mut y, false);
+            close(&y, &reference(m, n, k, &x, &dense, true), &format!("{isa:?} nf4 fwd {m}x{n}x{k}"));
             let g: Vec<f32> = (0..m * n).map(|i| ((i * 29 % 89) as f32 - 44.0) / 44.0).collect();
             let mut gx = vec![0f32; m * k];
-            linear_bwd(m, n, k, &g, Rows::Nf4(&q), &mut gx, false);
-            close(&gx, &reference(m, k, n, &g, &dense, false), &format!("nf4 bwd {m}x{n}x{k}"));
+            linear_bwd(isa, m, n, k, &g, Rows::Nf4(&q), &mut gx, false);
+            close(&gx, &reference(m, k, n, &g, &dense, false), &format!("{isa:?} nf4 bwd {m}x{n}x{k}"));
         }
     }
 
     #[test]
     fn folded_extra_products_match_a_reference() {
-        if !available() {
-            eprintln!("no AVX-512F on this CPU: skipped");
-            return;
+        for isa in isas() {
+            folded_extras(isa);
         }
+    }
+
+    fn folded_extras(isa: Isa) {
         let v = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| (((i * 37 + seed * 11) % 101) as f32 - 50.0) / 50.0).collect() };
         for &(m, n, k, r) in &[(13, 33, 64, 8), (300, 65, 257, 3), (40, 7, 2100, 16)] {
             for parallel in [false, true] {
                 // forward: y = x W^T + x2 w2^T
                 let (x, w, x2, w2) = (v(m * k, 1), v(n * k, 2), v(m * r, 3), v(n * r, 4));
                 let mut y = vec![0f32; m * n];
-                linear_fwd_ext(m, n, k, &x, Rows::F32(&w), Some(FwdExtra { x: &x2, w: &w2, r }), &mut y, false, parallel);
+                linear_fwd_ext(isa, m, n, k, &x, Rows::F32(&w), Some(FwdExtra { x: &x2, w: &w2, r }), &mut y, false, parallel);
                 let mut want = reference(m, n, k, &x, &w, true);
                 want.iter_mut().zip(reference(m, n, r, &x2, &w2, true)).for_each(|(a, b)| *a += b);
-                close(&y, &want, &format!("fwd extra {m}x{n}x{k}+{r} par={parallel}"));
+                close(&y, &want, &format!("{isa:?} fwd extra {m}x{n}x{k}+{r} par={parallel}"));
                 // input gradient: gx = g W + g2 w2 (W [n, k], w2 [r, k])
                 let (g, g2, w2) = (v(m * n, 5), v(m * r, 6), v(r * k, 7));
                 let mut gx = vec![1f32; m * k];
-                linear_bwd_ext(m, n, k, &g, Rows::F32(&w), Some(BwdExtra { g: &g2, w: &w2, r }), &mut gx, true, parallel);
+                linear_bwd_ext(isa, m, n, k, &g, Rows::F32(&w), Some(BwdExtra { g: &g2, w: &w2, r }), &mut gx, true, parallel);
                 let mut want = reference(m, k, n, &g, &w, false);
                 want.iter_mut().zip(reference(m, k, r, &g2, &w2, false)).for_each(|(a, b)| *a += b + 1.0);
-                close(&gx, &want, &format!("bwd extra {m}x{n}x{k}+{r} par={parallel}"));
+                close(&gx, &want, &format!("{isa:?} bwd extra {m}x{n}x{k}+{r} par={parallel}"));
             }
         }
     }
