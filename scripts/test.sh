@@ -13,8 +13,9 @@ cd "$ROOT"
 scripts/s3-server.sh install
 scripts/s3-server.sh install-moto
 
-# The engine's matrix products run on its AVX-512 kernels where the CPU has them, else on
-# a system BLAS when one is installed, else on the gemm crate (engine/src/blas.rs).
+# The engine's matrix products run on its own kernels where the CPU has AVX-512 or AVX2
+# (the tests run both where the CPU has both), else on a system BLAS when one is
+# installed, else on the gemm crate (engine/src/blas.rs).
 # Install OpenBLAS where we can (root with apt, as in CI) so that the BLAS path is
 # tested too (blas::tests checks it whichever backend the process picks).
 if ! ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so\.0' && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then

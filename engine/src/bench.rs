@@ -171,8 +171,8 @@ pub struct MatmulResult {
 }
 
 /// The frozen-weight products of one training step of [`bench_train`]'s model (seq 256),
-/// timed on every backend this machine has: the AVX-512 kernels (f32 and NF4 weights,
-/// when the CPU has AVX-512F), the system BLAS (when one loads) and the gemm crate (f32;
+/// timed on every backend this machine has: the built-in kernels on each instruction set
+/// the CPU has (f32 and NF4 weights), the system BLAS (when one loads) and the gemm crate (f32;
 /// NF4 weights on those two are dequantized first, as the frozen linear layer does).
 /// Each product is repeated for about `secs_each` seconds.
 pub fn bench_matmul(secs_each: f64) -> Vec<MatmulResult> {
