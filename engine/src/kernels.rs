@@ -446,9 +446,42 @@ unsafe fn micro(isa: Isa, kc: usize, a: *const f32, lda: usize, b: *const f32, l
     unreachable!("no {} kernel on this architecture", isa.name())
 }
 
-/// [`micro`] on AVX-512F, written out register by register (a macro) with unchecked
-/// pointer arithmetic, so that the 24 accumulators stay in registers in every build
-/// profile.
+/// The body of a micro-kernel: `c[r * ldc + j] (+)= sum_p a[r * lda + p] b[p * ldb + j]`
+/// for the listed rows `r` and two vectors of columns `j`, written out register by
+/// register with unchecked pointer arithmetic, so that the accumulators stay in registers
+/// in every build profile. Instantiated once per instruction set with its intrinsics
+/// (zero, load, store, add, fused multiply-add, broadcast) and vector width.
+#[cfg(target_arch = "x86_64")]
+macro_rules! fma_tile {
+    ($kc:ident, $a:ident, $lda:ident, $b:ident, $ldb:ident, $c:ident, $ldc:ident, $acc:ident;
+     $w:literal, $zero:ident, $load:ident, $store:ident, $add:ident, $fma:ident, $set1:ident;
+     $($r:literal => $c0:ident $c1:ident),*) => {{
+        $(let mut $c0 = $zero(); let mut $c1 = $zero();)*
+        let (mut a, mut b) = ($a, $b);
+        for _ in 0..$kc {
+            let b0 = $load(b);
+            let b1 = $load(b.wrapping_add($w));
+            $(
+                let av = $set1(*a.wrapping_add($r * $lda));
+                $c0 = $fma(av, b0, $c0);
+                $c1 = $fma(av, b1, $c1);
+            )*
+            a = a.wrapping_add(1);
+            b = b.wrapping_add($ldb);
+        }
+        $(
+            let p = $c.wrapping_add($r * $ldc);
+            if $acc {
+                $c0 = $add($c0, $load(p));
+                $c1 = $add($c1, $load(p.wrapping_add($w)));
+            }
+            $store(p, $c0);
+            $store(p.wrapping_add($w), $c1);
+        )*
+    }};
+}
+
+/// [`micro`] on AVX-512F: the whole 12 x 32 tile in 24 zmm accumulators.
 ///
 /// # Safety
 /// As [`micro`], with AVX-512F.
@@ -456,38 +489,14 @@ unsafe fn micro(isa: Isa, kc: usize, a: *const f32, lda: usize, b: *const f32, l
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
 unsafe fn micro_avx512(kc: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, accumulate: bool) {
-    macro_rules! kernel {
-        ($($r:literal => $c0:ident $c1:ident),*) => {{
-            $(let mut $c0 = _mm512_setzero_ps(); let mut $c1 = _mm512_setzero_ps();)*
-            let (mut a, mut b) = (a, b);
-            for _ in 0..kc {
-                let b0 = _mm512_loadu_ps(b);
-                let b1 = _mm512_loadu_ps(b.wrapping_add(16));
-                $(
-                    let av = _mm512_broadcastss_ps(_mm_load_ss(a.wrapping_add($r * lda)));
-                    $c0 = _mm512_fmadd_ps(av, b0, $c0);
-                    $c1 = _mm512_fmadd_ps(av, b1, $c1);
-                )*
-                a = a.wrapping_add(1);
-                b = b.wrapping_add(ldb);
-            }
-            $(
-                let p = c.wrapping_add($r * ldc);
-                if accumulate {
-                    $c0 = _mm512_add_ps($c0, _mm512_loadu_ps(p));
-                    $c1 = _mm512_add_ps($c1, _mm512_loadu_ps(p.wrapping_add(16)));
-                }
-                _mm512_storeu_ps(p, $c0);
-                _mm512_storeu_ps(p.wrapping_add(16), $c1);
-            )*
-        }};
-    }
-    kernel!(0 => c0a c0b, 1 => c1a c1b, 2 => c2a c2b, 3 => c3a c3b, 4 => c4a c4b, 5 => c5a c5b, 6 => c6a c6b, 7 => c7a c7b, 8 => c8a c8b, 9 => c9a c9b, 10 => c10a c10b, 11 => c11a c11b);
+    fma_tile!(kc, a, lda, b, ldb, c, ldc, accumulate;
+        16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_add_ps, _mm512_fmadd_ps, _mm512_set1_ps;
+        0 => c0a c0b, 1 => c1a c1b, 2 => c2a c2b, 3 => c3a c3b, 4 => c4a c4b, 5 => c5a c5b,
+        6 => c6a c6b, 7 => c7a c7b, 8 => c8a c8b, 9 => c9a c9b, 10 => c10a c10b, 11 => c11a c11b);
 }
 
-/// A 6 x 16 quarter of [`micro`] on AVX2 + FMA: `c[r * ldc + j] (+)= sum_p
-/// a[r * lda + p] b[p * ldb + j]` for `r < 6`, `j < 16`, in 12 ymm accumulators (two B
-/// loads and six broadcasts per step leave 3 of the 16 registers free).
+/// A 6 x 16 quarter of [`micro`] on AVX2 + FMA, in 12 ymm accumulators (two B loads and
+/// six broadcasts per step leave 3 of the 16 registers free).
 ///
 /// # Safety
 /// AVX2 and FMA; `a` has 6 rows of `kc` floats at stride `lda`, `b` has `kc` rows of 16
@@ -496,33 +505,9 @@ unsafe fn micro_avx512(kc: usize, a: *const f32, lda: usize, b: *const f32, ldb:
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn micro_avx2(kc: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, accumulate: bool) {
-    macro_rules! kernel {
-        ($($r:literal => $c0:ident $c1:ident),*) => {{
-            $(let mut $c0 = _mm256_setzero_ps(); let mut $c1 = _mm256_setzero_ps();)*
-            let (mut a, mut b) = (a, b);
-            for _ in 0..kc {
-                let b0 = _mm256_loadu_ps(b);
-                let b1 = _mm256_loadu_ps(b.wrapping_add(8));
-                $(
-                    let av = _mm256_broadcast_ss(&*a.wrapping_add($r * lda));
-                    $c0 = _mm256_fmadd_ps(av, b0, $c0);
-                    $c1 = _mm256_fmadd_ps(av, b1, $c1);
-                )*
-                a = a.wrapping_add(1);
-                b = b.wrapping_add(ldb);
-            }
-            $(
-                let p = c.wrapping_add($r * ldc);
-                if accumulate {
-                    $c0 = _mm256_add_ps($c0, _mm256_loadu_ps(p));
-                    $c1 = _mm256_add_ps($c1, _mm256_loadu_ps(p.wrapping_add(8)));
-                }
-                _mm256_storeu_ps(p, $c0);
-                _mm256_storeu_ps(p.wrapping_add(8), $c1);
-            )*
-        }};
-    }
-    kernel!(0 => c0a c0b, 1 => c1a c1b, 2 => c2a c2b, 3 => c3a c3b, 4 => c4a c4b, 5 => c5a c5b);
+    fma_tile!(kc, a, lda, b, ldb, c, ldc, accumulate;
+        8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, _mm256_fmadd_ps, _mm256_set1_ps;
+        0 => c0a c0b, 1 => c1a c1b, 2 => c2a c2b, 3 => c3a c3b, 4 => c4a c4b, 5 => c5a c5b);
 }
 
 #[cfg(test)]
