@@ -20,11 +20,13 @@ VENV="$ROOT/.venv-cuda"
 if [[ ! -x "$VENV/bin/python" ]]; then
     python3 -m venv "$VENV"
 fi
-# Pinned to the CUDA 13.0 series: candle embeds PTX, and newer nvcc emits a PTX version
-# that a CUDA 13.0 driver refuses.
+# Pinned to the CUDA 13.0 series, nvcc's own dependencies (nvvm, crt) included: candle
+# embeds PTX, newer front ends emit a PTX version that 13.0's ptxas and a CUDA 13.0
+# driver refuse ("Unsupported .version 9.5").
 "$VENV/bin/pip" install -q \
-    nvidia-cuda-nvcc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.0.2.14 \
-    nvidia-curand==10.4.0.35 nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-cccl==13.0.85
+    nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
+    nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35 \
+    nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-cccl==13.0.85
 
 CU="$("$VENV/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')"
 [[ -x "$CU/bin/nvcc" ]] || { echo "error: nvcc not found under $CU/bin" >&2; exit 1; }
