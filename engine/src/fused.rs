@@ -146,10 +146,13 @@ impl candle_core::CustomOp3 for LoraFused {
         let hs = self.saved_hs.lock().map_err(|_| candle_core::Error::Msg("lora linear state poisoned".into()))?.clone();
         let Some(hs) = hs else { candle_core::bail!("lora linear: backward before forward") };
         let grad = grad.to_dtype(DType::F32)?.contiguous()?;
-        let (gx, da, dbt) = with_f32s(&[x, a, b, &grad], "lora linear backward", |v| self.grads(m, k, r, n, &hs, v[0], v[1], v[2], v[3]))?;
+        // An input that does not track (the first layer's, computed from the frozen
+        // embeddings) needs no gradient: skip its product with the whole weight.
+        let need_gx = x.track_op();
+        let (gx, da, dbt) = with_f32s(&[x, a, b, &grad], "lora linear backward", |v| self.grads(m, k, r, n, &hs, v[0], v[1], v[2], v[3], need_gx))?;
         let dev = x.device();
         Ok((
-            Some(Tensor::from_vec(gx, (m, k), dev)?),
+            gx.map(|gx| Tensor::from_vec(gx, (m, k), dev)).transpose()?,
             Some(Tensor::from_vec(da, (r, k), dev)?),
             Some(Tensor::from_vec(transpose(&dbt, r, n), (n, r), dev)?),
         ))
@@ -157,17 +160,18 @@ impl candle_core::CustomOp3 for LoraFused {
 }
 
 impl LoraFused {
-    /// `(grad x [m, k], grad A [r, k], grad B^T [r, n])`.
+    /// `(grad x [m, k] if need_gx, grad A [r, k], grad B^T [r, n])`.
     #[allow(clippy::too_many_arguments)]
-    fn grads(&self, m: usize, k: usize, r: usize, n: usize, hs: &[f32], xv: &[f32], av: &[f32], bv: &[f32], g: &[f32]) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    fn grads(&self, m: usize, k: usize, r: usize, n: usize, hs: &[f32], xv: &[f32], av: &[f32], bv: &[f32], g: &[f32], need_gx: bool) -> candle_core::Result<(Option<Vec<f32>>, Vec<f32>, Vec<f32>)> {
         use crate::kernels::{linear_bwd_ext, BwdExtra, Rows};
         // u = g B [m, r], scaled.
         let mut us = vec![0f32; m * r];
         linear_bwd_ext(self.isa, m, n, r, g, Rows::F32(bv), None, &mut us, false, true);
         us.iter_mut().for_each(|v| *v *= self.scaling);
         // gx = g W + (s·u) A, the LoRA part through the dropout mask.
-        let mut gx = vec![0f32; m * k];
+        let mut gx = vec![0f32; if need_gx { m * k } else { 0 }];
         match &self.mask {
+            _ if !need_gx => {}
             None => with_weight_rows(&self.inner, |w| linear_bwd_ext(self.isa, m, n, k, g, w, Some(BwdExtra { g: &us, w: av, r }), &mut gx, false, true))?,
             Some(mk) => {
                 with_weight_rows(&self.inner, |w| linear_bwd_ext(self.isa, m, n, k, g, w, None, &mut gx, false, true))?;
@@ -182,7 +186,7 @@ impl LoraFused {
         linear_bwd_ext(self.isa, r, m, k, &transpose(&us, m, r), Rows::F32(&xd), None, &mut da, false, true);
         let mut dbt = vec![0f32; r * n];
         linear_bwd_ext(self.isa, r, m, n, &transpose(hs, m, r), Rows::F32(g), None, &mut dbt, false, true);
-        Ok((gx, da, dbt))
+        Ok((need_gx.then_some(gx), da, dbt))
     }
 }
 

@@ -224,8 +224,11 @@ impl Transformer {
         let out = block.forward(&x.detach(), env, &detached, None)?;
         let (blk, env2, ctx2, side) = (block.clone(), env.clone(), *ctx, self.side_grads.clone());
         let recompute = move |input: &Tensor, grad_out: &Tensor| -> candle_core::Result<Tensor> {
-            let v = Var::from_tensor(&input.detach())?;
-            let y = blk.forward(v.as_tensor(), &env2, &ctx2, None).map_err(to_candle)?;
+            // The first block's input (from the frozen embeddings) needs no gradient:
+            // left untracked, the block's backward skips every product for it.
+            let v = if input.track_op() { Some(Var::from_tensor(&input.detach())?) } else { None };
+            let x = v.as_ref().map_or_else(|| input.detach(), |v| v.as_tensor().clone());
+            let y = blk.forward(&x, &env2, &ctx2, None).map_err(to_candle)?;
             let s = (y.to_dtype(DType::F32)? * grad_out.to_dtype(DType::F32)?)?.sum_all()?;
             let grads = s.backward()?;
             let mut side = side.lock().map_err(|_| candle_core::Error::Msg("gradient store poisoned".into()))?;
@@ -242,7 +245,7 @@ impl Transformer {
                     }
                 }
             }
-            match grads.get(v.as_tensor()) {
+            match v.as_ref().and_then(|v| grads.get(v.as_tensor())) {
                 Some(g) => Ok(g.clone()),
                 None => input.zeros_like(),
             }
