@@ -159,10 +159,13 @@ impl candle_core::CustomOp3 for LoraFused {
     }
 }
 
+/// `(grad x [m, k] if it is needed, grad A [r, k], grad B^T [r, n])`.
+type LoraGrads = (Option<Vec<f32>>, Vec<f32>, Vec<f32>);
+
 impl LoraFused {
     /// `(grad x [m, k] if need_gx, grad A [r, k], grad B^T [r, n])`.
     #[allow(clippy::too_many_arguments)]
-    fn grads(&self, m: usize, k: usize, r: usize, n: usize, hs: &[f32], xv: &[f32], av: &[f32], bv: &[f32], g: &[f32], need_gx: bool) -> candle_core::Result<(Option<Vec<f32>>, Vec<f32>, Vec<f32>)> {
+    fn grads(&self, m: usize, k: usize, r: usize, n: usize, hs: &[f32], xv: &[f32], av: &[f32], bv: &[f32], g: &[f32], need_gx: bool) -> candle_core::Result<LoraGrads> {
         use crate::kernels::{linear_bwd_ext, BwdExtra, Rows};
         // u = g B [m, r], scaled.
         let mut us = vec![0f32; m * r];
