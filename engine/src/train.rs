@@ -58,6 +58,9 @@ pub trait TrainObserver {
     fn on_checkpoint(&mut self, _step: u64, _dir: &Path) -> Result<()> {
         Ok(())
     }
+    /// Something the user should know about this run that does not stop it (`level`
+    /// `warn` or `info`), e.g. a setting that is slow on this device. Also logged.
+    fn on_notice(&mut self, _level: &str, _message: &str) {}
     /// Polled before every step; true cancels the run (`EngineError::Cancelled`).
     fn should_stop(&self) -> bool {
         false
@@ -155,6 +158,18 @@ pub fn load_options(spec: &JobSpec, init_adapter: Option<&Path>, device: &Device
     }
 }
 
+/// A warning for settings that are much slower on `device` than an equivalent choice:
+/// bf16 compute on a CPU (no fast bf16 arithmetic there, and the fused f32 ops do not
+/// apply): about 4x fewer tokens/s than f32 in `lorafleet bench train`, for no memory
+/// saving on the frozen weights.
+pub fn device_advice(spec: &JobSpec, device: &Device) -> Option<String> {
+    (device.is_cpu() && spec.quantization.compute_dtype == ComputeDtype::Bf16).then(|| {
+        "quantization.compute_dtype: bf16 on a CPU trains several times slower than f32 (CPUs have no fast bf16 arithmetic; \
+         NF4 frozen weights stay 4-bit either way): set `quantization.compute_dtype: f32` for CPU runs"
+            .to_string()
+    })
+}
+
 fn io_err(path: &Path, e: std::io::Error) -> EngineError {
     EngineError::file(path, e.to_string())
 }
@@ -169,6 +184,10 @@ pub fn train(run: &TrainRun, observer: &mut dyn TrainObserver) -> Result<TrainSu
     let info = model.info().clone();
     if info.lora.is_none() {
         return Err(EngineError::Config("the model was loaded without lora".into()));
+    }
+    if let Some(advice) = device_advice(spec, &run.device) {
+        tracing::warn!("{advice}");
+        observer.on_notice("warn", &advice);
     }
     let tok = Tokenizer::from_model_dir(&run.model_dir, info.eos_token_ids.first().copied(), info.pad_token_id)?;
     let (train_ds, eval_ds) = data::load_train_eval(&run.train_data, run.eval_data.as_deref(), &tok, &spec.data, t.seed)?;

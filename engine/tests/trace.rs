@@ -14,10 +14,13 @@ fn fixtures() -> PathBuf {
 }
 
 #[derive(Default)]
-struct Losses(Vec<f64>);
+struct Losses(Vec<f64>, Vec<String>);
 impl TrainObserver for Losses {
     fn on_step(&mut self, m: &StepMetrics) {
         self.0.push(m.loss);
+    }
+    fn on_notice(&mut self, level: &str, message: &str) {
+        self.1.push(format!("{level}: {message}"));
     }
 }
 
@@ -78,6 +81,7 @@ fn check_trace(model: &str, checkpointing: bool) {
     let want: Vec<f64> = trace["losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     assert_eq!(obs.0.len(), want.len());
     assert_eq!(summary.steps, want.len() as u64);
+    assert!(obs.1.is_empty(), "f32 on the CPU needs no advice: {:?}", obs.1);
     for (i, (g, w)) in obs.0.iter().zip(&want).enumerate() {
         assert!((g - w).abs() < 1e-4, "{model}: step {} loss {g} vs {w}", i + 1);
     }
@@ -148,6 +152,8 @@ fn qlora_defaults_train_nf4_bf16() {
     let s = train(&run, &mut obs).unwrap();
     assert_eq!(obs.0.len(), 3);
     assert!(obs.0.iter().all(|l| l.is_finite() && *l > 0.0), "{:?}", obs.0);
+    // bf16 compute on the CPU works, and the run says that f32 would be faster.
+    assert!(obs.1.iter().any(|n| n.starts_with("warn: quantization.compute_dtype: bf16 on a CPU")), "{:?}", obs.1);
     assert_eq!(s.steps, 3);
     let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!(cfg["r"], 8);

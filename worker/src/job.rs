@@ -170,6 +170,10 @@ impl TrainObserver for Observer {
         let _ = self.tx.send(log("info", format!("training started: {total_steps} steps")));
     }
 
+    fn on_notice(&mut self, level: &str, message: &str) {
+        let _ = self.tx.send(log(level, message.to_string()));
+    }
+
     fn on_step(&mut self, m: &StepMetrics) {
         let _ = self.tx.send(Event::Step(pb::StepMetrics {
             step: m.step,
