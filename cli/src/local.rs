@@ -13,7 +13,7 @@ use lorafleet_engine::generate::{self, GenerateOptions};
 use lorafleet_engine::model::{load_model, LoadOptions, LoraInit, LoraSettingsRequest, Quant};
 use lorafleet_engine::tokenizer::Tokenizer;
 use lorafleet_engine::train::{self, TrainRun};
-use lorafleet_shared::spec::{DataFormat, DataSpec, JobSpec, QuantMethod, SpecContext};
+use lorafleet_shared::spec::{ComputeDtype, DataFormat, DataSpec, JobSpec, QuantMethod, SpecContext};
 
 mod progress;
 
@@ -112,11 +112,15 @@ pub enum BenchCommand {
     /// Examples:
     ///   lorafleet bench train
     ///   lorafleet bench train --quant nf4 --checkpointing on --steps 5
+    ///   lorafleet bench train --quant nf4 --compute-dtype bf16
     #[command(verbatim_doc_comment)]
     Train {
         /// Frozen weights: full precision or NF4.
         #[arg(long, value_enum, default_value = "none")]
         quant: QuantArg,
+        /// Compute dtype (the spec's quantization.compute_dtype).
+        #[arg(long, value_enum, default_value = "f32")]
+        compute_dtype: DtypeArg,
         /// Gradient checkpointing (recompute activations in the backward pass).
         #[arg(long, value_enum, default_value = "off")]
         checkpointing: OnOff,
@@ -165,6 +169,15 @@ impl From<QuantArg> for QuantMethod {
 pub enum DtypeArg {
     Bf16,
     F32,
+}
+
+impl From<DtypeArg> for ComputeDtype {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            DtypeArg::Bf16 => ComputeDtype::Bf16,
+            DtypeArg::F32 => ComputeDtype::F32,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -270,8 +283,14 @@ pub fn run(c: LocalCommand) -> anyhow::Result<()> {
         LocalCommand::Train(a) => run_train(a),
         LocalCommand::Eval(a) => run_eval(a),
         LocalCommand::Generate(a) => run_generate(a),
-        LocalCommand::Bench(BenchCommand::Train { quant, checkpointing, steps, json }) => {
-            let opts = BenchOptions { quant: quant.into(), gradient_checkpointing: checkpointing == OnOff::On, steps, ..Default::default() };
+        LocalCommand::Bench(BenchCommand::Train { quant, compute_dtype, checkpointing, steps, json }) => {
+            let opts = BenchOptions {
+                quant: quant.into(),
+                compute_dtype: compute_dtype.into(),
+                gradient_checkpointing: checkpointing == OnOff::On,
+                steps,
+                ..Default::default()
+            };
             let r = bench_train(&opts, &candle_core::Device::Cpu)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
@@ -279,8 +298,9 @@ pub fn run(c: LocalCommand) -> anyhow::Result<()> {
                 let mib = |v: Option<f64>| v.map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "n/a".into());
                 let rss = format!("{} (training steps {})", mib(r.peak_rss_mib), mib(r.train_peak_rss_mib));
                 println!(
-                    "lorafleet {} checkpointing {}: {:.1} tokens/s ({:.3} s/step: forward+loss {:.3}, backward {:.3}, optimizer {:.3}), peak RSS {rss}, threads {}, matmul {}",
+                    "lorafleet {}{} checkpointing {}: {:.1} tokens/s ({:.3} s/step: forward+loss {:.3}, backward {:.3}, optimizer {:.3}), peak RSS {rss}, threads {}, matmul {}",
                     if quant == QuantArg::Nf4 { "nf4" } else { "none" },
+                    if compute_dtype == DtypeArg::Bf16 { " bf16" } else { "" },
                     if opts.gradient_checkpointing { "on" } else { "off" },
                     r.tokens_per_sec,
                     r.secs_per_step,

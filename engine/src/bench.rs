@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use lorafleet_shared::spec::{QuantMethod, TargetModules};
+use lorafleet_shared::spec::{ComputeDtype, QuantMethod, TargetModules};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -21,6 +21,7 @@ use crate::{EngineError, Result};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BenchOptions {
     pub quant: QuantMethod,
+    pub compute_dtype: ComputeDtype,
     pub gradient_checkpointing: bool,
     pub steps: u64,
     pub seq_len: usize,
@@ -28,7 +29,7 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        Self { quant: QuantMethod::None, gradient_checkpointing: false, steps: 10, seq_len: 256 }
+        Self { quant: QuantMethod::None, compute_dtype: ComputeDtype::F32, gradient_checkpointing: false, steps: 10, seq_len: 256 }
     }
 }
 
@@ -87,7 +88,10 @@ fn run(opts: &BenchOptions, dir: &std::path::Path, device: &Device) -> Result<Be
     let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
     let load = LoadOptions {
         quant,
-        compute_dtype: DType::F32,
+        compute_dtype: match opts.compute_dtype {
+            ComputeDtype::F32 => DType::F32,
+            ComputeDtype::Bf16 => DType::BF16,
+        },
         device: device.clone(),
         lora: Some(LoraSettingsRequest {
             r: 8,

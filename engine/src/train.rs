@@ -164,7 +164,7 @@ pub fn load_options(spec: &JobSpec, init_adapter: Option<&Path>, device: &Device
 /// saving on the frozen weights.
 pub fn device_advice(spec: &JobSpec, device: &Device) -> Option<String> {
     (device.is_cpu() && spec.quantization.compute_dtype == ComputeDtype::Bf16).then(|| {
-        "quantization.compute_dtype: bf16 on a CPU trains several times slower than f32 (CPUs have no fast bf16 arithmetic; \
+        "quantization.compute_dtype: bf16 on a CPU trains about 4x slower than f32 (CPUs have no fast bf16 arithmetic; \
          NF4 frozen weights stay 4-bit either way): set `quantization.compute_dtype: f32` for CPU runs"
             .to_string()
     })
