@@ -14,10 +14,11 @@
 
 use std::sync::Arc;
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Shape, Storage, Tensor, D};
 
 use crate::kernels::Isa;
-use crate::ops::{cpu_f32, rms_norm, rope, with_weight_rows, FrozenInner, FrozenLinear};
+use crate::ops::{cpu_f32, f32_to_bf16, rms_norm, rope, to_storage, with_weight_rows, FrozenInner, FrozenLinear};
 
 // The LoRA layer as one op.
 
@@ -25,8 +26,8 @@ use crate::ops::{cpu_f32, rms_norm, rope, with_weight_rows, FrozenInner, FrozenL
 /// kernels as the backend (it folds the LoRA products into their tiles).
 pub fn lora_fusable(base: &FrozenLinear, x: &Tensor) -> bool {
     x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && base.inner.dtype == DType::F32
+        && computes_in_f32(x.dtype())
+        && base.inner.dtype == x.dtype()
         && crate::blas::kernel_isa().is_some()
 }
 
@@ -67,20 +68,38 @@ struct LoraFused {
     saved_hs: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
+/// The dtypes the fused ops take: f32, and bf16 (read into f32, computed in f32 with f32
+/// accumulation, the result rounded to bf16 once: what bf16 compute means on a CPU
+/// without bf16 arithmetic).
+fn computes_in_f32(dt: DType) -> bool {
+    matches!(dt, DType::F32 | DType::BF16)
+}
+
+/// A gradient computed in f32, as a tensor of `of`'s dtype and device.
+fn like(v: Vec<f32>, shape: impl Into<Shape>, of: &Tensor) -> candle_core::Result<Tensor> {
+    let shape = shape.into();
+    match of.dtype() {
+        DType::BF16 => Tensor::from_vec(v.into_iter().map(f32_to_bf16).collect::<Vec<_>>(), shape, of.device()),
+        dt => Tensor::from_vec(v, shape, of.device())?.to_dtype(dt),
+    }
+}
+
 fn tensor_f32(t: &Tensor, what: &str) -> candle_core::Result<Vec<f32>> {
     with_f32s(&[t], what, |v| Ok(v[0].to_vec()))
 }
 
-/// Run `f` with the data of contiguous f32 CPU tensors, borrowed (no copies).
+/// Run `f` with the data of contiguous CPU tensors as f32: borrowed (no copies) for f32,
+/// converted for bf16 and the other float dtypes.
 fn with_f32s<R>(ts: &[&Tensor], what: &str, f: impl FnOnce(&[&[f32]]) -> candle_core::Result<R>) -> candle_core::Result<R> {
     let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(ts.len());
+    let mut data = Vec::with_capacity(ts.len());
     for (storage, layout) in &guards {
-        match (&**storage, layout.contiguous_offsets()) {
-            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => slices.push(&v[a..b]),
-            _ => candle_core::bail!("{what}: contiguous f32 cpu tensors expected"),
+        match &**storage {
+            Storage::Cpu(s) if layout.is_contiguous() => data.push(cpu_f32(s, layout, what)?),
+            _ => candle_core::bail!("{what}: contiguous cpu tensors expected"),
         }
     }
+    let slices: Vec<&[f32]> = data.iter().map(|d| &d[..]).collect();
     f(&slices)
 }
 
@@ -136,7 +155,7 @@ impl candle_core::CustomOp3 for LoraFused {
         };
         with_weight_rows(&self.inner, |w| linear_fwd_ext(self.isa, m, n, k, &x, w, Some(FwdExtra { x: &hs, w: &b, r }), &mut y, acc, true))?;
         *self.saved_hs.lock().map_err(|_| candle_core::Error::Msg("lora linear state poisoned".into()))? = Some(hs);
-        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+        Ok((to_storage(y, s1.dtype())?, Shape::from((m, n))))
     }
 
     fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -145,16 +164,15 @@ impl candle_core::CustomOp3 for LoraFused {
         let n = self.inner.out_dim;
         let hs = self.saved_hs.lock().map_err(|_| candle_core::Error::Msg("lora linear state poisoned".into()))?.clone();
         let Some(hs) = hs else { candle_core::bail!("lora linear: backward before forward") };
-        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        let grad = grad.contiguous()?;
         // An input that does not track (the first layer's, computed from the frozen
         // embeddings) needs no gradient: skip its product with the whole weight.
         let need_gx = x.track_op();
         let (gx, da, dbt) = with_f32s(&[x, a, b, &grad], "lora linear backward", |v| self.grads(m, k, r, n, &hs, v[0], v[1], v[2], v[3], need_gx))?;
-        let dev = x.device();
         Ok((
-            gx.map(|gx| Tensor::from_vec(gx, (m, k), dev)).transpose()?,
-            Some(Tensor::from_vec(da, (r, k), dev)?),
-            Some(Tensor::from_vec(transpose(&dbt, r, n), (n, r), dev)?),
+            gx.map(|gx| like(gx, (m, k), x)).transpose()?,
+            Some(like(da, (r, k), a)?),
+            Some(like(transpose(&dbt, r, n), (n, r), b)?),
         ))
     }
 }
@@ -199,7 +217,7 @@ impl LoraFused {
 /// Whether [`attention_fused`] can run: f32 on the CPU with the built-in kernels as the
 /// backend.
 pub fn attention_fusable(q: &Tensor) -> bool {
-    q.device().is_cpu() && q.dtype() == DType::F32 && crate::blas::kernel_isa().is_some()
+    q.device().is_cpu() && computes_in_f32(q.dtype()) && crate::blas::kernel_isa().is_some()
 }
 
 /// Scaled dot-product attention with an additive mask as one op (check
@@ -301,20 +319,19 @@ impl candle_core::CustomOp3 for AttentionOp {
             }
         });
         *self.saved_p.lock().map_err(|_| candle_core::Error::Msg("attention state poisoned".into()))? = Some(p);
-        Ok((CpuStorage::F32(out), Shape::from((b, s, h * d))))
+        Ok((to_storage(out, s1.dtype())?, Shape::from((b, s, h * d))))
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let p = self.saved_p.lock().map_err(|_| candle_core::Error::Msg("attention state poisoned".into()))?.take();
         let Some(p) = p else { candle_core::bail!("attention: one backward pass per forward pass") };
-        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        let grad = grad.contiguous()?;
         let (dq, dk, dv) = with_f32s(&[q, k, v, &grad], "attention backward", |x| Ok(self.grads(&p, x[0], x[1], x[2], x[3])))?;
         let (b, h, kvh, s, t, d) = (self.b, self.h, self.kvh, self.s, self.t, self.d);
-        let dev = q.device();
         Ok((
-            Some(Tensor::from_vec(dq, (b, h, s, d), dev)?),
-            Some(Tensor::from_vec(dk, (b, kvh, t, d), dev)?),
-            Some(Tensor::from_vec(dv, (b, kvh, t, d), dev)?),
+            Some(like(dq, (b, h, s, d), q)?),
+            Some(like(dk, (b, kvh, t, d), k)?),
+            Some(like(dv, (b, kvh, t, d), v)?),
         ))
     }
 }
@@ -390,7 +407,7 @@ pub fn rope_heads(x: &Tensor, n: Option<usize>, cos: &Tensor, sin: &Tensor) -> c
         Some(n) => (n, true),
         None => (x.dim(1)?, false),
     };
-    let fusable = x.device().is_cpu() && x.dtype() == DType::F32 && d % 2 == 0;
+    let fusable = x.device().is_cpu() && computes_in_f32(x.dtype()) && d % 2 == 0;
     if !fusable {
         let x = if split { x.reshape((b, s, heads, d))?.transpose(1, 2)?.contiguous()? } else { x.clone() };
         return rope(&x, cos, sin);
@@ -444,11 +461,11 @@ impl candle_core::CustomOp1 for RopeOp {
                 out[j + half] = xr[j + half] * c[j + half] + xr[j] * sn[j + half];
             }
         }
-        Ok((CpuStorage::F32(y), Shape::from((b, n, s, d))))
+        Ok((to_storage(y, st.dtype())?, Shape::from((b, n, s, d))))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        let grad = grad.contiguous()?;
         let (b, n, s, d, half) = (self.b, self.n, self.s, self.d, self.d / 2);
         let mut dx = vec![0f32; b * n * s * d];
         with_f32s(&[&grad], "rope gradient", |g| {
@@ -464,7 +481,7 @@ impl candle_core::CustomOp1 for RopeOp {
             }
             Ok(())
         })?;
-        Ok(Some(Tensor::from_vec(dx, arg.dims(), arg.device())?))
+        Ok(Some(like(dx, arg.dims(), arg)?))
     }
 }
 
@@ -472,14 +489,14 @@ impl candle_core::CustomOp1 for RopeOp {
 /// `y = x / sqrt(mean(x^2) + eps) * w`; the backward returns the input gradient only
 /// (the norm weight is frozen).
 pub fn rms_norm_fused(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    if !(x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32) {
+    if !(x.device().is_cpu() && computes_in_f32(x.dtype()) && computes_in_f32(w.dtype())) {
         return rms_norm(x, w, eps);
     }
     let h = x.dim(D::Minus1)?;
     if w.dims() != [h] {
         candle_core::bail!("rms_norm: weight {:?} for {h} features", w.dims());
     }
-    let w = tensor_f32(&w.contiguous()?, "rms_norm weight")?;
+    let w = tensor_f32(&w.to_dtype(DType::F32)?.contiguous()?, "rms_norm weight")?;
     x.contiguous()?.apply_op1(RmsNormOp { eps: eps as f32, w, saved_r: std::sync::Mutex::new(None) })
 }
 
@@ -509,13 +526,13 @@ impl candle_core::CustomOp1 for RmsNormOp {
             rs.push(r);
         }
         *self.saved_r.lock().map_err(|_| candle_core::Error::Msg("rms_norm state poisoned".into()))? = Some(rs);
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((to_storage(y, st.dtype())?, l.shape().clone()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let rs = self.saved_r.lock().map_err(|_| candle_core::Error::Msg("rms_norm state poisoned".into()))?.clone();
         let Some(rs) = rs else { candle_core::bail!("rms_norm: backward before forward") };
-        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
+        let grad = grad.contiguous()?;
         let h = self.w.len();
         let mut dx = vec![0f32; arg.elem_count()];
         with_f32s(&[arg, &grad], "rms_norm backward", |v| {
@@ -528,6 +545,74 @@ impl candle_core::CustomOp1 for RmsNormOp {
             }
             Ok(())
         })?;
-        Ok(Some(Tensor::from_vec(dx, arg.dims(), arg.device())?))
+        Ok(Some(like(dx, arg.dims(), arg)?))
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// SwiGLU: the gated activation of the Llama MLP.
+
+/// `silu(g) * u` (Llama's MLP activation) as one op for f32 and bf16 CPU inputs of one
+/// shape (the composite candle ops otherwise): `y = g sigmoid(g) u`; the backward returns
+/// `dg = dy u s (1 + g (1 - s))` and `du = dy g s` with `s = sigmoid(g)`.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
+    let fusable = g.device().is_cpu() && computes_in_f32(g.dtype()) && g.dtype() == u.dtype() && g.dims() == u.dims();
+    if !fusable {
+        return crate::ops::silu(g)? * u;
+    }
+    g.contiguous()?.apply_op2(&u.contiguous()?, SwigluOp)
+}
+
+struct SwigluOp;
+
+/// `sigmoid(x)` from `exp(-|x|)`, which never overflows.
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    let e = (-x.abs()).exp();
+    if x >= 0.0 {
+        1.0 / (1.0 + e)
+    } else {
+        e / (1.0 + e)
+    }
+}
+
+impl candle_core::CustomOp2 for SwigluOp {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (g, u) = (cpu_f32(s1, l1, "swiglu gate")?, cpu_f32(s2, l2, "swiglu up")?);
+        let mut y = vec![0f32; g.len()];
+        let out = crate::kernels::Out(y.as_mut_ptr());
+        crate::kernels::parallel_ranges(g.len(), 20 * g.len(), |r| {
+            for i in r {
+                // SAFETY: each thread writes its own range of y.
+                unsafe { *out.at(i) = g[i] * sigmoid(g[i]) * u[i] };
+            }
+        });
+        Ok((to_storage(y, s1.dtype())?, l1.shape().clone()))
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let n = g.elem_count();
+        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        with_f32s(&[g, u, &grad], "swiglu backward", |v| {
+            let (gv, uv, dy) = (v[0], v[1], v[2]);
+            let (dg_out, du_out) = (crate::kernels::Out(dg.as_mut_ptr()), crate::kernels::Out(du.as_mut_ptr()));
+            crate::kernels::parallel_ranges(n, 30 * n, |r| {
+                for i in r {
+                    let s = sigmoid(gv[i]);
+                    // SAFETY: each thread writes its own range of dg and du.
+                    unsafe {
+                        *dg_out.at(i) = dy[i] * uv[i] * s * (1.0 + gv[i] * (1.0 - s));
+                        *du_out.at(i) = dy[i] * gv[i] * s;
+                    }
+                }
+            });
+            Ok(())
+        })?;
+        Ok((Some(like(dg, g.dims(), g)?), Some(like(du, u.dims(), u)?)))
     }
 }

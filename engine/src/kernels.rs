@@ -89,11 +89,12 @@ pub fn available() -> bool {
     Isa::detect().is_some()
 }
 
-/// A row-major `[rows, cols]` matrix of frozen weights, full precision or NF4
-/// (dequantized a block at a time, never as a whole).
+/// A row-major `[rows, cols]` matrix of frozen weights: f32, or bf16 or NF4 (converted
+/// or dequantized to f32 a block at a time, never as a whole).
 #[derive(Clone, Copy)]
 pub enum Rows<'a> {
     F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
     Nf4(&'a Nf4Tensor),
 }
 
@@ -103,6 +104,10 @@ impl Rows<'_> {
         let start = row * cols + col;
         match self {
             Rows::F32(v) => out.copy_from_slice(&v[start..start + out.len()]),
+            Rows::Bf16(v) => {
+                let src = &v[start..start + out.len()];
+                out.iter_mut().zip(src).for_each(|(o, b)| *o = b.to_f32())
+            }
             Rows::Nf4(q) => q.dequantize_range(start, out),
         }
     }
@@ -110,6 +115,7 @@ impl Rows<'_> {
     fn len(&self) -> usize {
         match self {
             Rows::F32(v) => v.len(),
+            Rows::Bf16(v) => v.len(),
             Rows::Nf4(q) => q.numel(),
         }
     }
@@ -351,7 +357,7 @@ pub fn linear_bwd_ext(isa: Isa, m: usize, rows: usize, cols: usize, g: &[f32], w
                 // The row's slice of W: in place for f32, dequantized into `row` for NF4.
                 let src: &[f32] = match w {
                     Rows::F32(v) => &v[(pc + p) * cols + range.start..][..range.len()],
-                    Rows::Nf4(_) => {
+                    Rows::Bf16(_) | Rows::Nf4(_) => {
                         w.read(pc + p, cols, range.start, &mut row[..range.len()]);
                         &row[..range.len()]
                     }

@@ -125,17 +125,33 @@ pub(crate) fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_c
     let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{what}: input must be contiguous") };
     Ok(match s {
         CpuStorage::F32(v) => std::borrow::Cow::Borrowed(&v[a..b]),
-        CpuStorage::BF16(v) => std::borrow::Cow::Owned(v[a..b].iter().map(|x| x.to_f32()).collect()),
+        CpuStorage::BF16(v) => std::borrow::Cow::Owned(v[a..b].iter().map(|&x| bf16_to_f32(x)).collect()),
         CpuStorage::F16(v) => std::borrow::Cow::Owned(v[a..b].iter().map(|x| x.to_f32()).collect()),
         CpuStorage::F64(v) => std::borrow::Cow::Owned(v[a..b].iter().map(|&x| x as f32).collect()),
         _ => candle_core::bail!("{what}: unsupported dtype {:?}", s.dtype()),
     })
 }
 
-fn to_storage(v: Vec<f32>, dtype: DType) -> candle_core::Result<CpuStorage> {
+/// bf16 -> f32 (exact), written as integer ops so that conversion loops vectorize.
+#[inline(always)]
+pub(crate) fn bf16_to_f32(x: bf16) -> f32 {
+    f32::from_bits((x.to_bits() as u32) << 16)
+}
+
+/// f32 -> bf16 rounding to nearest, ties to even (NaN stays a quiet NaN): the same
+/// values as `half::bf16::from_f32`, written as integer ops that vectorize.
+#[inline(always)]
+pub(crate) fn f32_to_bf16(x: f32) -> bf16 {
+    let b = x.to_bits();
+    let rounded = (b.wrapping_add(0x7fff).wrapping_add((b >> 16) & 1) >> 16) as u16;
+    let nan = ((b >> 16) as u16) | 0x40;
+    bf16::from_bits(if b & 0x7fff_ffff > 0x7f80_0000 { nan } else { rounded })
+}
+
+pub(crate) fn to_storage(v: Vec<f32>, dtype: DType) -> candle_core::Result<CpuStorage> {
     Ok(match dtype {
         DType::F32 => CpuStorage::F32(v),
-        DType::BF16 => CpuStorage::BF16(v.into_iter().map(bf16::from_f32).collect()),
+        DType::BF16 => CpuStorage::BF16(v.into_iter().map(f32_to_bf16).collect()),
         DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f32).collect()),
         DType::F64 => CpuStorage::F64(v.into_iter().map(|x| x as f64).collect()),
         d => candle_core::bail!("unsupported compute dtype {d:?}"),
@@ -146,8 +162,16 @@ fn to_storage(v: Vec<f32>, dtype: DType) -> candle_core::Result<CpuStorage> {
 /// NF4 rows for the built-in kernels, which dequantize block by block; a dequantized or
 /// converted copy otherwise.
 pub(crate) fn with_weight_rows<R>(inner: &FrozenInner, f: impl FnOnce(Rows) -> R) -> candle_core::Result<R> {
+    let kernels = crate::blas::kernel_isa().is_some();
     match &inner.weight {
-        FrozenWeight::Nf4(q) if crate::blas::kernel_isa().is_some() => Ok(f(Rows::Nf4(q))),
+        FrozenWeight::Nf4(q) if kernels => Ok(f(Rows::Nf4(q))),
+        FrozenWeight::Dense(w) if kernels && w.dtype() == DType::BF16 => {
+            let (storage, layout) = w.storage_and_layout();
+            match (&*storage, layout.contiguous_offsets()) {
+                (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => Ok(f(Rows::Bf16(&v[a..b]))),
+                _ => candle_core::bail!("frozen linear: bf16 weight is not a contiguous cpu tensor"),
+            }
+        }
         _ => with_weight_f32(inner, |w| f(Rows::F32(w))),
     }
 }
@@ -159,7 +183,7 @@ fn frozen_fwd(inner: &FrozenInner, m: usize, x: &[f32], y: &mut [f32], accumulat
         (crate::blas::Backend::Kernels(isa), w) => crate::kernels::linear_fwd(*isa, m, n, k, x, w, y, accumulate),
         // rhs = W^T: element (kk, nn) = W[nn, kk] at nn * k + kk.
         (_, Rows::F32(w)) => crate::blas::sgemm(m, n, k, y, accumulate, x, w, true),
-        (_, Rows::Nf4(_)) => unreachable!("NF4 rows are only handed to the built-in kernels"),
+        (_, Rows::Nf4(_) | Rows::Bf16(_)) => unreachable!("NF4 and bf16 rows are only handed to the built-in kernels"),
     })
 }
 
@@ -170,7 +194,7 @@ fn frozen_bwd(inner: &FrozenInner, m: usize, g: &[f32], gx: &mut [f32]) -> candl
         (crate::blas::Backend::Kernels(isa), w) => crate::kernels::linear_bwd(*isa, m, n, k, g, w, gx, false),
         // rhs = W: element (nn, kk) at nn * k + kk.
         (_, Rows::F32(w)) => crate::blas::sgemm(m, k, n, gx, false, g, w, false),
-        (_, Rows::Nf4(_)) => unreachable!("NF4 rows are only handed to the built-in kernels"),
+        (_, Rows::Nf4(_) | Rows::Bf16(_)) => unreachable!("NF4 and bf16 rows are only handed to the built-in kernels"),
     })
 }
 
@@ -338,4 +362,35 @@ pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
 /// SiLU `x * sigmoid(x)`.
 pub fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
     x.silu()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_conversions_equal_the_half_crate() {
+        // Ties both ways, the largest finite values (rounding into infinity), subnormals,
+        // signed zeros, infinities, NaNs, and a sweep of bit patterns.
+        let mut bits: Vec<u32> = vec![
+            0, 0x8000_0000, 0x0000_8000, 0x0001_8000, 0x0001_7fff, 0x0000_8001, 0x7f7f_ffff, 0xff7f_ffff, 0x7f7f_8000,
+            0x0000_0001, 0x8000_0001, 0x7f80_0000, 0xff80_0000, 0x7fc0_0000, 0x7f80_0001, 0xffff_ffff, 0x3f80_8000, 0x3f81_8000,
+        ];
+        bits.extend((0..200_000u32).map(|i| i.wrapping_mul(0x9e37_79b9)));
+        for b in bits {
+            let x = f32::from_bits(b);
+            let (ours, theirs) = (f32_to_bf16(x), bf16::from_f32(x));
+            if x.is_nan() {
+                assert!(ours.is_nan(), "{b:#x}: NaN stays NaN");
+            } else {
+                assert_eq!(ours.to_bits(), theirs.to_bits(), "{b:#x}");
+            }
+            let h = bf16::from_bits((b >> 16) as u16);
+            if h.is_nan() {
+                assert!(bf16_to_f32(h).is_nan(), "{:#x}: NaN stays NaN", b >> 16);
+            } else {
+                assert_eq!(bf16_to_f32(h).to_bits(), h.to_f32().to_bits(), "{:#x}", b >> 16);
+            }
+        }
+    }
 }

@@ -423,10 +423,13 @@ fn same_as_composite(name: &str, x0: &Tensor, fused: &dyn Fn(&Tensor) -> Tensor,
     let run = |f: &dyn Fn(&Tensor) -> Tensor| {
         let x = Var::from_tensor(x0).unwrap();
         let y = f(x.as_tensor());
-        let r = rand_t(y.dims(), 77, DType::F32);
+        assert_eq!(y.dtype(), x0.dtype(), "{name}: output dtype");
+        let r = rand_t(y.dims(), 77, DType::F32).to_dtype(y.dtype()).unwrap();
         let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let flat = |t: &Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
-        (y.dims().to_vec(), flat(&y), flat(g.get(x.as_tensor()).unwrap()))
+        let flat = |t: &Tensor| -> Vec<f32> { t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
+        let gx = g.get(x.as_tensor()).unwrap();
+        assert_eq!(gx.dtype(), x0.dtype(), "{name}: gradient dtype");
+        (y.dims().to_vec(), flat(&y), flat(gx))
     };
     let (fd, fy, fg) = run(fused);
     let (cd, cy, cg) = run(composite);
@@ -439,7 +442,7 @@ fn same_as_composite(name: &str, x0: &Tensor, fused: &dyn Fn(&Tensor) -> Tensor,
 }
 
 #[test]
-fn fused_rope_and_rms_norm_equal_the_composite_ops() {
+fn fused_rope_rms_norm_and_swiglu_equal_the_composite_ops() {
     let inv: Vec<f32> = (0..8).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / 16.0)).collect();
     let pos = [(0..7).collect::<Vec<u32>>(), vec![3, 4, 5, 9, 10, 11, 12]];
     let (cos, sin) = lorafleet_engine::model::transformer::rope_tables(&inv, &pos, DType::F32, &Device::Cpu).unwrap();
@@ -467,6 +470,68 @@ fn fused_rope_and_rms_norm_equal_the_composite_ops() {
         &|x| ops::rms_norm(x, &w, 1e-5).unwrap(),
         2e-6,
     );
+    // SwiGLU: the gradient of the gate input, then of the up input (gates up to +-6,
+    // where the sigmoid saturates).
+    let u = (rand_t(&[2, 7, 48], 65, DType::F32) * 2.0).unwrap();
+    same_as_composite(
+        "swiglu gate",
+        &(rand_t(&[2, 7, 48], 66, DType::F32) * 6.0).unwrap(),
+        &|x| fused::swiglu(x, &u).unwrap(),
+        &|x| (ops::silu(x).unwrap() * &u).unwrap(),
+        2e-6,
+    );
+    let g = (rand_t(&[2, 7, 48], 67, DType::F32) * 6.0).unwrap();
+    same_as_composite("swiglu up", &u, &|x| fused::swiglu(&g, x).unwrap(), &|x| (ops::silu(&g).unwrap() * x).unwrap(), 2e-6);
+}
+
+#[test]
+fn fused_ops_in_bf16_equal_the_composite_ops() {
+    // bf16 compute: the fused ops read bf16, compute in f32 and round once; the
+    // composite ops round after every op (and run the LoRA products in bf16), so they
+    // agree to bf16 precision (2^-8 relative), not bit for bit.
+    let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+    let tol = 3e-2;
+    let inv: Vec<f32> = (0..8).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / 16.0)).collect();
+    let pos = [(0..7).collect::<Vec<u32>>()];
+    let (cos, sin) = lorafleet_engine::model::transformer::rope_tables(&inv, &pos, DType::BF16, &Device::Cpu).unwrap();
+    same_as_composite(
+        "bf16 rope",
+        &bf(rand_t(&[1, 7, 3 * 16], 62, DType::F32)),
+        &|x| fused::rope_heads(x, Some(3), &cos, &sin).unwrap(),
+        &|x| ops::rope(&x.reshape((1, 7, 3, 16)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap(), &cos, &sin).unwrap(),
+        tol,
+    );
+    let w = bf(rand_t(&[48], 63, DType::F32));
+    same_as_composite("bf16 rms_norm", &bf((rand_t(&[2, 7, 48], 64, DType::F32) * 3.0).unwrap()), &|x| fused::rms_norm_fused(x, &w, 1e-5).unwrap(), &|x| ops::rms_norm(x, &w, 1e-5).unwrap(), tol);
+    let u = bf((rand_t(&[2, 7, 48], 65, DType::F32) * 2.0).unwrap());
+    same_as_composite("bf16 swiglu", &bf((rand_t(&[2, 7, 48], 66, DType::F32) * 6.0).unwrap()), &|x| fused::swiglu(x, &u).unwrap(), &|x| (ops::silu(x).unwrap() * &u).unwrap(), tol);
+    let mask = causal_mask(1, 37, 0, None, None, &Device::Cpu).unwrap();
+    let (k, v) = (bf(rand_t(&[1, 2, 37, 16], 52, DType::F32)), bf(rand_t(&[1, 2, 37, 16], 53, DType::F32)));
+    if common::expect_fused() {
+        assert!(fused::attention_fusable(&k), "the fused path must be the one under test here");
+    }
+    same_as_composite("bf16 attention", &bf(rand_t(&[1, 4, 37, 16], 51, DType::F32)), &|q| attention(q, &k, &v, &mask).unwrap(), &|q| attention_composite(q, &k, &v, &mask).unwrap(), tol);
+    for nf4 in [false, true] {
+        let (n, k, r) = (70, 192, 8);
+        let w = rand_t(&[n, k], 41, DType::F32);
+        let weight = if nf4 {
+            let v: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+            FrozenWeight::Nf4(Arc::new(Nf4Tensor::quantize(&v, &[n, k], true).unwrap()))
+        } else {
+            FrozenWeight::Dense(bf(w))
+        };
+        let base = FrozenLinear::new(weight, Some(rand_t(&[n], 42, DType::F32)), DType::BF16).unwrap();
+        let a = Var::from_tensor(&(rand_t(&[r, k], 43, DType::F32) * 0.1).unwrap()).unwrap();
+        let b = Var::from_tensor(&rand_t(&[n, r], 44, DType::F32)).unwrap();
+        let adapter = lorafleet_engine::lora::LoraAdapter { key_a: "a".into(), key_b: "b".into(), a, b, scaling: 1.5, dropout: 0.0, id: 3 };
+        let layer = LoraLinear { name: "m".into(), base, lora: Some(adapter) };
+        let ctx = ForwardCtx { track: true, training: false, dropout_seed: 9, pass: 2 };
+        let x0 = bf(rand_t(&[1, 37, k], 45, DType::F32));
+        if common::expect_fused() {
+            assert!(fused::lora_fusable(&layer.base, &x0), "the fused path must be the one under test here");
+        }
+        same_as_composite(&format!("bf16 lora nf4={nf4}"), &x0, &|x| layer.forward(x, &ctx).unwrap(), &|x| layer.forward_composite(x, &ctx).unwrap(), tol);
+    }
 }
 
 #[test]

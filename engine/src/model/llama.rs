@@ -9,7 +9,7 @@ use super::config::LlamaConfig;
 use super::loader::Builder;
 use super::transformer::{attention, split_heads, update_cache, Block, BlockEnv, LayerCache, Norm, Transformer};
 use crate::lora::{ForwardCtx, LoraLinear};
-use crate::{fused, ops};
+use crate::fused;
 use crate::Result;
 
 pub struct LlamaBlock {
@@ -38,9 +38,9 @@ impl Block for LlamaBlock {
         let a = attention(&q, &k, &v, &env.mask)?;
         let x = (x + self.o_proj.forward(&a, ctx)?)?;
         let h = fused::rms_norm_fused(&x, &self.post_attention_layernorm, self.eps)?;
-        let g = ops::silu(&self.gate_proj.forward(&h, ctx)?)?;
+        let g = self.gate_proj.forward(&h, ctx)?;
         let u = self.up_proj.forward(&h, ctx)?;
-        let m = self.down_proj.forward(&(g * u)?, ctx)?;
+        let m = self.down_proj.forward(&fused::swiglu(&g, &u)?, ctx)?;
         Ok((x + m)?)
     }
 
