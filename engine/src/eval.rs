@@ -18,15 +18,20 @@ pub fn nll_sum(model: &dyn CausalLm, batch: &BatchTensors) -> Result<Tensor> {
     let (b, s, h) = hidden.dims3()?;
     let flat = hidden.reshape((b * s, h))?;
     let picked = flat.index_select(&batch.loss_positions, 0)?;
-    let logits = model.logits(&picked)?.to_dtype(DType::F32)?;
+    // bf16 logits go to the fused loss as they are (it reads them into f32); elsewhere
+    // the loss is taken in f32.
+    let logits = model.logits_compute(&picked)?;
+    let logits = if logits.device().is_cpu() && logits.dtype() == DType::BF16 { logits } else { logits.to_dtype(DType::F32)? };
     cross_entropy_sum(&logits, &batch.targets)
 }
 
-/// `sum_i -log softmax(logits_i)[targets_i]` over the rows of `[n, vocab]` f32 logits.
-/// On the CPU a fused op (two passes over the logits forward, one backward, with the
-/// gradient `softmax - onehot`) replaces the ~10 tensor ops of the generic form.
+/// `sum_i -log softmax(logits_i)[targets_i]` over the rows of `[n, vocab]` logits, an f32
+/// scalar. On the CPU a fused op (two passes over the logits forward, one backward, with
+/// the gradient `softmax - onehot`) replaces the ~10 tensor ops of the generic form; it
+/// takes f32 or bf16 logits (read into f32, the gradient rounded back to bf16, as
+/// PyTorch's `logits.float()` does).
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if logits.device().is_cpu() && logits.dtype() == DType::F32 && logits.rank() == 2 {
+    if logits.device().is_cpu() && matches!(logits.dtype(), DType::F32 | DType::BF16) && logits.rank() == 2 {
         let t: Vec<u32> = targets.to_vec1()?;
         let vocab = logits.dim(1)?;
         if let Some(bad) = t.iter().find(|x| **x as usize >= vocab) {
@@ -211,14 +216,7 @@ impl candle_core::CustomOp1 for CrossEntropySum {
 
     fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let (n, v) = layout.shape().dims2()?;
-        let data = match storage {
-            candle_core::CpuStorage::F32(d) => d,
-            _ => candle_core::bail!("cross-entropy-sum: f32 logits expected"),
-        };
-        let data = match layout.contiguous_offsets() {
-            Some((a, b)) => &data[a..b],
-            None => candle_core::bail!("cross-entropy-sum: contiguous logits expected"),
-        };
+        let data = crate::ops::cpu_f32(storage, layout, "cross-entropy-sum logits")?;
         if self.targets.len() != n {
             candle_core::bail!("cross-entropy-sum: {} targets for {n} rows", self.targets.len());
         }
@@ -242,9 +240,9 @@ impl candle_core::CustomOp1 for CrossEntropySum {
         let g = grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let arg = arg.contiguous()?;
         let (storage, layout) = arg.storage_and_layout();
-        let x: &[f32] = match (&*storage, layout.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(d)), Some((a, b))) => &d[a..b],
-            _ => candle_core::bail!("cross-entropy-sum: contiguous f32 cpu logits expected"),
+        let x = match &*storage {
+            candle_core::Storage::Cpu(s) => crate::ops::cpu_f32(s, layout, "cross-entropy-sum logits")?,
+            _ => candle_core::bail!("cross-entropy-sum: cpu logits expected"),
         };
         let lse = match self.lse.lock().unwrap_or_else(|e| e.into_inner()).take() {
             Some(l) => l,
@@ -260,8 +258,10 @@ impl candle_core::CustomOp1 for CrossEntropySum {
                 row[targets[r] as usize] -= g;
             }
         });
+        drop(x);
         drop(storage);
-        Ok(Some(Tensor::from_vec(grad, (n, v), arg.device())?))
+        let storage = crate::ops::to_storage(grad, arg.dtype())?;
+        Ok(Some(Tensor::from_storage(candle_core::Storage::Cpu(storage), (n, v), candle_core::op::BackpropOp::none(), false)))
     }
 }
 
@@ -289,5 +289,20 @@ mod tests {
         }
         let bad = Tensor::new(&[0u32, 50, 0, 0, 0, 0, 0], &dev).unwrap();
         assert!(cross_entropy_sum(x.as_tensor(), &bad).is_err());
+
+        // bf16 logits: the same loss as the generic form on their f32 values, and the
+        // gradient of the f32 upcast, rounded to bf16.
+        let xb = Var::from_tensor(&x.as_tensor().to_dtype(DType::BF16).unwrap()).unwrap();
+        let a = cross_entropy_sum(xb.as_tensor(), &t).unwrap();
+        assert_eq!(a.dtype(), DType::F32);
+        let up = xb.as_tensor().to_dtype(DType::F32).unwrap();
+        let b = cross_entropy_sum_generic(&up, &t).unwrap();
+        let (av, bv) = (a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
+        assert!((av - bv).abs() < 1e-4 * bv.abs().max(1.0), "bf16: {av} vs {bv}");
+        let ga = a.backward().unwrap().get(xb.as_tensor()).unwrap().clone();
+        assert_eq!(ga.dtype(), DType::BF16);
+        let gb = b.backward().unwrap().get(xb.as_tensor()).unwrap().clone();
+        let d = (ga.to_dtype(DType::F32).unwrap() - gb.to_dtype(DType::F32).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 4e-3, "bf16 gradient differs by {d}");
     }
 }

@@ -35,6 +35,12 @@ pub trait CausalLm: Send + Sync {
     /// returns f32 logits.
     fn logits(&self, hidden: &Tensor) -> Result<Tensor>;
 
+    /// [`CausalLm::logits`] in the compute dtype (bf16 logits stay bf16): for a loss that
+    /// reads them as they are, saving two conversions of every logit.
+    fn logits_compute(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.logits(hidden)
+    }
+
     /// Incremental decoding with a KV cache: feed the new tokens `[batch, new]`, get
     /// f32 logits of the last position `[batch, vocab]`.
     fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor>;

@@ -302,7 +302,11 @@ impl CausalLm for Transformer {
     }
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(hidden)?.to_dtype(DType::F32)?)
+        Ok(self.logits_compute(hidden)?.to_dtype(DType::F32)?)
+    }
+
+    fn logits_compute(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?)
     }
 
     fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
