@@ -164,7 +164,7 @@ pub fn load_options(spec: &JobSpec, init_adapter: Option<&Path>, device: &Device
 /// (and saves ~30% of the activation memory; NF4 frozen weights stay 4-bit either way).
 pub fn device_advice(spec: &JobSpec, device: &Device) -> Option<String> {
     (device.is_cpu() && spec.quantization.compute_dtype == ComputeDtype::Bf16).then(|| {
-        "quantization.compute_dtype: bf16 on a CPU trains ~1.4x slower than f32 here (bf16 values are computed in f32 and \
+        "quantization.compute_dtype: bf16 on a CPU trains ~1.4x slower than f32 in lorafleet's benchmark (bf16 values are computed in f32 and \
          converted at every op; they save ~30% of activation memory): set `quantization.compute_dtype: f32` for speed on CPUs"
             .to_string()
     })
