@@ -214,6 +214,16 @@ pub fn bench_matmul(secs_each: f64) -> Vec<MatmulResult> {
                 record("input-grad", weight, name.clone(), gf);
             }
         }
+        if crate::kernels_bf16::available() {
+            use crate::kernels::Rows;
+            use crate::kernels_bf16::{linear_bwd, linear_fwd};
+            for (weight, rows) in [("f32", Rows::F32(&w)), ("nf4", Rows::Nf4(&q))] {
+                let gf = time(&mut || linear_fwd(m, n, k, &x, rows, &mut y, false, true));
+                record("forward", weight, "bf16 dot (built-in)".into(), gf);
+                let gf = time(&mut || linear_bwd(m, n, k, &g, rows, &mut gx, false, true));
+                record("input-grad", weight, "bf16 dot (built-in)".into(), gf);
+            }
+        }
         type Sgemm = dyn Fn(usize, usize, usize, &mut [f32], bool, &[f32], &[f32], bool);
         let system = crate::blas::system_search();
         let mut others: Vec<(String, Box<Sgemm>)> = Vec::new();

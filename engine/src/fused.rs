@@ -153,7 +153,14 @@ impl candle_core::CustomOp3 for LoraFused {
             }
             None => false,
         };
-        with_weight_rows(&self.inner, |w| linear_fwd_ext(self.isa, m, n, k, &x, w, Some(FwdExtra { x: &hs, w: &b, r }), &mut y, acc, true))?;
+        if crate::ops::bf16_dot(&self.inner) {
+            // bf16 compute: the frozen product in bf16 dot products, the LoRA branch in f32
+            // (PEFT runs it in the f32 of the LoRA weights).
+            with_weight_rows(&self.inner, |w| crate::kernels_bf16::linear_fwd(m, n, k, &x, w, &mut y, acc, true))?;
+            linear_fwd_ext(self.isa, m, n, r, &hs, Rows::F32(&b), None, &mut y, true, true);
+        } else {
+            with_weight_rows(&self.inner, |w| linear_fwd_ext(self.isa, m, n, k, &x, w, Some(FwdExtra { x: &hs, w: &b, r }), &mut y, acc, true))?;
+        }
         *self.saved_hs.lock().map_err(|_| candle_core::Error::Msg("lora linear state poisoned".into()))? = Some(hs);
         Ok((to_storage(y, s1.dtype())?, Shape::from((m, n))))
     }
@@ -191,11 +198,20 @@ impl LoraFused {
         us.iter_mut().for_each(|v| *v *= self.scaling);
         // gx = g W + (s·u) A, the LoRA part through the dropout mask.
         let mut gx = vec![0f32; if need_gx { m * k } else { 0 }];
+        let bf16_dot = crate::ops::bf16_dot(&self.inner);
         match &self.mask {
             _ if !need_gx => {}
+            None if bf16_dot => {
+                with_weight_rows(&self.inner, |w| crate::kernels_bf16::linear_bwd(m, n, k, g, w, &mut gx, false, true))?;
+                linear_bwd_ext(self.isa, m, r, k, &us, Rows::F32(av), None, &mut gx, true, true);
+            }
             None => with_weight_rows(&self.inner, |w| linear_bwd_ext(self.isa, m, n, k, g, w, Some(BwdExtra { g: &us, w: av, r }), &mut gx, false, true))?,
             Some(mk) => {
-                with_weight_rows(&self.inner, |w| linear_bwd_ext(self.isa, m, n, k, g, w, None, &mut gx, false, true))?;
+                if bf16_dot {
+                    with_weight_rows(&self.inner, |w| crate::kernels_bf16::linear_bwd(m, n, k, g, w, &mut gx, false, true))?;
+                } else {
+                    with_weight_rows(&self.inner, |w| linear_bwd_ext(self.isa, m, n, k, g, w, None, &mut gx, false, true))?;
+                }
                 let mut t = vec![0f32; m * k];
                 linear_bwd_ext(self.isa, m, r, k, &us, Rows::F32(av), None, &mut t, false, true);
                 gx.iter_mut().zip(t.iter().zip(mk)).for_each(|(d, (v, mm))| *d += v * mm);

@@ -100,7 +100,7 @@ pub enum Rows<'a> {
 
 impl Rows<'_> {
     /// Elements `[row * cols + col, .. + out.len())`.
-    fn read(&self, row: usize, cols: usize, col: usize, out: &mut [f32]) {
+    pub(crate) fn read(&self, row: usize, cols: usize, col: usize, out: &mut [f32]) {
         let start = row * cols + col;
         match self {
             Rows::F32(v) => out.copy_from_slice(&v[start..start + out.len()]),
@@ -112,7 +112,7 @@ impl Rows<'_> {
         }
     }
 
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             Rows::F32(v) => v.len(),
             Rows::Bf16(v) => v.len(),
@@ -137,7 +137,7 @@ impl Out {
 
 /// Split `0..n` into per-thread ranges aligned to `align` (one range unless `parallel`
 /// and the product has enough `flops` to pay for a hand-off).
-fn split(n: usize, align: usize, flops: usize, parallel: bool) -> Vec<std::ops::Range<usize>> {
+pub(crate) fn split(n: usize, align: usize, flops: usize, parallel: bool) -> Vec<std::ops::Range<usize>> {
     let threads = if parallel { candle_core::utils::get_num_threads().max(1) } else { 1 };
     // A hand-off costs ~10 µs: below ~2 MFLOP run on the calling thread.
     let threads = if flops < 2_000_000 { 1 } else { threads };
@@ -154,7 +154,7 @@ pub(crate) fn parallel_ranges(n: usize, flops: usize, f: impl Fn(std::ops::Range
 /// Run `f` on each range, in parallel on candle's own worker pool (the threads its
 /// element-wise ops run on, the calling thread included), so that no second pool of
 /// threads competes with it for the cores.
-fn run_split(ranges: Vec<std::ops::Range<usize>>, f: impl Fn(std::ops::Range<usize>) + Sync) {
+pub(crate) fn run_split(ranges: Vec<std::ops::Range<usize>>, f: impl Fn(std::ops::Range<usize>) + Sync) {
     if ranges.len() <= 1 {
         ranges.into_iter().for_each(&f);
         return;

@@ -18,6 +18,7 @@ pub mod ops;
 pub mod fused;
 pub mod blas;
 pub mod kernels;
+pub mod kernels_bf16;
 pub mod lora;
 pub mod peft;
 pub mod quantize;

@@ -81,6 +81,11 @@ impl FrozenLinear {
     pub fn bias(&self) -> Option<&Tensor> {
         self.inner.bias.as_ref()
     }
+    /// Whether this layer's products run on the bf16 dot-product kernels (bf16 compute on
+    /// a CPU with AVX512-BF16; see [`crate::kernels_bf16`]).
+    pub fn uses_bf16_dot(&self) -> bool {
+        bf16_dot(&self.inner)
+    }
 
     /// The weight as a dense f32 tensor `[out, in]` on `device`.
     pub fn dense_weight_f32(&self, device: &Device) -> candle_core::Result<Tensor> {
@@ -176,10 +181,24 @@ pub(crate) fn with_weight_rows<R>(inner: &FrozenInner, f: impl FnOnce(Rows) -> R
     }
 }
 
+/// Whether a layer's frozen products run on the bf16 dot-product kernels
+/// ([`crate::kernels_bf16`]): bf16 compute, the AVX-512 kernels as the backend, a CPU
+/// with AVX512-BF16, and `LORAFLEET_BF16_DOT` not `off`.
+pub(crate) fn bf16_dot(inner: &FrozenInner) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    inner.dtype == DType::BF16
+        && *ON.get_or_init(|| {
+            std::env::var("LORAFLEET_BF16_DOT").map_or(true, |v| v != "off")
+                && matches!(crate::blas::kernel_isa(), Some(crate::kernels::Isa::Avx512))
+                && crate::kernels_bf16::available()
+        })
+}
+
 /// `y[m, out] (+)= x[m, in] W^T` on the process-wide backend.
 fn frozen_fwd(inner: &FrozenInner, m: usize, x: &[f32], y: &mut [f32], accumulate: bool) -> candle_core::Result<()> {
     let (n, k) = (inner.out_dim, inner.in_dim);
     with_weight_rows(inner, |w| match (crate::blas::backend(), w) {
+        (crate::blas::Backend::Kernels(_), w) if bf16_dot(inner) => crate::kernels_bf16::linear_fwd(m, n, k, x, w, y, accumulate, true),
         (crate::blas::Backend::Kernels(isa), w) => crate::kernels::linear_fwd(*isa, m, n, k, x, w, y, accumulate),
         // rhs = W^T: element (kk, nn) = W[nn, kk] at nn * k + kk.
         (_, Rows::F32(w)) => crate::blas::sgemm(m, n, k, y, accumulate, x, w, true),
@@ -191,6 +210,7 @@ fn frozen_fwd(inner: &FrozenInner, m: usize, x: &[f32], y: &mut [f32], accumulat
 fn frozen_bwd(inner: &FrozenInner, m: usize, g: &[f32], gx: &mut [f32]) -> candle_core::Result<()> {
     let (n, k) = (inner.out_dim, inner.in_dim);
     with_weight_rows(inner, |w| match (crate::blas::backend(), w) {
+        (crate::blas::Backend::Kernels(_), w) if bf16_dot(inner) => crate::kernels_bf16::linear_bwd(m, n, k, g, w, gx, false, true),
         (crate::blas::Backend::Kernels(isa), w) => crate::kernels::linear_bwd(*isa, m, n, k, g, w, gx, false),
         // rhs = W: element (nn, kk) at nn * k + kk.
         (_, Rows::F32(w)) => crate::blas::sgemm(m, k, n, gx, false, g, w, false),

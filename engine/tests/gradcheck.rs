@@ -530,6 +530,9 @@ fn fused_ops_in_bf16_equal_the_composite_ops() {
         if common::expect_fused() {
             assert!(fused::lora_fusable(&layer.base, &x0), "the fused path must be the one under test here");
         }
+        if lorafleet_engine::kernels_bf16::available() && std::env::var_os("LORAFLEET_BLAS").is_none() && std::env::var_os("LORAFLEET_BF16_DOT").is_none() {
+            assert!(layer.base.uses_bf16_dot(), "AVX512-BF16 CPU: the frozen products must run on the bf16 dot-product kernels");
+        }
         same_as_composite(&format!("bf16 lora nf4={nf4}"), &x0, &|x| layer.forward(x, &ctx).unwrap(), &|x| layer.forward_composite(x, &ctx).unwrap(), tol);
     }
 }
