@@ -6,8 +6,8 @@
 //! - `model`: the `CausalLm` contract, HF config parsing, Llama-family and Falcon models.
 //! - `nf4`: bitsandbytes-exact NF4 quantization; `ops`: the frozen linear custom ops and
 //!   differentiable building blocks; `fused`: single-op forms of the hot chains (LoRA
-//!   layer, attention, RoPE, RMSNorm) for f32 CPU compute; `blas` and `kernels`: the
-//!   matrix products they run on.
+//!   layer, attention, RoPE, RMSNorm, SwiGLU) for f32 and bf16 CPU compute; `blas`,
+//!   `kernels` and `kernels_bf16`: the matrix products they run on.
 //! - `lora`: LoRA layers and PEFT adapter files.
 //! - `data`, `optim`, `train`, `eval`, `generate`: the training side.
 

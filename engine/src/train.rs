@@ -159,13 +159,14 @@ pub fn load_options(spec: &JobSpec, init_adapter: Option<&Path>, device: &Device
 }
 
 /// A warning for settings that are slower on `device` than an equivalent choice: bf16
-/// compute on a CPU, where lorafleet computes in f32 and converts at every op boundary
-/// (no bf16 arithmetic), so it trains ~1.4x slower than f32 in `lorafleet bench train`
-/// (and saves ~30% of the activation memory; NF4 frozen weights stay 4-bit either way).
+/// compute on a CPU trains 1.1-1.4x slower than f32 in `lorafleet bench train` (only
+/// the frozen products gain from bf16, and only with AVX512-BF16; every other op converts)
+/// and saves ~30% of the activation memory (NF4 frozen weights stay 4-bit either way).
 pub fn device_advice(spec: &JobSpec, device: &Device) -> Option<String> {
     (device.is_cpu() && spec.quantization.compute_dtype == ComputeDtype::Bf16).then(|| {
-        "quantization.compute_dtype: bf16 on a CPU trains ~1.4x slower than f32 in lorafleet's benchmark (bf16 values are computed in f32 and \
-         converted at every op; they save ~30% of activation memory): set `quantization.compute_dtype: f32` for speed on CPUs"
+        "quantization.compute_dtype: bf16 on a CPU trains 1.1-1.4x slower than f32 in lorafleet's benchmark (only the frozen \
+         products gain from bf16, and only on CPUs with AVX512-BF16; it saves ~30% of activation memory): set \
+         `quantization.compute_dtype: f32` for speed on CPUs"
             .to_string()
     })
 }
