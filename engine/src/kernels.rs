@@ -34,9 +34,9 @@ use std::arch::x86_64::*;
 use crate::nf4::Nf4Tensor;
 
 /// Rows of a micro-tile.
-const MR: usize = 12;
+pub(crate) const MR: usize = 12;
 /// Columns of a micro-tile (two 16-lane vectors).
-const NR: usize = 32;
+pub(crate) const NR: usize = 32;
 /// Depth of a block: the `KC x NR` B panel (32 KiB) stays in L1 next to the A rows.
 const KC: usize = 256;
 /// Rows of the left operand per block (`MC x KC` floats = 256 KiB, in L2).
@@ -132,6 +132,46 @@ impl Out {
     /// The element `i` (a method, so that closures capture the whole `Out`).
     pub(crate) fn at(&self, i: usize) -> *mut f32 {
         self.0.wrapping_add(i)
+    }
+}
+
+/// A `MR x NR` tile (row-major) as computed by a micro-kernel, written where it goes.
+pub(crate) struct Tile<'a>(pub(crate) &'a [f32; MR * NR]);
+
+impl Tile<'_> {
+    /// Transposed into rows `row0 ..` of an output with `n` columns: `out[(row0 + c) * n
+    /// + j + r] (+)= tile[r][c]` for `r < rows`, `c < cols`.
+    ///
+    /// # Safety
+    /// Those elements are inside the output and no other thread writes them.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn store_transposed(&self, out: Out, n: usize, row0: usize, j: usize, rows: usize, cols: usize, acc: bool) {
+        for c in 0..cols {
+            let dst = std::slice::from_raw_parts_mut(out.at((row0 + c) * n + j), rows);
+            if acc {
+                dst.iter_mut().enumerate().for_each(|(r, d)| *d += self.0[r * NR + c]);
+            } else {
+                dst.iter_mut().enumerate().for_each(|(r, d)| *d = self.0[r * NR + c]);
+            }
+        }
+    }
+
+    /// Its top-left `rows x cols` corner at `(row0, col0)` of an output with row stride
+    /// `ld`: `out[(row0 + r) * ld + col0 + c] (+)= tile[r][c]`.
+    ///
+    /// # Safety
+    /// As [`Tile::store_transposed`].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn store(&self, out: Out, ld: usize, row0: usize, col0: usize, rows: usize, cols: usize, acc: bool) {
+        for r in 0..rows {
+            let dst = std::slice::from_raw_parts_mut(out.at((row0 + r) * ld + col0), cols);
+            let src = &self.0[r * NR..r * NR + cols];
+            if acc {
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+            } else {
+                dst.copy_from_slice(src);
+            }
+        }
     }
 }
 
@@ -265,16 +305,9 @@ pub fn linear_fwd_ext(isa: Isa, m: usize, n: usize, k: usize, x: &[f32], w: Rows
                             unsafe { micro(isa, e.r, a2.as_ptr(), e.r, xt2[it * e.r..].as_ptr(), NR, tile.as_mut_ptr(), NR, true) };
                         }
                         // tile[r][c] = y[ic + it + c, j + r].
-                        for c in 0..NR.min(mc - it) {
-                            // SAFETY: row ic + it + c < m, columns j .. j + rows < n, owned
-                            // by this thread.
-                            let dst = unsafe { std::slice::from_raw_parts_mut(out.at((ic + it + c) * n + j), rows) };
-                            if acc {
-                                dst.iter_mut().enumerate().for_each(|(r, d)| *d += tile[r * NR + c]);
-                            } else {
-                                dst.iter_mut().enumerate().for_each(|(r, d)| *d = tile[r * NR + c]);
-                            }
-                        }
+                        // SAFETY: rows ic + it + c < m, columns j .. j + rows < n, owned by
+                        // this thread.
+                        unsafe { Tile(&tile).store_transposed(out, n, ic + it, j, rows, NR.min(mc - it), acc) };
                     }
                 }
             });
@@ -398,16 +431,8 @@ pub fn linear_bwd_ext(isa: Isa, m: usize, rows: usize, cols: usize, g: &[f32], w
                         }
                         // SAFETY: as above, into the scratch tile.
                         unsafe { micro(isa, kc, ap, lda, bt, ldb, tile.as_mut_ptr(), NR, false) };
-                        for r in 0..nrows {
-                            let row = (i + r) * cols + range.start + jt;
-                            for c in 0..ncols {
-                                // SAFETY: inside gx; this thread owns these columns.
-                                unsafe {
-                                    let d = out.at(row + c);
-                                    *d = if acc { *d + tile[r * NR + c] } else { tile[r * NR + c] };
-                                }
-                            }
-                        }
+                        // SAFETY: inside gx; this thread owns these columns.
+                        unsafe { Tile(&tile).store(out, cols, i, range.start + jt, nrows, ncols, acc) };
                     }
                 }
             }

@@ -14,13 +14,9 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use crate::kernels::{run_split, split, Out, Rows};
+use crate::kernels::{run_split, split, Out, Rows, Tile, MR, NR};
 use crate::ops::f32_to_bf16;
 
-/// Rows of a micro-tile.
-const MR: usize = 12;
-/// Columns of a micro-tile (two vectors of 16 f32 lanes).
-const NR: usize = 32;
 /// Pairs of the inner dimension per pass of the forward kernel (depth 2048).
 const KPF: usize = 1024;
 /// Pairs of the inner dimension per block of the input-gradient kernel (depth 256).
@@ -165,16 +161,9 @@ pub fn linear_fwd(m: usize, n: usize, k: usize, x: &[f32], w: Rows, y: &mut [f32
                         // from it * kp on; tile has MR * NR floats.
                         unsafe { micro(kp, a.as_ptr(), kp, xt[it * kp..].as_ptr(), NR, tile.as_mut_ptr(), NR, false) };
                         // tile[r][c] = y[ic + it + c, j + r].
-                        for c in 0..NR.min(mc - it) {
-                            // SAFETY: row ic + it + c < m, columns j .. j + rows < n, owned
-                            // by this thread.
-                            let dst = unsafe { std::slice::from_raw_parts_mut(out.at((ic + it + c) * n + j), rows) };
-                            if acc {
-                                dst.iter_mut().enumerate().for_each(|(r, d)| *d += tile[r * NR + c]);
-                            } else {
-                                dst.iter_mut().enumerate().for_each(|(r, d)| *d = tile[r * NR + c]);
-                            }
-                        }
+                        // SAFETY: rows ic + it + c < m, columns j .. j + rows < n, owned by
+                        // this thread.
+                        unsafe { Tile(&tile).store_transposed(out, n, ic + it, j, rows, NR.min(mc - it), acc) };
                     }
                 }
             });
@@ -243,15 +232,8 @@ pub fn linear_bwd(m: usize, rows: usize, cols: usize, g: &[f32], w: Rows, gx: &m
                     }
                     // SAFETY: as above, into the scratch tile.
                     unsafe { micro(kp, ap, kp, bt, NR, tile.as_mut_ptr(), NR, false) };
-                    for r in 0..nrows {
-                        for c in 0..ncols {
-                            // SAFETY: inside gx; this thread owns these columns.
-                            unsafe {
-                                let d = out.at((i + r) * cols + range.start + jt + c);
-                                *d = if acc { *d + tile[r * NR + c] } else { tile[r * NR + c] };
-                            }
-                        }
-                    }
+                    // SAFETY: inside gx; this thread owns these columns.
+                    unsafe { Tile(&tile).store(out, cols, i, range.start + jt, nrows, ncols, acc) };
                 }
             }
         }
