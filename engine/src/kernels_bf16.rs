@@ -45,7 +45,8 @@ fn pair(lo: f32, hi: f32) -> u32 {
 /// `dst[p] = pair(src[2p], src[2p + 1])`, zero past the end of `src`: 32 values per
 /// `vcvtne2ps2bf16` (the same rounding; denormal inputs count as zero).
 fn pack_pairs(dst: &mut [u32], src: &[f32]) {
-    let whole = (src.len() / 32).min(dst.len() / 16);
+    // Whole chunks for the vector code (none where it does not exist).
+    let whole = if cfg!(target_arch = "x86_64") { (src.len() / 32).min(dst.len() / 16) } else { 0 };
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `available()` was checked by the entry points; whole * 32 <= src.len() and
     // whole * 16 <= dst.len().
@@ -77,7 +78,7 @@ unsafe fn pack_pairs_wide(dst: *mut u32, src: *const f32, chunks: usize) {
 
 /// `dst[c] = pair(lo[c], hi[c])` for `c < dst.len()` (`lo` and `hi` at least as long).
 fn pack_interleaved(dst: &mut [u32], lo: &[f32], hi: &[f32]) {
-    let whole = dst.len() / 16;
+    let whole = if cfg!(target_arch = "x86_64") { dst.len() / 16 } else { 0 };
     assert!(lo.len() >= dst.len() && hi.len() >= dst.len());
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `available()` was checked by the entry points; the lengths are asserted.
