@@ -135,30 +135,38 @@ fn loss_isa() -> Option<Isa> {
     crate::blas::kernel_isa().or_else(Isa::detect)
 }
 
-/// `log(sum(exp(row)))`, vectorized for AVX-512 or AVX2 where the CPU has them (the
-/// same code, compiled three times: the default build targets baseline x86-64).
+/// Calls the `#[inline(always)]` function `$body` with `$args`, compiled for the loss's
+/// instruction set ([`loss_isa`]): the same code three times, since the default build
+/// targets baseline x86-64.
+macro_rules! on_loss_isa {
+    ($body:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {{
+        #[cfg(target_arch = "x86_64")]
+        match loss_isa() {
+            Some(Isa::Avx512) => {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn wide($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                // SAFETY: the CPU has AVX-512F.
+                return unsafe { wide($($arg),*) };
+            }
+            Some(Isa::Avx2) => {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn wide($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                // SAFETY: the CPU has AVX2 and FMA.
+                return unsafe { wide($($arg),*) };
+            }
+            None => {}
+        }
+        $body($($arg),*)
+    }};
+}
+
+/// `log(sum(exp(row)))`, vectorized for AVX-512 or AVX2 where the CPU has them.
 fn row_lse(row: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    match loss_isa() {
-        Some(Isa::Avx512) => {
-            #[target_feature(enable = "avx512f")]
-            unsafe fn wide(row: &[f32]) -> f32 {
-                row_lse_body(row)
-            }
-            // SAFETY: the CPU has AVX-512F.
-            return unsafe { wide(row) };
-        }
-        Some(Isa::Avx2) => {
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn wide(row: &[f32]) -> f32 {
-                row_lse_body(row)
-            }
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { wide(row) };
-        }
-        None => {}
-    }
-    row_lse_body(row)
+    on_loss_isa!(row_lse_body(row: &[f32]) -> f32)
 }
 
 /// `out[i] = g * exp(x[i] - lse)`: one row of the loss gradient (before the target's
@@ -170,27 +178,7 @@ fn softmax_grad_row(out: &mut [f32], x: &[f32], lse: f32, g: f32) {
             *o = g * exp_neg(xi - lse);
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    match loss_isa() {
-        Some(Isa::Avx512) => {
-            #[target_feature(enable = "avx512f")]
-            unsafe fn wide(out: &mut [f32], x: &[f32], lse: f32, g: f32) {
-                body(out, x, lse, g)
-            }
-            // SAFETY: the CPU has AVX-512F.
-            return unsafe { wide(out, x, lse, g) };
-        }
-        Some(Isa::Avx2) => {
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn wide(out: &mut [f32], x: &[f32], lse: f32, g: f32) {
-                body(out, x, lse, g)
-            }
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { wide(out, x, lse, g) };
-        }
-        None => {}
-    }
-    body(out, x, lse, g)
+    on_loss_isa!(body(out: &mut [f32], x: &[f32], lse: f32, g: f32) -> ())
 }
 
 #[inline(always)]
@@ -260,8 +248,7 @@ impl candle_core::CustomOp1 for CrossEntropySum {
         });
         drop(x);
         drop(storage);
-        let storage = crate::ops::to_storage(grad, arg.dtype())?;
-        Ok(Some(Tensor::from_storage(candle_core::Storage::Cpu(storage), (n, v), candle_core::op::BackpropOp::none(), false)))
+        Ok(Some(crate::ops::cpu_tensor(grad, (n, v), arg.dtype())?))
     }
 }
 

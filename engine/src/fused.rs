@@ -18,7 +18,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Shape, Storage, Tensor, D};
 
 use crate::kernels::Isa;
-use crate::ops::{cpu_f32, f32_to_bf16, rms_norm, rope, to_storage, with_weight_rows, FrozenInner, FrozenLinear};
+use crate::ops::{cpu_f32, cpu_tensor, frozen_bwd, frozen_fwd, rms_norm, rope, to_storage, with_weight_rows, FrozenInner, FrozenLinear};
 
 // The LoRA layer as one op.
 
@@ -75,13 +75,9 @@ fn computes_in_f32(dt: DType) -> bool {
     matches!(dt, DType::F32 | DType::BF16)
 }
 
-/// A gradient computed in f32, as a tensor of `of`'s dtype and device.
+/// A gradient computed in f32, as a (CPU) tensor of `of`'s dtype.
 fn like(v: Vec<f32>, shape: impl Into<Shape>, of: &Tensor) -> candle_core::Result<Tensor> {
-    let shape = shape.into();
-    match of.dtype() {
-        DType::BF16 => Tensor::from_vec(v.into_iter().map(f32_to_bf16).collect::<Vec<_>>(), shape, of.device()),
-        dt => Tensor::from_vec(v, shape, of.device())?.to_dtype(dt),
-    }
+    cpu_tensor(v, shape, of.dtype())
 }
 
 fn tensor_f32(t: &Tensor, what: &str) -> candle_core::Result<Vec<f32>> {
@@ -156,7 +152,7 @@ impl candle_core::CustomOp3 for LoraFused {
         if crate::ops::bf16_dot(&self.inner) {
             // bf16 compute: the frozen product in bf16 dot products, the LoRA branch in f32
             // (PEFT runs it in the f32 of the LoRA weights).
-            with_weight_rows(&self.inner, |w| crate::kernels_bf16::linear_fwd(m, n, k, &x, w, &mut y, acc, true))?;
+            frozen_fwd(&self.inner, m, &x, &mut y, acc)?;
             linear_fwd_ext(self.isa, m, n, r, &hs, Rows::F32(&b), None, &mut y, true, true);
         } else {
             with_weight_rows(&self.inner, |w| linear_fwd_ext(self.isa, m, n, k, &x, w, Some(FwdExtra { x: &hs, w: &b, r }), &mut y, acc, true))?;
@@ -198,20 +194,19 @@ impl LoraFused {
         us.iter_mut().for_each(|v| *v *= self.scaling);
         // gx = g W + (s·u) A, the LoRA part through the dropout mask.
         let mut gx = vec![0f32; if need_gx { m * k } else { 0 }];
-        let bf16_dot = crate::ops::bf16_dot(&self.inner);
         match &self.mask {
             _ if !need_gx => {}
-            None if bf16_dot => {
-                with_weight_rows(&self.inner, |w| crate::kernels_bf16::linear_bwd(m, n, k, g, w, &mut gx, false, true))?;
+            // f32 compute: the LoRA part rides in the frozen product's tiles.
+            None if !crate::ops::bf16_dot(&self.inner) => {
+                with_weight_rows(&self.inner, |w| linear_bwd_ext(self.isa, m, n, k, g, w, Some(BwdExtra { g: &us, w: av, r }), &mut gx, false, true))?
+            }
+            // bf16 dot products for the frozen part, the LoRA part in f32 after it.
+            None => {
+                frozen_bwd(&self.inner, m, g, &mut gx)?;
                 linear_bwd_ext(self.isa, m, r, k, &us, Rows::F32(av), None, &mut gx, true, true);
             }
-            None => with_weight_rows(&self.inner, |w| linear_bwd_ext(self.isa, m, n, k, g, w, Some(BwdExtra { g: &us, w: av, r }), &mut gx, false, true))?,
             Some(mk) => {
-                if bf16_dot {
-                    with_weight_rows(&self.inner, |w| crate::kernels_bf16::linear_bwd(m, n, k, g, w, &mut gx, false, true))?;
-                } else {
-                    with_weight_rows(&self.inner, |w| linear_bwd_ext(self.isa, m, n, k, g, w, None, &mut gx, false, true))?;
-                }
+                frozen_bwd(&self.inner, m, g, &mut gx)?;
                 let mut t = vec![0f32; m * k];
                 linear_bwd_ext(self.isa, m, r, k, &us, Rows::F32(av), None, &mut t, false, true);
                 gx.iter_mut().zip(t.iter().zip(mk)).for_each(|(d, (v, mm))| *d += v * mm);

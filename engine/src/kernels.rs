@@ -106,7 +106,7 @@ impl Rows<'_> {
             Rows::F32(v) => out.copy_from_slice(&v[start..start + out.len()]),
             Rows::Bf16(v) => {
                 let src = &v[start..start + out.len()];
-                out.iter_mut().zip(src).for_each(|(o, b)| *o = b.to_f32())
+                out.iter_mut().zip(src).for_each(|(o, &b)| *o = crate::ops::bf16_to_f32(b))
             }
             Rows::Nf4(q) => q.dequantize_range(start, out),
         }
@@ -212,10 +212,15 @@ pub(crate) fn run_split(ranges: Vec<std::ops::Range<usize>>, f: impl Fn(std::ops
     });
 }
 
-/// Checks the CPU, and handles an `[m, n]` output of a product over `k = 0` (zeros, or
-/// unchanged when accumulating) or with no elements: true when nothing is left to do.
+/// Checks the CPU, then [`nothing_to_multiply`].
 fn empty_product(isa: Isa, m: usize, n: usize, k: usize, out: &mut [f32], accumulate: bool) -> bool {
     assert!(isa.supported(), "{} kernel on a CPU without it", isa.name());
+    nothing_to_multiply(m, n, k, out, accumulate)
+}
+
+/// Handles an `[m, n]` output of a product over `k = 0` (zeros, or unchanged when
+/// accumulating) or with no elements: true when nothing is left to do.
+pub(crate) fn nothing_to_multiply(m: usize, n: usize, k: usize, out: &mut [f32], accumulate: bool) -> bool {
     if k == 0 && !accumulate {
         out[..m * n].fill(0.0);
     }

@@ -14,7 +14,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use crate::kernels::{run_split, split, Out, Rows, Tile, MR, NR};
+use crate::kernels::{nothing_to_multiply, run_split, split, Out, Rows, Tile, MR, NR};
 use crate::ops::f32_to_bf16;
 
 /// Pairs of the inner dimension per pass of the forward kernel (depth 2048).
@@ -105,10 +105,7 @@ unsafe fn pack_interleaved_wide(dst: *mut u32, lo: *const f32, hi: *const f32, c
 
 fn empty(m: usize, n: usize, k: usize, out: &mut [f32], accumulate: bool) -> bool {
     assert!(available(), "bf16 dot-product kernel on a CPU without AVX512-BF16");
-    if k == 0 && !accumulate {
-        out[..m * n].fill(0.0);
-    }
-    m == 0 || n == 0 || k == 0
+    nothing_to_multiply(m, n, k, out, accumulate)
 }
 
 /// `y[m, n] (+)= x[m, k] · W^T` for a weight `W [n, k]`, operands rounded to bf16, f32

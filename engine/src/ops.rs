@@ -153,6 +153,11 @@ pub(crate) fn f32_to_bf16(x: f32) -> bf16 {
     bf16::from_bits(if b & 0x7fff_ffff > 0x7f80_0000 { nan } else { rounded })
 }
 
+/// A CPU tensor of `dtype` (no gradient tracking) from values computed in f32.
+pub(crate) fn cpu_tensor(v: Vec<f32>, shape: impl Into<Shape>, dtype: DType) -> candle_core::Result<Tensor> {
+    Ok(Tensor::from_storage(Storage::Cpu(to_storage(v, dtype)?), shape, candle_core::op::BackpropOp::none(), false))
+}
+
 pub(crate) fn to_storage(v: Vec<f32>, dtype: DType) -> candle_core::Result<CpuStorage> {
     Ok(match dtype {
         DType::F32 => CpuStorage::F32(v),
@@ -195,7 +200,7 @@ pub(crate) fn bf16_dot(inner: &FrozenInner) -> bool {
 }
 
 /// `y[m, out] (+)= x[m, in] W^T` on the process-wide backend.
-fn frozen_fwd(inner: &FrozenInner, m: usize, x: &[f32], y: &mut [f32], accumulate: bool) -> candle_core::Result<()> {
+pub(crate) fn frozen_fwd(inner: &FrozenInner, m: usize, x: &[f32], y: &mut [f32], accumulate: bool) -> candle_core::Result<()> {
     let (n, k) = (inner.out_dim, inner.in_dim);
     with_weight_rows(inner, |w| match (crate::blas::backend(), w) {
         (crate::blas::Backend::Kernels(_), w) if bf16_dot(inner) => crate::kernels_bf16::linear_fwd(m, n, k, x, w, y, accumulate, true),
@@ -207,7 +212,7 @@ fn frozen_fwd(inner: &FrozenInner, m: usize, x: &[f32], y: &mut [f32], accumulat
 }
 
 /// `gx[m, in] = g[m, out] W` on the process-wide backend.
-fn frozen_bwd(inner: &FrozenInner, m: usize, g: &[f32], gx: &mut [f32]) -> candle_core::Result<()> {
+pub(crate) fn frozen_bwd(inner: &FrozenInner, m: usize, g: &[f32], gx: &mut [f32]) -> candle_core::Result<()> {
     let (n, k) = (inner.out_dim, inner.in_dim);
     with_weight_rows(inner, |w| match (crate::blas::backend(), w) {
         (crate::blas::Backend::Kernels(_), w) if bf16_dot(inner) => crate::kernels_bf16::linear_bwd(m, n, k, g, w, gx, false, true),
