@@ -1,5 +1,6 @@
 //! Single custom ops with hand-written backward passes for the hot chains of a decoder
-//! block, used for f32 compute on the CPU (the composite candle ops of [`crate::ops`]
+//! block, used for f32 and bf16 compute on the CPU (bf16 tensors are read into f32 and
+//! the results rounded once; the composite candle ops of [`crate::ops`]
 //! everywhere else, and as the reference each of these is tested against in
 //! `tests/gradcheck.rs`):
 //! - [`lora_linear_fused`]: the LoRA layer, its products riding in the frozen product's
@@ -7,10 +8,11 @@
 //! - [`attention_fused`]: scaled dot-product attention with an additive mask, per-head
 //!   products on the built-in kernels, grouped K/V heads without copies;
 //! - [`rope_heads`]: rotary embedding with the head split folded in;
-//! - [`rms_norm_fused`]: Llama's RMSNorm (input gradient only: the weight is frozen).
+//! - [`rms_norm_fused`]: Llama's RMSNorm (input gradient only: the weight is frozen);
+//! - [`swiglu`]: Llama's MLP activation `silu(gate) * up`.
 //!
 //! The first two need the built-in kernels ([`crate::kernels`], AVX-512 or AVX2) as the
-//! backend of [`crate::blas`]; the other two run on any.
+//! backend of [`crate::blas`]; the others run on any.
 
 use std::sync::Arc;
 
@@ -22,7 +24,8 @@ use crate::ops::{cpu_f32, cpu_tensor, frozen_bwd, frozen_fwd, rms_norm, rope, to
 
 // The LoRA layer as one op.
 
-/// Whether [`lora_linear_fused`] can run for this input: f32 on the CPU with the built-in
+/// Whether [`lora_linear_fused`] can run for this input: f32 or bf16 (the base layer's
+/// compute dtype) on the CPU with the built-in
 /// kernels as the backend (it folds the LoRA products into their tiles).
 pub fn lora_fusable(base: &FrozenLinear, x: &Tensor) -> bool {
     x.device().is_cpu()
@@ -225,7 +228,7 @@ impl LoraFused {
 // ---------------------------------------------------------------------------------
 // Attention as one op.
 
-/// Whether [`attention_fused`] can run: f32 on the CPU with the built-in kernels as the
+/// Whether [`attention_fused`] can run: f32 or bf16 on the CPU with the built-in kernels as the
 /// backend.
 pub fn attention_fusable(q: &Tensor) -> bool {
     q.device().is_cpu() && computes_in_f32(q.dtype()) && crate::blas::kernel_isa().is_some()
@@ -405,7 +408,7 @@ impl AttentionOp {
 }
 
 // ---------------------------------------------------------------------------------
-// Rotary embedding and RMSNorm as single ops (f32 on the CPU, any matmul backend).
+// Rotary embedding and RMSNorm as single ops (f32 or bf16 on the CPU, any matmul backend).
 
 /// Rotary embedding ("rotate half") of `x` as one op, reading `x` either as
 /// `[b, n, s, d]` or, with `n` given, as the `[b, s, n * d]` output of a projection (the
@@ -496,7 +499,7 @@ impl candle_core::CustomOp1 for RopeOp {
     }
 }
 
-/// Llama RMSNorm as one op for f32 CPU inputs (the composite [`rms_norm`] otherwise):
+/// Llama RMSNorm as one op for f32 or bf16 CPU inputs (the composite [`rms_norm`] otherwise):
 /// `y = x / sqrt(mean(x^2) + eps) * w`; the backward returns the input gradient only
 /// (the norm weight is frozen).
 pub fn rms_norm_fused(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
