@@ -25,8 +25,8 @@ use crate::ops::{cpu_f32, cpu_tensor, frozen_bwd, frozen_fwd, rms_norm, rope, to
 // The LoRA layer as one op.
 
 /// Whether [`lora_linear_fused`] can run for this input: f32 or bf16 (the base layer's
-/// compute dtype) on the CPU with the built-in
-/// kernels as the backend (it folds the LoRA products into their tiles).
+/// compute dtype) on the CPU with the built-in kernels as the backend (it folds the LoRA
+/// products into their tiles).
 pub fn lora_fusable(base: &FrozenLinear, x: &Tensor) -> bool {
     x.device().is_cpu()
         && computes_in_f32(x.dtype())
