@@ -21,7 +21,7 @@ pub fn nll_sum(model: &dyn CausalLm, batch: &BatchTensors) -> Result<Tensor> {
     // bf16 logits go to the fused loss as they are (it reads them into f32); elsewhere
     // the loss is taken in f32.
     let logits = model.logits_compute(&picked)?;
-    let logits = if logits.device().is_cpu() && logits.dtype() == DType::BF16 { logits } else { logits.to_dtype(DType::F32)? };
+    let logits = if crate::ops::cpu_ops(logits.device()) && logits.dtype() == DType::BF16 { logits } else { logits.to_dtype(DType::F32)? };
     cross_entropy_sum(&logits, &batch.targets)
 }
 
@@ -31,7 +31,7 @@ pub fn nll_sum(model: &dyn CausalLm, batch: &BatchTensors) -> Result<Tensor> {
 /// takes f32 or bf16 logits (read into f32, the gradient rounded back to bf16, as
 /// PyTorch's `logits.float()` does).
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if logits.device().is_cpu() && matches!(logits.dtype(), DType::F32 | DType::BF16) && logits.rank() == 2 {
+    if crate::ops::cpu_ops(logits.device()) && matches!(logits.dtype(), DType::F32 | DType::BF16) && logits.rank() == 2 {
         let t: Vec<u32> = targets.to_vec1()?;
         let vocab = logits.dim(1)?;
         if let Some(bad) = t.iter().find(|x| **x as usize >= vocab) {

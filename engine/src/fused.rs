@@ -28,7 +28,7 @@ use crate::ops::{cpu_f32, cpu_tensor, frozen_bwd, frozen_fwd, rms_norm, rope, to
 /// compute dtype) on the CPU with the built-in kernels as the backend (it folds the LoRA
 /// products into their tiles).
 pub fn lora_fusable(base: &FrozenLinear, x: &Tensor) -> bool {
-    x.device().is_cpu()
+    crate::ops::cpu_ops(x.device())
         && computes_in_f32(x.dtype())
         && base.inner.dtype == x.dtype()
         && crate::blas::kernel_isa().is_some()
@@ -231,7 +231,7 @@ impl LoraFused {
 /// Whether [`attention_fused`] can run: f32 or bf16 on the CPU with the built-in kernels as the
 /// backend.
 pub fn attention_fusable(q: &Tensor) -> bool {
-    q.device().is_cpu() && computes_in_f32(q.dtype()) && crate::blas::kernel_isa().is_some()
+    crate::ops::cpu_ops(q.device()) && computes_in_f32(q.dtype()) && crate::blas::kernel_isa().is_some()
 }
 
 /// Scaled dot-product attention with an additive mask as one op (check
@@ -421,7 +421,7 @@ pub fn rope_heads(x: &Tensor, n: Option<usize>, cos: &Tensor, sin: &Tensor) -> c
         Some(n) => (n, true),
         None => (x.dim(1)?, false),
     };
-    let fusable = x.device().is_cpu() && computes_in_f32(x.dtype()) && d % 2 == 0;
+    let fusable = crate::ops::cpu_ops(x.device()) && computes_in_f32(x.dtype()) && d % 2 == 0;
     if !fusable {
         let x = if split { x.reshape((b, s, heads, d))?.transpose(1, 2)?.contiguous()? } else { x.clone() };
         return rope(&x, cos, sin);
@@ -503,7 +503,7 @@ impl candle_core::CustomOp1 for RopeOp {
 /// `y = x / sqrt(mean(x^2) + eps) * w`; the backward returns the input gradient only
 /// (the norm weight is frozen).
 pub fn rms_norm_fused(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-    if !(x.device().is_cpu() && computes_in_f32(x.dtype()) && computes_in_f32(w.dtype())) {
+    if !(crate::ops::cpu_ops(x.device()) && computes_in_f32(x.dtype()) && computes_in_f32(w.dtype())) {
         return rms_norm(x, w, eps);
     }
     let h = x.dim(D::Minus1)?;
@@ -570,7 +570,7 @@ impl candle_core::CustomOp1 for RmsNormOp {
 /// shape (the composite candle ops otherwise): `y = g sigmoid(g) u`; the backward returns
 /// `dg = dy u s (1 + g (1 - s))` and `du = dy g s` with `s = sigmoid(g)`.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
-    let fusable = g.device().is_cpu() && computes_in_f32(g.dtype()) && g.dtype() == u.dtype() && g.dims() == u.dims();
+    let fusable = crate::ops::cpu_ops(g.device()) && computes_in_f32(g.dtype()) && g.dtype() == u.dtype() && g.dims() == u.dims();
     if !fusable {
         return crate::ops::silu(g)? * u;
     }

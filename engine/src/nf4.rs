@@ -295,6 +295,127 @@ impl Nf4Tensor {
     }
 }
 
+/// An NF4 tensor kept 4-bit on a device (the portable ops' NF4: CUDA devices, or the CPU
+/// under `LORAFLEET_OPS=portable`; see [`crate::ops::cpu_ops`]), dequantized there with
+/// candle's tensor ops for each product, as bitsandbytes does on a GPU. Device memory: the
+/// packed codes (half a byte per value) and the absmax statistics as stored (one u8 per
+/// 64 values plus an f32 per 256 blocks when double quantized, else one f32 per 64
+/// values). The dequantized values equal [`Nf4Tensor::dequantize`] bit for bit: the same
+/// f32 products in the same order.
+#[derive(Debug)]
+pub struct DeviceNf4 {
+    shape: Vec<usize>,
+    /// u8 `[ceil(n / 2)]`, first element in the high nibble.
+    packed: candle_core::Tensor,
+    absmax: DeviceAbsmax,
+    /// f32 `[256, 2]`: the two code values of every byte (high nibble, low nibble).
+    pairs: candle_core::Tensor,
+}
+
+#[derive(Debug)]
+enum DeviceAbsmax {
+    /// f32 `[blocks]`.
+    Plain(candle_core::Tensor),
+    /// u8 codes `[blocks]`, the f32 dynamic map `[256]`, f32 scales `[groups]`, offset.
+    Nested { q: candle_core::Tensor, code: candle_core::Tensor, scale: candle_core::Tensor, offset: f32 },
+}
+
+impl DeviceNf4 {
+    /// Copy `q` to `device` (the host copy can be dropped afterwards).
+    pub fn upload(q: &Nf4Tensor, device: &candle_core::Device) -> candle_core::Result<Self> {
+        use candle_core::Tensor;
+        let blocks = q.numel().div_ceil(NF4_BLOCKSIZE);
+        let absmax = match &q.nested {
+            Some(n) => {
+                if n.absmax_q.len() != blocks || n.nested_absmax.len() != blocks.div_ceil(NESTED_BLOCKSIZE) || n.nested_code.len() != 256 {
+                    candle_core::bail!(
+                        "nf4: nested statistics do not fit {blocks} blocks ({} codes, {} scales, a {}-entry map)",
+                        n.absmax_q.len(),
+                        n.nested_absmax.len(),
+                        n.nested_code.len()
+                    );
+                }
+                DeviceAbsmax::Nested {
+                    q: Tensor::from_slice(&n.absmax_q, blocks, device)?,
+                    code: Tensor::from_slice(&n.nested_code, 256, device)?,
+                    scale: Tensor::from_slice(&n.nested_absmax, n.nested_absmax.len(), device)?,
+                    offset: n.offset,
+                }
+            }
+            None => DeviceAbsmax::Plain(Tensor::from_slice(&q.absmax, q.absmax.len(), device)?),
+        };
+        let pairs: Vec<f32> = pair_lut().iter().flat_map(|&(hi, lo)| [hi, lo]).collect();
+        Ok(Self {
+            shape: q.shape.clone(),
+            packed: Tensor::from_slice(&q.packed, q.packed.len(), device)?,
+            absmax,
+            pairs: Tensor::from_vec(pairs, (256, 2), device)?,
+        })
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn device(&self) -> &candle_core::Device {
+        self.packed.device()
+    }
+
+    /// Bytes held on the device.
+    pub fn device_bytes(&self) -> usize {
+        let t = |t: &candle_core::Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        t(&self.packed)
+            + t(&self.pairs)
+            + match &self.absmax {
+                DeviceAbsmax::Plain(a) => t(a),
+                DeviceAbsmax::Nested { q, code, scale, .. } => t(q) + t(code) + t(scale),
+            }
+    }
+
+    /// The absmax of every 64-block, f32 `[blocks]` (`code[q] * scale[i / 256] + offset`
+    /// when double quantized).
+    fn absmax(&self) -> candle_core::Result<candle_core::Tensor> {
+        match &self.absmax {
+            DeviceAbsmax::Plain(a) => Ok(a.clone()),
+            DeviceAbsmax::Nested { q, code, scale, offset } => {
+                let blocks = q.elem_count();
+                let per_group = per_group(&code.index_select(&q.to_dtype(candle_core::DType::U32)?, 0)?, scale, NESTED_BLOCKSIZE)?;
+                per_group.narrow(0, 0, blocks)?.affine(1.0, *offset as f64)
+            }
+        }
+    }
+
+    /// All values, shaped, in `dtype`, on the device.
+    pub fn dequantize(&self, dtype: candle_core::DType) -> candle_core::Result<candle_core::Tensor> {
+        let n = self.numel();
+        // u32 indices: candle's index_select reads an index equal to its type's maximum
+        // (u8 255, a byte of two 1.0 codes) as "no row" and returns zeros for it.
+        let codes = self.pairs.index_select(&self.packed.to_dtype(candle_core::DType::U32)?, 0)?.flatten_all()?;
+        let values = per_group(&codes, &self.absmax()?, NF4_BLOCKSIZE)?;
+        values.narrow(0, 0, n)?.reshape(self.shape.as_slice())?.to_dtype(dtype)
+    }
+}
+
+/// `v[i] * scale[i / group]` for a flat `v` (zero-padded to whole groups; the result has
+/// `groups * group` values).
+fn per_group(v: &candle_core::Tensor, scale: &candle_core::Tensor, group: usize) -> candle_core::Result<candle_core::Tensor> {
+    let groups = scale.elem_count();
+    let len = v.elem_count();
+    if len > groups * group {
+        candle_core::bail!("nf4: {len} values for {groups} scales of {group}");
+    }
+    let v = if len < groups * group {
+        candle_core::Tensor::cat(&[v, &candle_core::Tensor::zeros(groups * group - len, v.dtype(), v.device())?], 0)?
+    } else {
+        v.clone()
+    };
+    v.reshape((groups, group))?.broadcast_mul(&scale.reshape((groups, 1))?)?.flatten_all()
+}
+
 fn pair_lut() -> &'static [(f32, f32); 256] {
     static LUT: std::sync::OnceLock<[(f32, f32); 256]> = std::sync::OnceLock::new();
     LUT.get_or_init(|| {
@@ -449,6 +570,23 @@ mod tests {
         let d = t.dequantize();
         assert_eq!(d[1], -1.0);
         assert!((d[0] - 0.5).abs() < 0.07);
+    }
+
+    #[test]
+    fn device_nf4_equals_host_dequant_on_ragged_shapes() {
+        // Odd element counts (a half-filled last byte), partial last 64-block, and more
+        // than 256 blocks (a partial last group of nested statistics).
+        for (shape, dq) in [(vec![3usize], false), (vec![7, 9], true), (vec![3, 50], true), (vec![130, 131], true), (vec![130, 131], false)] {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * (1.0 + (i / 64) as f32 * 0.01)).collect();
+            let q = Nf4Tensor::quantize(&v, &shape, dq).unwrap();
+            let d = DeviceNf4::upload(&q, &candle_core::Device::Cpu).unwrap();
+            let got = d.dequantize(candle_core::DType::F32).unwrap();
+            assert_eq!(got.dims(), shape.as_slice());
+            let got: Vec<u32> = got.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect();
+            let want: Vec<u32> = q.dequantize().iter().map(|x| x.to_bits()).collect();
+            assert_eq!(got, want, "{shape:?} double quant {dq}");
+        }
     }
 
     #[test]

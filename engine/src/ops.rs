@@ -6,6 +6,10 @@
 //!   they are and dequantize a block at a time; the other backends get a dequantized
 //!   copy through a byte-pair lookup table) and whose backward returns only
 //!   `grad_x = grad_y W`: no gradient for `W` is computed or kept.
+//!   On other devices (CUDA; the CPU under `LORAFLEET_OPS=portable`, see [`cpu_ops`])
+//!   it is a device-generic op on candle's own matmul, again with no weight gradient, and
+//!   NF4 weights stay 4-bit on the device ([`crate::nf4::DeviceNf4`]), dequantized there
+//!   for each product as bitsandbytes does.
 //! - [`CheckpointHook`]: the hook gradient checkpointing hangs a recomputation on.
 //! - Differentiable forms of RMSNorm, LayerNorm, softmax, rotary embedding (rotate
 //!   half), exact GELU and SiLU (candle's fused versions have no backward).
@@ -18,15 +22,28 @@ use candle_core::{
 use half::bf16;
 
 use crate::kernels::Rows;
-use crate::nf4::Nf4Tensor;
+use crate::nf4::{DeviceNf4, Nf4Tensor};
 
 /// A frozen weight `[out, in]`.
 #[derive(Debug, Clone)]
 pub enum FrozenWeight {
     /// Full precision, contiguous, in the compute dtype.
     Dense(Tensor),
-    /// NF4 (dequantized on the fly).
+    /// NF4 in host memory, for the CPU ops (dequantized on the fly).
     Nf4(Arc<Nf4Tensor>),
+    /// NF4 kept 4-bit on a device (the portable ops), dequantized there per product.
+    Nf4Device(Arc<DeviceNf4>),
+}
+
+/// Whether tensors on `device` run on the engine's own CPU ops (built-in kernels, the
+/// fused LoRA, attention, RoPE, RMSNorm, SwiGLU and loss ops, NF4 read in place): the
+/// CPU, unless `LORAFLEET_OPS=portable`. Everything else runs the portable path, built
+/// from candle's device-generic tensor ops only: what CUDA devices run, and what
+/// `LORAFLEET_OPS=portable` forces on the CPU so that the tests check that path on
+/// machines without a GPU.
+pub fn cpu_ops(device: &Device) -> bool {
+    static PORTABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    device.is_cpu() && !*PORTABLE.get_or_init(|| std::env::var("LORAFLEET_OPS").is_ok_and(|v| v == "portable"))
 }
 
 #[derive(Debug)]
@@ -51,6 +68,10 @@ impl FrozenLinear {
         let (out_dim, in_dim) = match &weight {
             FrozenWeight::Dense(w) => w.dims2()?,
             FrozenWeight::Nf4(q) => match q.shape.as_slice() {
+                [o, i] => (*o, *i),
+                s => candle_core::bail!("nf4 linear weight must be 2-d, got {s:?}"),
+            },
+            FrozenWeight::Nf4Device(q) => match q.shape() {
                 [o, i] => (*o, *i),
                 s => candle_core::bail!("nf4 linear weight must be 2-d, got {s:?}"),
             },
@@ -92,6 +113,7 @@ impl FrozenLinear {
         match &self.inner.weight {
             FrozenWeight::Dense(w) => w.to_dtype(DType::F32)?.to_device(device),
             FrozenWeight::Nf4(q) => Tensor::from_vec(q.dequantize(), (self.inner.out_dim, self.inner.in_dim), device),
+            FrozenWeight::Nf4Device(q) => q.dequantize(DType::F32)?.to_device(device),
         }
     }
 
@@ -104,17 +126,10 @@ impl FrozenLinear {
         }
         let m: usize = lead.iter().product();
         let x2 = x.to_dtype(self.inner.dtype)?.reshape((m, k))?;
-        let y = if x2.device().is_cpu() {
+        let y = if cpu_ops(x2.device()) {
             x2.contiguous()?.apply_op1_arc(Arc::new(Box::new(FrozenLinearFwd { inner: self.inner.clone() })))?
         } else {
-            // Other devices: plain matmul against the (dequantized) weight. The weight is
-            // a constant, so the result is right, but candle's matmul backward computes
-            // its unused gradient.
-            let w = match &self.inner.weight {
-                FrozenWeight::Dense(w) => w.clone(),
-                FrozenWeight::Nf4(_) => self.dense_weight_f32(x.device())?.to_dtype(self.inner.dtype)?,
-            };
-            let y = x2.matmul(&w.t()?)?;
+            let y = x2.contiguous()?.apply_op1_arc(Arc::new(Box::new(PortableFrozenFwd { inner: self.inner.clone() })))?;
             match &self.inner.bias {
                 Some(b) => y.broadcast_add(&b.to_device(x.device())?)?,
                 None => y,
@@ -231,6 +246,10 @@ fn with_weight_f32<R>(inner: &FrozenInner, f: impl FnOnce(&[f32]) -> R) -> candl
             q.dequantize_into(&mut buf);
             Ok(f(&buf))
         }
+        FrozenWeight::Nf4Device(q) => {
+            let buf = q.dequantize(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+            Ok(f(&buf))
+        }
         FrozenWeight::Dense(w) => {
             let (storage, layout) = w.storage_and_layout();
             match &*storage {
@@ -296,6 +315,71 @@ impl candle_core::CustomOp1 for FrozenLinearBwd {
     }
 }
 
+/// The frozen product on any device (the portable path): `x [m, in] W^T` with candle's
+/// matmul for the device, the weight in the compute dtype on x's device (NF4 dequantized
+/// there for this product and dropped after it). Unlike a plain `matmul`, whose backward
+/// also computes the `[out, in]` gradient of the weight, its backward is only
+/// `grad_x = grad_y W` (the weight dequantized again, as bitsandbytes does, rather than
+/// kept alive between forward and backward).
+struct PortableFrozenFwd {
+    inner: Arc<FrozenInner>,
+}
+
+impl FrozenInner {
+    /// The weight `[out, in]` in the compute dtype on `device`.
+    fn weight_on(&self, device: &Device) -> candle_core::Result<Tensor> {
+        let w = match &self.weight {
+            FrozenWeight::Dense(w) => w.clone(),
+            FrozenWeight::Nf4Device(q) => q.dequantize(self.dtype)?,
+            FrozenWeight::Nf4(q) => Tensor::from_vec(q.dequantize(), (self.out_dim, self.in_dim), device)?.to_dtype(self.dtype)?,
+        };
+        if !w.device().same_device(device) {
+            candle_core::bail!("frozen linear: weight on {:?}, input on {device:?}", w.device().location());
+        }
+        Ok(w)
+    }
+}
+
+/// `x [m, k] W^T` for `w [n, k]` (contiguous) on any backend's storage.
+fn storage_matmul_t<S: BackendStorage>(x: &S, xl: &Layout, w: &S, wl: &Layout) -> candle_core::Result<(S, Shape)> {
+    let (m, k) = xl.shape().dims2()?;
+    let (n, wk) = wl.shape().dims2()?;
+    if k != wk {
+        candle_core::bail!("frozen linear: input has {k} features, weight expects {wk}");
+    }
+    Ok((x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?, Shape::from((m, n))))
+}
+
+impl candle_core::CustomOp1 for PortableFrozenFwd {
+    fn name(&self) -> &'static str {
+        "frozen-linear-portable"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = self.inner.weight_on(&Device::Cpu)?;
+        let (ws, wl) = w.storage_and_layout();
+        match &*ws {
+            Storage::Cpu(ws) => storage_matmul_t(s, l, ws, wl),
+            _ => candle_core::bail!("frozen linear: weight is not on the cpu"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let w = self.inner.weight_on(&Device::Cuda(s.device().clone()))?;
+        let (ws, wl) = w.storage_and_layout();
+        match &*ws {
+            Storage::Cuda(ws) => storage_matmul_t(s, l, ws, wl),
+            _ => candle_core::bail!("frozen linear: weight is not on the input's cuda device"),
+        }
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let w = self.inner.weight_on(grad_res.device())?;
+        Ok(Some(grad_res.matmul(&w)?))
+    }
+}
+
 /// Backward function of a checkpointed block: `(block input, grad of block output) ->
 /// grad of block input`.
 pub type RecomputeFn = dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync;
@@ -315,6 +399,17 @@ impl candle_core::CustomOp2 for CheckpointHook {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, _s2: &CpuStorage, _l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         Ok((candle_core::cpu_backend::CpuDevice.zeros_impl(l1.shape(), s1.dtype())?, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        _s2: &candle_core::CudaStorage,
+        _l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((s1.device().zeros_impl(l1.shape(), s1.dtype())?, l1.shape().clone()))
     }
 
     fn bwd(&self, arg1: &Tensor, _arg2: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
@@ -392,6 +487,55 @@ pub fn silu(x: &Tensor) -> candle_core::Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The portable frozen product (what CUDA runs) against the CPU op: forward with bias
+    /// and the input gradient, for full-precision, host NF4 and device NF4 weights, f32
+    /// and bf16.
+    #[test]
+    fn portable_frozen_linear_equals_the_cpu_op() {
+        let dev = Device::Cpu;
+        let (m, k, n) = (5usize, 70usize, 33usize);
+        let wv: Vec<f32> = (0..n * k).map(|i| ((i as f32) * 0.011).sin()).collect();
+        let xv: Vec<f32> = (0..m * k).map(|i| ((i as f32) * 0.07).cos()).collect();
+        let gv: Vec<f32> = (0..m * n).map(|i| ((i as f32) * 0.13).sin()).collect();
+        let q = Arc::new(Nf4Tensor::quantize(&wv, &[n, k], true).unwrap());
+        for dtype in [DType::F32, DType::BF16] {
+            let bias = Tensor::from_vec((0..n).map(|i| i as f32 * 0.1).collect::<Vec<_>>(), n, &dev).unwrap();
+            let dense = Tensor::from_vec(wv.clone(), (n, k), &dev).unwrap();
+            for (what, w) in [
+                ("dense", FrozenWeight::Dense(dense)),
+                ("nf4", FrozenWeight::Nf4(q.clone())),
+                ("device nf4", FrozenWeight::Nf4Device(Arc::new(DeviceNf4::upload(&q, &dev).unwrap()))),
+            ] {
+                let lin = FrozenLinear::new(w, Some(bias.clone()), dtype).unwrap();
+                let run = |portable: bool| {
+                    let x = candle_core::Var::from_vec(xv.clone(), (m, k), &dev).unwrap();
+                    let xd = x.as_tensor().to_dtype(dtype).unwrap();
+                    let y = if portable {
+                        xd.apply_op1_arc(Arc::new(Box::new(PortableFrozenFwd { inner: lin.inner.clone() })))
+                            .unwrap()
+                            .broadcast_add(lin.bias().unwrap())
+                            .unwrap()
+                    } else {
+                        xd.apply_op1_arc(Arc::new(Box::new(FrozenLinearFwd { inner: lin.inner.clone() }))).unwrap()
+                    };
+                    assert_eq!(y.dtype(), dtype);
+                    let g = Tensor::from_vec(gv.clone(), (m, n), &dev).unwrap();
+                    let s = (y.to_dtype(DType::F32).unwrap() * g).unwrap().sum_all().unwrap();
+                    let gx = s.backward().unwrap().get(x.as_tensor()).unwrap().clone();
+                    (y.to_dtype(DType::F32).unwrap(), gx)
+                };
+                let ((y0, g0), (y1, g1)) = (run(false), run(true));
+                let max = |a: &Tensor| a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                let diff = |a: &Tensor, b: &Tensor| max(&(a - b).unwrap());
+                // f32: summation order only; bf16: one rounding of the result either way,
+                // but candle's bf16 product may round differently (a unit in the last place).
+                let tol = if dtype == DType::F32 { 1e-5 } else { 2f32.powi(-7) } * max(&y0).max(max(&g0)).max(1.0);
+                assert!(diff(&y0, &y1) < tol, "{what} {dtype:?}: forward differs by {}", diff(&y0, &y1));
+                assert!(diff(&g0, &g1) < tol, "{what} {dtype:?}: input gradient differs by {}", diff(&g0, &g1));
+            }
+        }
+    }
 
     #[test]
     fn bf16_conversions_equal_the_half_crate() {

@@ -1,6 +1,8 @@
 //! Logits of the tiny fixture models against Hugging Face's (base, base + adapter,
 //! NF4 base + adapter), f32 compute, plus KV-cache decoding against the full forward.
 
+mod common;
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
@@ -159,6 +161,19 @@ fn tiny_falcon_nf4_adapter_logits() {
     // All falcon widths are multiples of 64: the loader's own NF4 path is compared.
     let m = load_model(&fixtures().join("models/tiny-falcon"), &adapter_opts("tiny-falcon", Quant::Nf4 { double_quant: true })).unwrap();
     check("tiny-falcon", m.as_ref(), "logits_nf4_adapter", NF4_FIXTURE_TOL);
+}
+
+/// Every logits check again on the portable ops (the path of CUDA devices): the NF4
+/// models hold their weights as [`lorafleet_engine::nf4::DeviceNf4`] there.
+/// The rerun's variable reaches the engine: the CPU runs the portable ops there.
+#[test]
+fn portable_switch_reaches_the_engine() {
+    assert_eq!(lorafleet_engine::ops::cpu_ops(&candle_core::Device::Cpu), !common::portable());
+}
+
+#[test]
+fn logits_match_on_the_portable_ops() {
+    common::rerun_portable("", 16);
 }
 
 #[test]

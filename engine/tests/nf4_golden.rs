@@ -1,6 +1,6 @@
 //! NF4 quantization against bitsandbytes' own output (tests/fixtures/hf/nf4/golden.safetensors).
 
-use lorafleet_engine::nf4::{create_dynamic_map, dynamic_map, Nf4Tensor, NF4_CODE};
+use lorafleet_engine::nf4::{create_dynamic_map, dynamic_map, DeviceNf4, Nf4Tensor, NF4_CODE};
 use safetensors::SafeTensors;
 
 fn fixture() -> Vec<u8> {
@@ -150,5 +150,42 @@ fn dequant_from_stored_parts() {
             q.dequantize_range(start, &mut part);
             assert_eq!(part, rows[start..start + len].to_vec(), "range {start}+{len}");
         }
+    }
+}
+
+/// NF4 on a device (the portable ops) dequantizes to the same bits as the host code,
+/// from bitsandbytes' stored parts (double quantized) and from our quantizer (plain).
+#[test]
+fn device_nf4_dequantizes_bit_exact() {
+    let bytes = fixture();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let dev = candle_core::Device::Cpu;
+    for t in 0..4 {
+        let shape = st.tensor(&format!("t{t}.weight")).unwrap().shape().to_vec();
+        let nested = lorafleet_engine::nf4::NestedAbsmax {
+            absmax_q: u8s(&st, &format!("t{t}.absmax_q")),
+            nested_absmax: f32s(&st, &format!("t{t}.nested_absmax")),
+            nested_code: f32s(&st, &format!("t{t}.nested_code")),
+            offset: f32s(&st, &format!("t{t}.offset"))[0],
+        };
+        let absmax = nested.dequantize();
+        let stored = Nf4Tensor::from_parts(shape.clone(), u8s(&st, &format!("t{t}.packed")), absmax, Some(nested)).unwrap();
+        let plain = Nf4Tensor::quantize(&f32s(&st, &format!("t{t}.weight")), &shape, false).unwrap();
+        for (what, q) in [("double quantized", &stored), ("plain", &plain)] {
+            let d = DeviceNf4::upload(q, &dev).unwrap();
+            assert_eq!(d.shape(), shape.as_slice());
+            let got = d.dequantize(candle_core::DType::F32).unwrap();
+            assert_eq!(got.dims(), shape.as_slice());
+            let got: Vec<u32> = got.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect();
+            let want: Vec<u32> = q.dequantize().iter().map(|v| v.to_bits()).collect();
+            assert_eq!(got, want, "t{t} {what}");
+            let bf: Vec<u16> = d.dequantize(candle_core::DType::BF16).unwrap().flatten_all().unwrap().to_vec1::<half::bf16>().unwrap().iter().map(|v| v.to_bits()).collect();
+            let want_bf: Vec<u16> = q.dequantize().iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+            assert_eq!(bf, want_bf, "t{t} {what} bf16");
+        }
+        // 4-bit on the device: half a byte per value plus the statistics.
+        let d = DeviceNf4::upload(&stored, &dev).unwrap();
+        let n = stored.numel();
+        assert!(d.device_bytes() < n / 2 + n / 64 + 4096, "t{t}: {} bytes for {n} values", d.device_bytes());
     }
 }

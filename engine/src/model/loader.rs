@@ -14,7 +14,7 @@ use super::transformer::{Block, Norm, Transformer};
 use super::weights::Weights;
 use super::{CausalLm, LoraSettings, ModelInfo};
 use crate::lora::{LoraBuilder, LoraLinear, LoraSource};
-use crate::nf4::Nf4Tensor;
+use crate::nf4::{DeviceNf4, Nf4Tensor};
 use crate::ops::{FrozenLinear, FrozenWeight};
 use crate::{peft, EngineError, Result};
 
@@ -183,6 +183,11 @@ impl Builder {
                     FrozenWeight::Nf4(Arc::new(Nf4Tensor::quantize(&values, &shape, double_quant)?))
                 }
             }
+        };
+        // The portable ops (CUDA) keep NF4 weights 4-bit on the device; the host copy goes.
+        let weight = match weight {
+            FrozenWeight::Nf4(q) if !crate::ops::cpu_ops(&self.device) => FrozenWeight::Nf4Device(Arc::new(DeviceNf4::upload(&q, &self.device)?)),
+            w => w,
         };
         let b = if bias { Some(self.dense(&format!("{prefix}.bias"), &[out])?) } else { None };
         let base = FrozenLinear::new(weight, b, self.dtype)?;
