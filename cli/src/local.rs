@@ -419,7 +419,7 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         output_dir: output_dir.clone(),
         work_dir: output_dir.clone(),
         resume_from: a.resume,
-        device: candle_core::Device::Cpu,
+        devices: vec![candle_core::Device::Cpu],
     };
     let mut obs = progress::CliObserver::new(!a.no_progress);
     obs.stop_on_ctrl_c();

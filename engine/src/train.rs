@@ -10,6 +10,17 @@
 //! split and the LoRA dropout masks (`checkpoint::dropout_seed(seed, step, micro)`), so
 //! a run resumed from a checkpoint gives the same later losses as an uninterrupted one.
 //!
+//! Data parallelism: with several [`TrainRun::devices`] each device holds a replica of
+//! the model (the frozen weights and the LoRA parameters) and the micro-batches of a step
+//! are dealt round-robin to the replicas (micro-batch `j` to replica `j % devices`),
+//! which run them at the same time, one thread each. Their LoRA gradients are summed on
+//! the first device in micro-batch order, exactly as one device accumulates them, the
+//! optimizer steps there, and the updated LoRA parameters are copied to the other
+//! replicas. LoRA gradients are small (megabytes), so the copies go through candle's
+//! device copies rather than NCCL. The result is the run on one device with the same
+//! `grad_accum`, bit for bit where the device kernels are deterministic; `grad_accum`
+//! should be a multiple of the device count to keep every device busy.
+//!
 //! Outputs in `output_dir`: the PEFT adapter (`adapter_config.json`,
 //! `adapter_model.safetensors`), `metrics.jsonl` (one line per step and per eval),
 //! `loss.svg` and `train_summary.json`.
@@ -46,7 +57,16 @@ pub struct TrainRun {
     pub work_dir: PathBuf,
     /// Resume from this checkpoint directory.
     pub resume_from: Option<PathBuf>,
-    pub device: Device,
+    /// The devices to train on: one, or several for data parallelism (module docs). The
+    /// first holds the optimizer state and runs evaluation and sampling.
+    pub devices: Vec<Device>,
+}
+
+impl TrainRun {
+    /// The first of [`TrainRun::devices`] (the CPU if none is given).
+    pub fn device(&self) -> Device {
+        self.devices.first().cloned().unwrap_or(Device::Cpu)
+    }
 }
 
 /// Called by the loop; all methods have defaults.
@@ -180,13 +200,31 @@ pub fn train(run: &TrainRun, observer: &mut dyn TrainObserver) -> Result<TrainSu
     let spec = &run.spec;
     let t = &spec.training;
     let started = Instant::now();
-    let model = crate::model::load_model(&run.model_dir, &load_options(spec, run.init_adapter.as_deref(), &run.device))?;
-    let model: &dyn CausalLm = model.as_ref();
+    let devices = if run.devices.is_empty() { vec![Device::Cpu] } else { run.devices.clone() };
+    let device = devices[0].clone();
+    let replicas = devices
+        .iter()
+        .map(|d| crate::model::load_model(&run.model_dir, &load_options(spec, run.init_adapter.as_deref(), d)))
+        .collect::<Result<Vec<_>>>()?;
+    let model: &dyn CausalLm = replicas[0].as_ref();
     let info = model.info().clone();
     if info.lora.is_none() {
         return Err(EngineError::Config("the model was loaded without lora".into()));
     }
-    if let Some(advice) = device_advice(spec, &run.device) {
+    if replicas.len() > 1 {
+        tracing::info!(devices = ?devices.iter().map(|d| d.location()).collect::<Vec<_>>(), "data parallel: one model replica per device");
+        if !(t.grad_accum as usize).is_multiple_of(replicas.len()) {
+            let advice = format!(
+                "training.grad_accum: {} micro-batches per step over {} devices leaves some devices idle part of each step (use a multiple of {})",
+                t.grad_accum,
+                replicas.len(),
+                replicas.len()
+            );
+            tracing::warn!("{advice}");
+            observer.on_notice("warn", &advice);
+        }
+    }
+    if let Some(advice) = device_advice(spec, &device) {
         tracing::warn!("{advice}");
         observer.on_notice("warn", &advice);
     }
@@ -237,7 +275,10 @@ pub fn train(run: &TrainRun, observer: &mut dyn TrainObserver) -> Result<TrainSu
         tracing::info!(step = st.step, checkpoint = %ck.display(), "resuming");
         state = st;
     }
-    model.set_gradient_checkpointing(t.gradient_checkpointing);
+    broadcast_lora(&replicas)?;
+    for r in &replicas {
+        r.set_gradient_checkpointing(t.gradient_checkpointing);
+    }
     std::fs::create_dir_all(&run.output_dir).map_err(|e| io_err(&run.output_dir, e))?;
     let metrics_path = run.output_dir.join("metrics.jsonl");
     let mut metrics = MetricsFile::create(&metrics_path, &state.history)?;
@@ -254,39 +295,29 @@ pub fn train(run: &TrainRun, observer: &mut dyn TrainObserver) -> Result<TrainSu
         if observer.should_stop() {
             return Err(EngineError::Cancelled);
         }
-        model.set_training(true);
+        for r in &replicas {
+            r.set_training(true);
+        }
+        let batches: Vec<data::MicroBatch> = (0..ga).map(|_| batcher.next_batch()).collect();
+        let step_tokens: u64 = batches.iter().map(|b| b.tokens as u64).sum();
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_sum = 0f64;
-        let mut step_tokens = 0u64;
-        for micro in 0..ga {
-            let mb = batcher.next_batch();
-            let n = mb.target_count();
-            step_tokens += mb.tokens as u64;
-            if n == 0 {
-                continue;
-            }
-            model.set_dropout_seed(checkpoint::dropout_seed(t.seed, state.step, micro));
-            let bt = mb.to_tensors(&run.device)?;
-            let nll = eval::nll_sum(model, &bt)?;
-            let loss = (nll / (n as f64 * ga as f64))?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
-            let g = model.backward(&loss)?;
+        for (loss, g) in micro_grads(&replicas, &devices, &batches, t.seed, state.step)?.into_iter().flatten() {
+            loss_sum += loss;
             for (k, v) in g {
-                let v = v.detach();
-                match grads.remove(&k) {
-                    Some(acc) => {
-                        grads.insert(k, (acc + v)?);
-                    }
-                    None => {
-                        grads.insert(k, v);
-                    }
-                }
+                let v = if v.device().same_device(&device) { v } else { v.to_device(&device)? };
+                let v = match grads.remove(&k) {
+                    Some(acc) => (acc + v)?,
+                    None => v,
+                };
+                grads.insert(k, v);
             }
         }
         let lr = schedule.lr(state.step);
         let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
         opt.step(model.lora_params(), &grads, lr)?;
         drop(grads);
+        broadcast_lora(&replicas)?;
         state.step += 1;
         state.cursor = batcher.cursor;
         state.tokens_seen += step_tokens;
@@ -320,7 +351,7 @@ pub fn train(run: &TrainRun, observer: &mut dyn TrainObserver) -> Result<TrainSu
 
         let eval_now = (t.eval_every > 0 && state.step.is_multiple_of(t.eval_every)) || state.step == total;
         if eval_now && (eval_batches.is_some() || !t.sample_prompts.is_empty()) {
-            let em = run_eval(model, &tok, spec, eval_batches.as_deref(), state.step, &run.device)?;
+            let em = run_eval(model, &tok, spec, eval_batches.as_deref(), state.step, &device)?;
             tracing::info!(step = em.step, eval_loss = em.loss, perplexity = em.perplexity, tokens = em.tokens, "eval");
             for (p, a) in &em.samples {
                 tracing::info!(prompt = %p, answer = %a, "sample");
@@ -354,6 +385,74 @@ pub fn train(run: &TrainRun, observer: &mut dyn TrainObserver) -> Result<TrainSu
     std::fs::write(&sp, serde_json::to_string_pretty(&summary).expect("json")).map_err(|e| io_err(&sp, e))?;
     tracing::info!(steps = summary.steps, final_loss = summary.final_loss, adapter = %run.output_dir.display(), "training finished");
     Ok(summary)
+}
+
+/// One micro-batch's share of a step: its loss (divided by `grad_accum`) and the
+/// gradients of the LoRA parameters; `None` for a micro-batch without target tokens.
+type MicroGrads = Option<(f64, BTreeMap<String, Tensor>)>;
+
+/// Forward and backward of micro-batch `micro` of `step` on one replica.
+fn micro_step(model: &dyn CausalLm, device: &Device, mb: &data::MicroBatch, seed: u64, step: u64, micro: u64, ga: u64) -> Result<MicroGrads> {
+    let n = mb.target_count();
+    if n == 0 {
+        return Ok(None);
+    }
+    model.set_dropout_seed(checkpoint::dropout_seed(seed, step, micro));
+    let bt = mb.to_tensors(device)?;
+    let nll = eval::nll_sum(model, &bt)?;
+    let loss = (nll / (n as f64 * ga as f64))?;
+    let value = loss.to_scalar::<f32>()? as f64;
+    let grads = model.backward(&loss)?.into_iter().map(|(k, v)| (k, v.detach())).collect();
+    Ok(Some((value, grads)))
+}
+
+/// The step's micro-batches on the replicas (round-robin, one thread per replica when
+/// there are several), results in micro-batch order.
+fn micro_grads(replicas: &[Box<dyn CausalLm>], devices: &[Device], batches: &[data::MicroBatch], seed: u64, step: u64) -> Result<Vec<MicroGrads>> {
+    let ga = batches.len() as u64;
+    if replicas.len() == 1 {
+        return batches.iter().enumerate().map(|(j, mb)| micro_step(replicas[0].as_ref(), &devices[0], mb, seed, step, j as u64, ga)).collect();
+    }
+    let k = replicas.len();
+    let per_replica: Vec<Result<Vec<(usize, MicroGrads)>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = replicas
+            .iter()
+            .zip(devices)
+            .enumerate()
+            .map(|(r, (model, device))| {
+                s.spawn(move || {
+                    (r..batches.len())
+                        .step_by(k)
+                        .map(|j| Ok((j, micro_step(model.as_ref(), device, &batches[j], seed, step, j as u64, ga)?)))
+                        .collect::<Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(EngineError::Config("a data-parallel replica's thread panicked".into()))))
+            .collect()
+    });
+    let mut out: Vec<MicroGrads> = (0..batches.len()).map(|_| None).collect();
+    for r in per_replica {
+        for (j, g) in r? {
+            out[j] = g;
+        }
+    }
+    Ok(out)
+}
+
+/// Copy the first replica's LoRA parameters to the others.
+fn broadcast_lora(replicas: &[Box<dyn CausalLm>]) -> Result<()> {
+    let Some((first, rest)) = replicas.split_first() else { return Ok(()) };
+    let src = first.lora_params();
+    for r in rest {
+        for (k, var) in r.lora_params() {
+            let Some(p) = src.get(k) else { return Err(EngineError::Config(format!("replica has a lora parameter {k} the first one lacks"))) };
+            var.set(&p.as_tensor().to_device(var.device())?)?;
+        }
+    }
+    Ok(())
 }
 
 fn run_eval(

@@ -32,7 +32,7 @@ fn demo_memorises_the_faq() {
         output_dir: out.clone(),
         work_dir: tmp.path().join("work"),
         resume_from: None,
-        device: Device::Cpu,
+        devices: vec![Device::Cpu],
     };
     let t0 = std::time::Instant::now();
     let summary = train(&run, &mut NoObserver).unwrap();

@@ -52,7 +52,7 @@ output: {{ dir: {o} }}
         output_dir: out.to_path_buf(),
         work_dir: work.to_path_buf(),
         resume_from: resume,
-        device: Device::Cpu,
+        devices: vec![Device::Cpu],
     }
 }
 

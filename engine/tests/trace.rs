@@ -74,7 +74,7 @@ fn check_trace(model: &str, checkpointing: bool) {
         output_dir: out.clone(),
         work_dir: tmp.path().join("work"),
         resume_from: None,
-        device: Device::Cpu,
+        devices: vec![Device::Cpu],
     };
     let mut obs = Losses::default();
     let summary = train(&run, &mut obs).unwrap();
@@ -125,6 +125,63 @@ fn traces_match_peft_on_the_avx2_kernels() {
     common::rerun_on_avx2("_trace", 3);
 }
 
+/// The portable ops (what CUDA devices run) reproduce the PEFT traces too, and train the
+/// QLoRA defaults (NF4 kept 4-bit and dequantized by tensor ops, bf16, dropout, gradient
+/// checkpointing).
+/// The rerun's variable reaches the engine: the CPU runs the portable ops there.
+#[test]
+fn portable_switch_reaches_the_engine() {
+    assert_eq!(lorafleet_engine::ops::cpu_ops(&candle_core::Device::Cpu), !common::portable());
+}
+
+#[test]
+fn traces_match_peft_on_the_portable_ops() {
+    common::rerun_portable("", 5);
+}
+
+/// Data parallelism over two replicas (two CPU "devices" here; CUDA devices in a GPU
+/// worker) trains exactly what one device trains: the same losses and the same adapter,
+/// bit for bit, with gradient accumulation, LoRA dropout and gradient checkpointing on,
+/// and with a micro-batch count the devices do not divide.
+#[test]
+fn data_parallel_equals_one_device() {
+    let dir = fixtures().join("train/tiny-llama");
+    let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("trace.json")).unwrap()).unwrap();
+    let run_on = |devices: Vec<Device>, ga: u32| {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let mut spec = trace_spec("tiny-llama", &trace, &out, true);
+        spec.training.grad_accum = ga;
+        spec.training.max_steps = Some(3);
+        spec.lora.dropout = 0.1;
+        let run = TrainRun {
+            spec,
+            model_dir: fixtures().join("models/tiny-llama"),
+            train_data: dir.join("data.jsonl"),
+            eval_data: None,
+            init_adapter: Some(dir.join("init_adapter")),
+            output_dir: out.clone(),
+            work_dir: tmp.path().join("work"),
+            resume_from: None,
+            devices,
+        };
+        let mut obs = Losses::default();
+        train(&run, &mut obs).unwrap();
+        let adapter = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+        (obs, adapter)
+    };
+    for ga in [4, 3] {
+        let (one, a1) = run_on(vec![Device::Cpu], ga);
+        let (two, a2) = run_on(vec![Device::Cpu, Device::Cpu], ga);
+        assert_eq!(one.0.len(), 3);
+        assert_eq!(one.0, two.0, "grad_accum {ga}: losses");
+        assert!(a1 == a2, "grad_accum {ga}: the adapters differ");
+        assert!(one.1.is_empty(), "{:?}", one.1);
+        // 3 micro-batches over 2 devices: said, not refused.
+        assert_eq!(two.1.iter().any(|n| n.contains("training.grad_accum")), ga == 3, "{:?}", two.1);
+    }
+}
+
 /// The spec's QLoRA defaults (NF4 double-quant, bf16 compute, dropout, grad accumulation
 /// 4, cosine with warm-up, clipping, gradient checkpointing) train and save an adapter.
 #[test]
@@ -146,7 +203,7 @@ fn qlora_defaults_train_nf4_bf16() {
         output_dir: out.clone(),
         work_dir: tmp.path().join("work"),
         resume_from: None,
-        device: Device::Cpu,
+        devices: vec![Device::Cpu],
     };
     let mut obs = Losses::default();
     let s = train(&run, &mut obs).unwrap();

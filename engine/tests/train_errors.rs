@@ -27,7 +27,7 @@ fn run(model_dir: &Path, data: &Path, out: &Path) -> TrainRun {
         output_dir: out.to_path_buf(),
         work_dir: out.join("work"),
         resume_from: None,
-        device: Device::Cpu,
+        devices: vec![Device::Cpu],
     }
 }
 

@@ -67,18 +67,11 @@ async fn prepare(w: &Worker, lease: &pb::Lease) -> Result<Prepared, Outcome> {
             )))
         }
     }
-    let idx = lease.device_indices.first().copied().unwrap_or(0);
-    let sel = w
-        .cfg
-        .devices
-        .iter()
-        .copied()
-        .find(|d| match d {
-            crate::DeviceSel::Cpu => idx == 0,
-            crate::DeviceSel::Cuda(i) => *i == idx,
-        })
-        .unwrap_or(w.cfg.devices[0]);
-    let device = sel.open().map_err(non_retryable)?;
+    let devices = lease_devices(&w.cfg.devices, &lease.device_indices)?;
+    if devices.len() > 1 {
+        info!(job_id = %lease.job_id, devices = ?devices, "data parallel over the leased devices");
+    }
+    let devices = devices.iter().map(|d| d.open()).collect::<Result<Vec<_>, _>>().map_err(non_retryable)?;
 
     let model_dir = w.cache.model(&spec.model.source, &w.cfg.storage_options).await.map_err(|e| storage_failure("model.source", e))?;
     if !model_dir.join("config.json").is_file() {
@@ -114,10 +107,32 @@ async fn prepare(w: &Worker, lease: &pb::Lease) -> Result<Prepared, Outcome> {
             output_dir: scratch.join("output"),
             work_dir: scratch.join("work"),
             resume_from,
-            device,
+            devices,
         },
         job,
     })
+}
+
+/// The devices of this worker a lease names (by index; none: the first one offered).
+/// A lease naming a device this worker does not offer is refused as retryable: the
+/// coordinator's view of this worker is out of date, and another attempt may fit.
+fn lease_devices(offered: &[crate::DeviceSel], indices: &[u32]) -> Result<Vec<crate::DeviceSel>, Outcome> {
+    if indices.is_empty() {
+        return Ok(offered.iter().take(1).copied().collect());
+    }
+    indices
+        .iter()
+        .map(|&i| {
+            offered
+                .iter()
+                .copied()
+                .find(|d| match d {
+                    crate::DeviceSel::Cpu => i == 0,
+                    crate::DeviceSel::Cuda(c) => *c == i,
+                })
+                .ok_or_else(|| retryable(format!("lease names device index {i}, which this worker does not offer ({offered:?})")))
+        })
+        .collect()
 }
 
 /// A dataset reference (`dataset://sha256/<hex>`, fetched and verified) or a local path.
@@ -440,5 +455,26 @@ pub async fn finish(w: &Worker, ctl: &Arc<JobControl>, outcome: Outcome) {
     {
         Ok(r) => info!(job_id = %job_id, epoch, state = r.state, "attempt ended"),
         Err(e) => warn!(job_id = %job_id, epoch, outcome = ?e, "could not report the attempt's end"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DeviceSel;
+
+    #[test]
+    fn a_lease_gets_the_devices_it_names() {
+        let gpus = [DeviceSel::Cuda(0), DeviceSel::Cuda(1), DeviceSel::Cuda(3)];
+        assert_eq!(lease_devices(&gpus, &[]).unwrap(), vec![DeviceSel::Cuda(0)]);
+        assert_eq!(lease_devices(&gpus, &[3, 1]).unwrap(), vec![DeviceSel::Cuda(3), DeviceSel::Cuda(1)]);
+        assert_eq!(lease_devices(&[DeviceSel::Cpu], &[0]).unwrap(), vec![DeviceSel::Cpu]);
+        match lease_devices(&gpus, &[0, 2]) {
+            Err(Outcome::Failed { class, reason }) => {
+                assert_eq!(class, pb::FailureClass::Retryable);
+                assert!(reason.contains("device index 2"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
