@@ -61,7 +61,7 @@ pub fn bin(name: &str) -> PathBuf {
     binaries().join(name)
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
 }
 

@@ -61,10 +61,38 @@ pub enum DeviceSel {
 }
 
 impl DeviceSel {
+    /// The device as registered with the coordinator, with its memory (what the
+    /// scheduler matches `resources.memory_mib` against): the machine's RAM for the CPU,
+    /// the GPU's total memory for a CUDA device; 0 (matches only jobs that ask for no
+    /// particular amount) where it cannot be read, with a warning.
     pub fn to_pb(self) -> pb::Device {
+        let memory_mib = self.memory_bytes().map(|b| b / (1024 * 1024)).unwrap_or_else(|e| {
+            tracing::warn!(device = ?self, error = %e, "device memory unknown; registering 0 MiB");
+            0
+        });
         match self {
-            DeviceSel::Cpu => pb::Device { kind: pb::DeviceKind::Cpu as i32, index: 0, name: "cpu".into(), memory_mib: 0 },
-            DeviceSel::Cuda(i) => pb::Device { kind: pb::DeviceKind::Cuda as i32, index: i, name: format!("cuda:{i}"), memory_mib: 0 },
+            DeviceSel::Cpu => pb::Device { kind: pb::DeviceKind::Cpu as i32, index: 0, name: "cpu".into(), memory_mib },
+            DeviceSel::Cuda(i) => pb::Device { kind: pb::DeviceKind::Cuda as i32, index: i, name: format!("cuda:{i}"), memory_mib },
+        }
+    }
+
+    fn memory_bytes(self) -> Result<u64, String> {
+        match self {
+            DeviceSel::Cpu => {
+                let info = std::fs::read_to_string("/proc/meminfo").map_err(|e| format!("/proc/meminfo: {e}"))?;
+                info.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+                    .map(|kb| kb * 1024)
+                    .ok_or_else(|| "/proc/meminfo: no MemTotal line in kB".to_string())
+            }
+            #[cfg(feature = "cuda")]
+            DeviceSel::Cuda(i) => match self.open()? {
+                candle_core::Device::Cuda(d) => d.cuda_stream().context().total_mem().map(|b| b as u64).map_err(|e| format!("cuda:{i}: {e:?}")),
+                _ => Err("not a cuda device".into()),
+            },
+            #[cfg(not(feature = "cuda"))]
+            DeviceSel::Cuda(i) => Err(format!("cuda:{i}: this lorafleet-worker was built without the `cuda` feature")),
         }
     }
 
@@ -147,6 +175,16 @@ impl WorkerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cpu_registers_the_machine_memory() {
+        let d = DeviceSel::Cpu.to_pb();
+        if cfg!(target_os = "linux") {
+            let kb: u64 = std::fs::read_to_string("/proc/meminfo").unwrap().lines().find_map(|l| l.strip_prefix("MemTotal:")).unwrap().trim().trim_end_matches("kB").trim().parse().unwrap();
+            assert_eq!(d.memory_mib, kb / 1024);
+            assert!(d.memory_mib > 0);
+        }
+    }
 
     #[test]
     fn devices() {

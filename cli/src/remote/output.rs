@@ -87,6 +87,7 @@ pub fn worker_json(w: &pb::Worker) -> Value {
         "alive": w.alive,
         "version": w.version,
         "devices": w.devices.iter().map(|d| d.name.clone()).collect::<Vec<_>>(),
+        "device_memory_mib": w.devices.iter().map(|d| d.memory_mib).collect::<Vec<_>>(),
         "labels": w.labels,
         "running": w.running_job_ids,
         "registered_at_unix_ms": w.registered_at_unix_ms,
@@ -137,16 +138,25 @@ pub fn print_job(j: &pb::Job) {
     println!("updated:     {}", time(j.updated_at_unix_ms));
 }
 
+/// `cuda:0 (80G)`: a device and its memory in GiB, when known.
+fn device_label(d: &pb::Device) -> String {
+    if d.memory_mib == 0 {
+        d.name.clone()
+    } else {
+        format!("{} ({}G)", d.name, d.memory_mib / 1024)
+    }
+}
+
 pub fn print_workers(ws: &[pb::Worker]) {
     if ws.is_empty() {
         println!("no workers");
         return;
     }
-    println!("{:<36}  {:<16}  {:<5}  {:<12}  {:<19}  RUNNING", "ID", "NAME", "ALIVE", "DEVICES", "LAST HEARTBEAT");
+    println!("{:<36}  {:<16}  {:<5}  {:<16}  {:<19}  RUNNING", "ID", "NAME", "ALIVE", "DEVICES", "LAST HEARTBEAT");
     for w in ws {
-        let devices = w.devices.iter().map(|d| d.name.clone()).collect::<Vec<_>>().join(",");
+        let devices = w.devices.iter().map(device_label).collect::<Vec<_>>().join(",");
         let running = if w.running_job_ids.is_empty() { "-".to_string() } else { w.running_job_ids.join(",") };
-        println!("{:<36}  {:<16}  {:<5}  {:<12}  {:<19}  {}", w.worker_id, w.name, if w.alive { "yes" } else { "no" }, devices, time(w.last_heartbeat_unix_ms), running);
+        println!("{:<36}  {:<16}  {:<5}  {:<16}  {:<19}  {}", w.worker_id, w.name, if w.alive { "yes" } else { "no" }, devices, time(w.last_heartbeat_unix_ms), running);
     }
 }
 
