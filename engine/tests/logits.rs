@@ -165,12 +165,6 @@ fn tiny_falcon_nf4_adapter_logits() {
 
 /// Every logits check again on the portable ops (the path of CUDA devices): the NF4
 /// models hold their weights as [`lorafleet_engine::nf4::DeviceNf4`] there.
-/// The rerun's variable reaches the engine: the CPU runs the portable ops there.
-#[test]
-fn portable_switch_reaches_the_engine() {
-    assert_eq!(lorafleet_engine::ops::cpu_ops(&candle_core::Device::Cpu), !common::portable());
-}
-
 #[test]
 fn logits_match_on_the_portable_ops() {
     common::rerun_portable("", 16);

@@ -120,20 +120,25 @@ fn double_quant_is_bit_exact() {
     }
 }
 
+/// Golden tensor `t` as bitsandbytes stored it (packed codes, double-quantized absmax).
+fn stored_nf4(st: &SafeTensors, t: usize, shape: Vec<usize>) -> Nf4Tensor {
+    let nested = lorafleet_engine::nf4::NestedAbsmax {
+        absmax_q: u8s(st, &format!("t{t}.absmax_q")),
+        nested_absmax: f32s(st, &format!("t{t}.nested_absmax")),
+        nested_code: f32s(st, &format!("t{t}.nested_code")),
+        offset: f32s(st, &format!("t{t}.offset"))[0],
+    };
+    let absmax = nested.dequantize();
+    Nf4Tensor::from_parts(shape, u8s(st, &format!("t{t}.packed")), absmax, Some(nested)).unwrap()
+}
+
 #[test]
 fn dequant_from_stored_parts() {
     let bytes = fixture();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     for t in 0..4 {
         let shape = st.tensor(&format!("t{t}.weight")).unwrap().shape().to_vec();
-        let nested = lorafleet_engine::nf4::NestedAbsmax {
-            absmax_q: u8s(&st, &format!("t{t}.absmax_q")),
-            nested_absmax: f32s(&st, &format!("t{t}.nested_absmax")),
-            nested_code: f32s(&st, &format!("t{t}.nested_code")),
-            offset: f32s(&st, &format!("t{t}.offset"))[0],
-        };
-        let absmax = nested.dequantize();
-        let q = Nf4Tensor::from_parts(shape, u8s(&st, &format!("t{t}.packed")), absmax, Some(nested)).unwrap();
+        let q = stored_nf4(&st, t, shape);
         assert_eq!(expected_dequant(&q), f32s(&st, &format!("t{t}.dequant_dq")), "t{t}");
         // Our flat-block dequantization: every value is its code times its own block's absmax.
         let flat = q.dequantize();
@@ -162,14 +167,7 @@ fn device_nf4_dequantizes_bit_exact() {
     let dev = candle_core::Device::Cpu;
     for t in 0..4 {
         let shape = st.tensor(&format!("t{t}.weight")).unwrap().shape().to_vec();
-        let nested = lorafleet_engine::nf4::NestedAbsmax {
-            absmax_q: u8s(&st, &format!("t{t}.absmax_q")),
-            nested_absmax: f32s(&st, &format!("t{t}.nested_absmax")),
-            nested_code: f32s(&st, &format!("t{t}.nested_code")),
-            offset: f32s(&st, &format!("t{t}.offset"))[0],
-        };
-        let absmax = nested.dequantize();
-        let stored = Nf4Tensor::from_parts(shape.clone(), u8s(&st, &format!("t{t}.packed")), absmax, Some(nested)).unwrap();
+        let stored = stored_nf4(&st, t, shape.clone());
         let plain = Nf4Tensor::quantize(&f32s(&st, &format!("t{t}.weight")), &shape, false).unwrap();
         for (what, q) in [("double quantized", &stored), ("plain", &plain)] {
             let d = DeviceNf4::upload(q, &dev).unwrap();

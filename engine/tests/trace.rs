@@ -59,23 +59,30 @@ output: {{ dir: {o} }}
     JobSpec::from_yaml(&y, SpecContext::Local).unwrap()
 }
 
+/// A run of a trace spec from the fixture's data and initial adapter; scratch in `tmp`
+/// (the spec's output dir is `tmp/out`).
+fn trace_run(model: &str, spec: JobSpec, tmp: &Path, devices: Vec<Device>) -> TrainRun {
+    let dir = fixtures().join("train").join(model);
+    TrainRun {
+        spec,
+        model_dir: fixtures().join("models").join(model),
+        train_data: dir.join("data.jsonl"),
+        eval_data: None,
+        init_adapter: Some(dir.join("init_adapter")),
+        output_dir: tmp.join("out"),
+        work_dir: tmp.join("work"),
+        resume_from: None,
+        devices,
+    }
+}
+
 fn check_trace(model: &str, checkpointing: bool) {
     let dir = fixtures().join("train").join(model);
     let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("trace.json")).unwrap()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     let spec = trace_spec(model, &trace, &out, checkpointing);
-    let run = TrainRun {
-        spec,
-        model_dir: fixtures().join("models").join(model),
-        train_data: dir.join("data.jsonl"),
-        eval_data: None,
-        init_adapter: Some(dir.join("init_adapter")),
-        output_dir: out.clone(),
-        work_dir: tmp.path().join("work"),
-        resume_from: None,
-        devices: vec![Device::Cpu],
-    };
+    let run = trace_run(model, spec, tmp.path(), vec![Device::Cpu]);
     let mut obs = Losses::default();
     let summary = train(&run, &mut obs).unwrap();
     let want: Vec<f64> = trace["losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
@@ -128,12 +135,6 @@ fn traces_match_peft_on_the_avx2_kernels() {
 /// The portable ops (what CUDA devices run) reproduce the PEFT traces too, and train the
 /// QLoRA defaults (NF4 kept 4-bit and dequantized by tensor ops, bf16, dropout, gradient
 /// checkpointing).
-/// The rerun's variable reaches the engine: the CPU runs the portable ops there.
-#[test]
-fn portable_switch_reaches_the_engine() {
-    assert_eq!(lorafleet_engine::ops::cpu_ops(&candle_core::Device::Cpu), !common::portable());
-}
-
 #[test]
 fn traces_match_peft_on_the_portable_ops() {
     common::rerun_portable("", 5);
@@ -154,17 +155,7 @@ fn data_parallel_equals_one_device() {
         spec.training.grad_accum = ga;
         spec.training.max_steps = Some(3);
         spec.lora.dropout = 0.1;
-        let run = TrainRun {
-            spec,
-            model_dir: fixtures().join("models/tiny-llama"),
-            train_data: dir.join("data.jsonl"),
-            eval_data: None,
-            init_adapter: Some(dir.join("init_adapter")),
-            output_dir: out.clone(),
-            work_dir: tmp.path().join("work"),
-            resume_from: None,
-            devices,
-        };
+        let run = trace_run("tiny-llama", spec, tmp.path(), devices);
         let mut obs = Losses::default();
         train(&run, &mut obs).unwrap();
         let adapter = std::fs::read(out.join("adapter_model.safetensors")).unwrap();

@@ -34,6 +34,8 @@ pub fn rerun_portable(filter: &str, at_least: usize) {
 }
 
 fn rerun(filter: &str, (var, value): (&str, &str), at_least: usize) {
+    // In a child: the variable reached the engine (the CPU runs the portable ops there).
+    assert_eq!(lorafleet_engine::ops::cpu_ops(&candle_core::Device::Cpu), !portable());
     if RERUN_VARS.iter().any(|v| std::env::var_os(v).is_some()) {
         eprintln!("not rerun: this process already has one of {RERUN_VARS:?} set");
         return;
