@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Build lorafleet-worker with the `cuda` feature (candle's CUDA backend) on a machine
+# Build lorafleet-worker and lorafleet with the `cuda` feature (candle's CUDA backend) on a machine
 # without a GPU or a system CUDA toolkit: NVIDIA's toolkit wheels from PyPI stand in for
 # the toolkit, and a stub stands in for the driver library at link time (the real
 # libcuda.so.1 is loaded at run time on the GPU machine). Recipe and caveats:
 # ../shared/notes/cuda-build.md. The default build and CI need none of this.
 #
-#   ./scripts/build-cuda.sh            # -> target/cuda/release/lorafleet-worker
+#   ./scripts/build-cuda.sh            # -> target/cuda/release/lorafleet-worker and lorafleet
 #   CUDA_COMPUTE_CAP=80 ./scripts/build-cuda.sh   # another GPU generation (default 90: H100/H200)
 #
 # Run time on the GPU machine: libcudart.so.13, libcublas.so.13, libcurand.so.10 and
@@ -52,5 +52,5 @@ export PATH="$CU/bin:$PATH"
 export CPATH="$CU/include${CPATH:+:$CPATH}"
 export LIBRARY_PATH="$LINK:$CU/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
-cargo build --locked --release -p lorafleet-worker --features cuda --target-dir "$ROOT/target/cuda"
-echo "built $ROOT/target/cuda/release/lorafleet-worker (CUDA, compute capability $CUDA_COMPUTE_CAP)"
+cargo build --locked --release -p lorafleet-worker -p lorafleet-cli --features lorafleet-worker/cuda,lorafleet-cli/cuda --target-dir "$ROOT/target/cuda"
+echo "built $ROOT/target/cuda/release/lorafleet-worker and lorafleet (CUDA, compute capability $CUDA_COMPUTE_CAP)"

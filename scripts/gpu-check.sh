@@ -10,6 +10,8 @@
 #      compute, LoRA dropout, gradient accumulation, gradient checkpointing) on
 #      tiny-llama, against the same spec trained on the CPU by `lorafleet train`:
 #      losses within bf16 tolerance (2% relative);
+#      2b: the same spec trained by `lorafleet train --devices cuda:0` (the CLI's own CUDA
+#      build, no coordinator), against the CPU;
 #   3. with two or more GPUs, the qlora job again on two of them (data parallel), against
 #      the one-GPU run.
 #
@@ -122,6 +124,7 @@ resources: {{ device: {kind}, count: {n} }}
     open(f"{work}/qlora-{n}.yaml", "w").write(qlora)
     if n == 1:  # the same spec for `lorafleet train` here, writing into the work folder
         open(f"{work}/qlora-1-local.yaml", "w").write(qlora.replace("dir: out/qlora-1", f"dir: {work}/out/qlora-1"))
+        open(f"{work}/qlora-1-local-device.yaml", "w").write(qlora.replace("dir: out/qlora-1", f"dir: {work}/out/qlora-1-device"))
 EOF
 
 run_job() { # spec -> fetched adapter dir
@@ -182,6 +185,14 @@ sys.exit(0 if ok else 1)
 EOF
 }
 cmp_losses "$(losses "$WORK/fetched-qlora-1/metrics.jsonl")" "$(losses "$WORK/out/qlora-1/metrics.jsonl")" 0.02 "device vs CPU" || FAIL=1
+
+echo "==> 2b. the same with \`lorafleet train --devices ${DEVICES%%,*}\` (no coordinator) vs the CPU"
+if [[ "$DEVICE" == cuda ]]; then
+    "$BIN/lorafleet" train --no-progress --devices cuda:0 "$WORK/qlora-1-local-device.yaml" > "$WORK/device-train.log" 2>&1 || { tail -20 "$WORK/device-train.log"; FAIL=1; }
+else
+    LORAFLEET_OPS=portable "$BIN/lorafleet" train --no-progress --devices cpu "$WORK/qlora-1-local-device.yaml" > "$WORK/device-train.log" 2>&1 || { tail -20 "$WORK/device-train.log"; FAIL=1; }
+fi
+cmp_losses "$(losses "$WORK/out/qlora-1-device/metrics.jsonl")" "$(losses "$WORK/out/qlora-1/metrics.jsonl")" 0.02 "local device vs CPU" || FAIL=1
 
 if [[ "$DEVICES" == *,* ]]; then
     echo "==> 3. QLoRA recipe data parallel on $DEVICES vs one device"

@@ -196,6 +196,10 @@ pub struct TrainArgs {
     /// Do not draw a progress bar (log lines only).
     #[arg(long)]
     pub no_progress: bool,
+    /// Train on `cpu`, or on `cuda:0` (several, `cuda:0,1`, train data parallel) in a
+    /// build with the `cuda` feature.
+    #[arg(long, env = "LORAFLEET_DEVICES", default_value = "cpu")]
+    pub devices: String,
 }
 
 #[derive(Debug, Args)]
@@ -396,6 +400,9 @@ pub fn load_spec(path: &Path) -> anyhow::Result<JobSpec> {
 }
 
 fn run_train(a: TrainArgs) -> anyhow::Result<()> {
+    let devices = lorafleet_worker::parse_devices(&a.devices)
+        .and_then(|ds| ds.into_iter().map(|d| d.open()).collect::<Result<Vec<_>, _>>())
+        .map_err(anyhow::Error::msg)?;
     let spec = load_spec(&a.spec)?;
     let dir = a.spec.parent().map(Path::to_path_buf).unwrap_or_default();
     let model_dir = resolve_source("model.source", Path::new(&spec.model.source))?;
@@ -419,7 +426,7 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         output_dir: output_dir.clone(),
         work_dir: output_dir.clone(),
         resume_from: a.resume,
-        devices: vec![candle_core::Device::Cpu],
+        devices,
     };
     let mut obs = progress::CliObserver::new(!a.no_progress);
     obs.stop_on_ctrl_c();
@@ -529,7 +536,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("spec.yaml");
         std::fs::write(&p, spec_text).unwrap();
-        let e = run(LocalCommand::Train(TrainArgs { spec: p, resume: None, no_progress: true })).unwrap_err();
+        let e = run(LocalCommand::Train(TrainArgs { spec: p, resume: None, no_progress: true, devices: "cpu".into() })).unwrap_err();
         format!("{e:#}")
     }
 
@@ -540,6 +547,22 @@ mod tests {
             train.display(),
             out.display()
         )
+    }
+
+    #[test]
+    fn train_devices_are_checked_before_anything_runs() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("spec.yaml");
+        std::fs::write(&p, spec_text("", &fixtures().join("train/tiny-llama/data.jsonl"), &t.path().join("o"))).unwrap();
+        let err = |devices: &str| {
+            let a = TrainArgs { spec: p.clone(), resume: None, no_progress: true, devices: devices.into() };
+            format!("{:#}", run(LocalCommand::Train(a)).unwrap_err())
+        };
+        assert!(err("gpu").contains("expected `cpu` or `cuda:0,1`"), "{}", err("gpu"));
+        if !lorafleet_worker::CUDA_BUILT {
+            assert!(err("cuda:0").contains("built without the `cuda` feature"), "{}", err("cuda:0"));
+        }
+        assert!(!t.path().join("o").exists(), "nothing was written");
     }
 
     #[test]
@@ -572,7 +595,7 @@ mod tests {
         let out = t.path().join("o");
         let p = t.path().join("spec.yaml");
         std::fs::write(&p, spec_text("", &fixtures().join("train/tiny-llama/data.jsonl"), &out)).unwrap();
-        run(LocalCommand::Train(TrainArgs { spec: p, resume: None, no_progress: true })).unwrap();
+        run(LocalCommand::Train(TrainArgs { spec: p, resume: None, no_progress: true, devices: "cpu".into() })).unwrap();
         for f in ["adapter_model.safetensors", "adapter_config.json", "metrics.jsonl", "loss.svg"] {
             assert!(out.join(f).is_file(), "{f}");
         }

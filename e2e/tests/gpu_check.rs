@@ -19,6 +19,6 @@ fn gpu_check_script_passes_on_a_cpu_worker() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "gpu-check.sh failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("gpu-check: all checks passed on cpu"), "{stdout}");
-    assert_eq!(stdout.matches("    PASS").count(), 2, "{stdout}");
+    assert_eq!(stdout.matches("    PASS").count(), 3, "{stdout}");
     assert!(stdout.contains("worst difference from PEFT"), "{stdout}");
 }

@@ -9,6 +9,8 @@ use std::time::Duration;
 /// Whether this build can drive CUDA devices.
 pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
 
+const NO_CUDA: &str = "this binary was built without the `cuda` feature (scripts/build-cuda.sh builds lorafleet-worker and lorafleet with it)";
+
 /// Run a lorafleet worker: register with a coordinator, lease jobs, fine-tune them with
 /// the engine, upload checkpoints and adapters to object storage.
 ///
@@ -92,7 +94,7 @@ impl DeviceSel {
                 _ => Err("not a cuda device".into()),
             },
             #[cfg(not(feature = "cuda"))]
-            DeviceSel::Cuda(i) => Err(format!("cuda:{i}: this lorafleet-worker was built without the `cuda` feature")),
+            DeviceSel::Cuda(i) => Err(format!("cuda:{i}: {NO_CUDA}")),
         }
     }
 
@@ -103,7 +105,7 @@ impl DeviceSel {
             #[cfg(feature = "cuda")]
             DeviceSel::Cuda(i) => candle_core::Device::new_cuda(i as usize).map_err(|e| format!("cuda:{i}: {e}")),
             #[cfg(not(feature = "cuda"))]
-            DeviceSel::Cuda(i) => Err(format!("cuda:{i}: this lorafleet-worker was built without the `cuda` feature")),
+            DeviceSel::Cuda(i) => Err(format!("cuda:{i}: {NO_CUDA}")),
         }
     }
 }
@@ -118,7 +120,7 @@ pub fn parse_devices(s: &str) -> Result<Vec<DeviceSel>, String> {
         return Err(format!("--devices: expected `cpu` or `cuda:0,1`, got {s:?}"));
     };
     if !CUDA_BUILT {
-        return Err("--devices cuda:...: this lorafleet-worker was built without the `cuda` feature (rebuild with `cargo build -p lorafleet-worker --features cuda`)".into());
+        return Err(format!("--devices cuda:...: {NO_CUDA}"));
     }
     let mut out = Vec::new();
     for part in list.split(',') {

@@ -1,4 +1,5 @@
-//! `lorafleet dev`: coordinator + one CPU worker + file storage in one process.
+//! `lorafleet dev`: coordinator + one worker (the CPU, or CUDA devices in a `cuda` build)
+//! + file storage in one process.
 
 use anyhow::Context;
 use clap::Args;
@@ -18,9 +19,14 @@ pub struct DevArgs {
     /// Lease TTL in seconds.
     #[arg(long, env = "LORAFLEET_LEASE_TTL", default_value_t = 30)]
     pub lease_ttl: u64,
+    /// What the embedded worker trains on: `cpu`, or `cuda:0,1` in a build with the `cuda`
+    /// feature (jobs then ask for them with `resources: { device: cuda, count: N }`).
+    #[arg(long, env = "LORAFLEET_DEVICES", default_value = "cpu")]
+    pub devices: String,
 }
 
 pub async fn run(a: DevArgs) -> anyhow::Result<()> {
+    let devices = lorafleet_worker::parse_devices(&a.devices).map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
     let dir = a.dir.canonicalize()?;
     let storage_url = url_for(&dir.join("storage"))?;
@@ -38,7 +44,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
     let wcfg = lorafleet_worker::WorkerConfig {
         coordinator: format!("http://{addr}"),
         name: "dev-worker".into(),
-        devices: vec![lorafleet_worker::DeviceSel::Cpu],
+        devices: devices.clone(),
         labels: vec![],
         cache: dir.join("worker-cache"),
         storage_url: storage_url.clone(),
@@ -48,7 +54,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
     };
     let worker = lorafleet_worker::Worker::new(wcfg, Arc::new(lorafleet_worker::EngineTrainer)).await?;
     let wtask = tokio::spawn(worker.run(stopped(stop_rx.clone())));
-    eprintln!("lorafleet dev: coordinator on http://{addr}, one CPU worker, storage {storage_url}");
+    eprintln!("lorafleet dev: coordinator on http://{addr}, one worker ({}), storage {storage_url}", a.devices);
     eprintln!("  try: lorafleet submit examples/faq.yaml --watch      (Ctrl-C stops everything)");
 
     let mut coord = coord;
