@@ -8,6 +8,9 @@
 #   scripts/s3-server.sh install-moto     pip-install the pinned moto 4 server into .venv-moto/
 #                                         (an S3 server that ignores conditional puts, for
 #                                         the test that the coordinator refuses such a store)
+#   scripts/s3-server.sh install-azurite  npm-install the pinned Azurite (Azure Blob Storage
+#                                         emulator, scripts/azurite/package-lock.json) for the
+#                                         az:// tests; they start their own on a free port
 #
 # Credentials: access key `test`, secret `testtest` (admin: buckets are created on the
 # first write). Tests read LORAFLEET_TEST_S3_ENDPOINT to share one server.
@@ -35,6 +38,15 @@ install_moto() {
     local py="${PYTHON:-python3}"
     [[ -d "$venv" ]] || "$py" -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$ROOT/scripts/requirements-moto.txt"
+}
+
+install_azurite() {
+    local dir="$ROOT/scripts/azurite"
+    if [[ -x "$dir/node_modules/.bin/azurite-blob" ]] && grep -q '"version": "3.37.0"' "$dir/node_modules/azurite/package.json" 2>/dev/null; then
+        return 0
+    fi
+    command -v npm >/dev/null || { echo "install-azurite: npm is missing (apt-get install nodejs npm)" >&2; return 1; }
+    (cd "$dir" && npm ci --no-audit --no-fund --silent)
 }
 
 port_free() {
@@ -110,7 +122,8 @@ stop() {
 case "${1:-}" in
     install) install ;;
     install-moto) install_moto ;;
+    install-azurite) install_azurite ;;
     start) start "${2:-}" ;;
     stop) stop "${2:-}" ;;
-    *) echo "usage: $0 install | install-moto | start DIR | stop DIR" >&2; exit 2 ;;
+    *) echo "usage: $0 install | install-moto | install-azurite | start DIR | stop DIR" >&2; exit 2 ;;
 esac

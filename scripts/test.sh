@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: installs SeaweedFS (pinned, into .venv/) and moto 4 (.venv-moto/,
-# an S3 server that ignores conditional puts), starts one shared SeaweedFS S3
+# The whole test suite: installs SeaweedFS (pinned, into .venv/), moto 4 (.venv-moto/,
+# an S3 server that ignores conditional puts) and Azurite (npm, scripts/azurite/, for
+# the az:// tests), starts one shared SeaweedFS S3
 # server for the storage/worker/e2e tests, and runs `cargo test --workspace`.
 # Arguments replace `--workspace` (e.g. `scripts/test.sh -p lorafleet-storage -p lorafleet-e2e`).
 set -euo pipefail
@@ -12,6 +13,7 @@ cd "$ROOT"
 
 scripts/s3-server.sh install
 scripts/s3-server.sh install-moto
+scripts/s3-server.sh install-azurite
 
 # The engine's matrix products run on its own kernels where the CPU has AVX-512 or AVX2
 # (the tests run both where the CPU has both), else on a system BLAS when one is
@@ -32,6 +34,7 @@ scripts/s3-server.sh start "$S3DIR" >/dev/null
 source "$S3DIR/env"
 export LORAFLEET_WEED="$ROOT/.venv/bin/weed"
 export LORAFLEET_MOTO="$ROOT/.venv-moto/bin/moto_server"
+export LORAFLEET_AZURITE="$ROOT/scripts/azurite/node_modules/.bin/azurite-blob"
 
 if [[ $# -eq 0 ]]; then
     cargo test --workspace

@@ -39,7 +39,7 @@ use tracing::{info, warn};
 pub struct CoordinatorConfig {
     /// SQLite database file (created if missing).
     pub db_path: PathBuf,
-    /// Object storage URL (`file:///dir`, `s3://bucket/prefix`, `memory://x`).
+    /// Object storage URL (`file:///dir`, `s3://bucket/prefix`, `az://container/prefix`, `memory://x`).
     pub storage_url: String,
     /// Start even if the store does not enforce create-only writes (fencing of
     /// checkpoint manifests is then not guaranteed).

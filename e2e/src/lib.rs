@@ -8,7 +8,7 @@
 
 use lorafleet_proto as pb;
 use lorafleet_proto::job_service_client::JobServiceClient;
-use lorafleet_storage::testing::S3Server;
+use lorafleet_storage::testing::{AzuriteServer, S3Server};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -68,6 +68,8 @@ pub fn free_port() -> u16 {
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub s3: S3Server,
+    /// Set when the cluster stores on Azure Blob Storage (Azurite) instead of S3.
+    pub azurite: Option<AzuriteServer>,
     pub storage_url: String,
     pub port: u16,
     pub coordinator: Option<Child>,
@@ -80,12 +82,35 @@ impl Cluster {
         binaries();
         let s3 = S3Server::start().await.unwrap_or_else(|e| panic!("{e}"));
         let storage_url = s3.unique_url("lorafleet");
-        let mut c = Cluster { dir: tempfile::tempdir().expect("tempdir"), s3, storage_url, port: free_port(), coordinator: None, workers: HashMap::new() };
+        Self::launch(s3, None, storage_url, workers).await
+    }
+
+    /// The same on Azure Blob Storage: an Azurite server and an `az://` storage URL.
+    pub async fn start_on_azure(workers: usize) -> Cluster {
+        binaries();
+        let s3 = S3Server::start().await.unwrap_or_else(|e| panic!("{e}"));
+        let az = AzuriteServer::start().await.unwrap_or_else(|e| panic!("{e}"));
+        let storage_url = az.unique_url("lorafleet").await;
+        Self::launch(s3, Some(az), storage_url, workers).await
+    }
+
+    async fn launch(s3: S3Server, azurite: Option<AzuriteServer>, storage_url: String, workers: usize) -> Cluster {
+        let mut c =
+            Cluster { dir: tempfile::tempdir().expect("tempdir"), s3, azurite, storage_url, port: free_port(), coordinator: None, workers: HashMap::new() };
         c.start_coordinator().await;
         for i in 0..workers {
             c.start_worker(&format!("w{i}"));
         }
         c
+    }
+
+    /// Environment for the processes to reach the storage servers.
+    pub fn storage_env(&self) -> Vec<(String, String)> {
+        let mut env = self.s3.env();
+        if let Some(az) = &self.azurite {
+            env.extend(az.env());
+        }
+        env
     }
 
     pub fn endpoint(&self) -> String {
@@ -103,7 +128,7 @@ impl Cluster {
             .arg("--db")
             .arg(self.dir.path().join("coordinator.sqlite"))
             .args(["--storage", &self.storage_url, "--lease-ttl", &LEASE_TTL_SECS.to_string()])
-            .envs(self.s3.env())
+            .envs(self.storage_env())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -130,7 +155,7 @@ impl Cluster {
             .args(["--coordinator", &self.endpoint(), "--name", name, "--storage", &self.storage_url, "--acquire-wait-secs", "2"])
             .arg("--cache")
             .arg(self.dir.path().join(format!("cache-{name}")))
-            .envs(self.s3.env())
+            .envs(self.storage_env())
             .env("LORAFLEET_LOG", "info")
             .current_dir(workspace_root())
             .stdin(Stdio::null())

@@ -69,6 +69,26 @@ async fn faq_job_on_two_workers_matches_local_train() {
     assert!(std::fs::read_dir(&fetched).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".partial")));
 }
 
+/// The same run with `az://` storage (Azurite): checkpoints and the adapter go through
+/// Azure Blob Storage, the coordinator's create-only self-check passes there, and the
+/// fetched adapter equals a local `lorafleet train`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faq_job_on_azure_storage_matches_local_train() {
+    let _g = serial().await;
+    let c = Cluster::start_on_azure(1).await;
+    assert!(c.storage_url.starts_with("az://"), "{}", c.storage_url);
+    let spec = c.spec("faq-az", &faq_spec("faq-az", 8, 4, "out/faq-az"));
+    let job = c.submit(&spec);
+    let watched = ok(&c.cli(&["watch", &job]));
+    assert!(watched.contains("succeeded"), "{watched}");
+    let cps = ok(&c.cli(&["checkpoints", &job]));
+    assert!(cps.contains("step-4/manifest.json"), "{cps}");
+    assert!(c.read_log("coordinator").contains("storage enforces create-only writes"), "{}", c.read_log("coordinator"));
+    let fetched = fetch(&c, &job);
+    let local = local_train(&c, "faq-az", 8, 4);
+    assert_same_weights(&fetched.join("adapter_model.safetensors"), &local.join("adapter_model.safetensors"), 1e-6);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_sigkill_after_first_checkpoint_resumes_elsewhere_with_same_adapter() {
     let _g = serial().await;

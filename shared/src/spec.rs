@@ -43,7 +43,7 @@ pub struct JobSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
-    /// A local HF model directory, or `file://`, `s3://bucket/prefix`, `hf://org/name`.
+    /// A local HF model directory, or `file://`, `s3://bucket/prefix`, `az://container/prefix`, `hf://org/name`.
     pub source: String,
 }
 

@@ -95,7 +95,8 @@ impl Cache {
     }
 
     /// Resolve a model source to a local directory: a plain path or `file://` URL is
-    /// used in place; `s3://bucket/prefix` is downloaded into the cache (verified against
+    /// used in place; `s3://bucket/prefix` or `az://container/prefix` is downloaded into
+    /// the cache (verified against
     /// its `manifest.json` when it has one, else by the listed sizes).
     pub async fn model(&self, source: &str, opts: &StorageOptions) -> Result<PathBuf> {
         let unsupported = |reason: &str| Error::UnsupportedSource { source_url: source.to_string(), reason: reason.to_string() };
@@ -107,9 +108,9 @@ impl Cache {
         if source.starts_with("hf://") {
             return self.hub_model(source, &crate::hub::Hub::from_env()?).await;
         }
-        if !(source.starts_with("s3://") || source.starts_with("s3a://") || source.starts_with("memory://")) {
+        if !["s3://", "s3a://", "az://", "azure://", "memory://"].iter().any(|p| source.starts_with(p)) {
             if source.contains("://") {
-                return Err(unsupported("expected a local path, file://, or s3://"));
+                return Err(unsupported("expected a local path, file://, s3://, az:// or hf://"));
             }
             return Ok(PathBuf::from(source));
         }

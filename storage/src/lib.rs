@@ -3,9 +3,10 @@
 //! One [`Storage`] is an `object_store` backend plus a key prefix: `file:///abs/dir`
 //! (the embedded default), `s3://bucket/prefix` (endpoint, region and credentials from
 //! the standard `AWS_*` environment variables, path-style requests, plain http allowed
-//! for `http://` endpoints) or `memory://prefix` (tests). `gs://` and `az://` are not
-//! compiled in (the workspace enables only the `aws` and `fs` features of
-//! `object_store`; adding `gcp`/`azure` there is all they need).
+//! for `http://` endpoints), `az://container/prefix` (account and credentials from the
+//! `AZURE_*` environment variables; Azurite at an `http://` endpoint) or
+//! `memory://prefix` (tests). `gs://` is not compiled in: nothing that installs on the
+//! development machines can test it.
 //!
 //! Guarantees:
 //! - every key is built from validated [`Segment`]s ([`key`]), so nothing escapes the prefix;

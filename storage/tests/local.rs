@@ -85,9 +85,11 @@ async fn keys_cannot_escape_the_prefix() {
 
 #[test]
 fn urls() {
-    for bad in ["gs://b/p", "az://c/p", "ftp://x", "not a url", "s3:///nobucket"] {
+    for bad in ["gs://b/p", "az:///nocontainer", "ftp://x", "not a url", "s3:///nobucket"] {
         assert!(matches!(Storage::open(bad), Err(Error::InvalidUrl { .. })), "{bad}");
     }
+    let gs = Storage::open("gs://b/p").unwrap_err().to_string();
+    assert!(gs.contains("no gs:// storage"), "{gs}");
     assert!(lorafleet_storage::parse_dataset_ref("./faq.json").is_none());
     assert!(lorafleet_storage::parse_dataset_ref("dataset://sha256/xyz").unwrap().is_err());
     assert!(lorafleet_storage::parse_dataset_ref("dataset://md5/ab").unwrap().is_err());

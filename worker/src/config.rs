@@ -41,7 +41,7 @@ pub struct WorkerArgs {
     /// Local cache for models, datasets and scratch space.
     #[arg(long, env = "LORAFLEET_CACHE", default_value = ".lorafleet/worker-cache")]
     pub cache: PathBuf,
-    /// Object storage shared with the coordinator: `file:///dir` or `s3://bucket/prefix`.
+    /// Object storage shared with the coordinator: `file:///dir`, `s3://bucket/prefix` or `az://container/prefix`.
     #[arg(long, env = "LORAFLEET_STORAGE", default_value = "file:///var/lib/lorafleet/storage")]
     pub storage: String,
     /// Labels offered to job placement, `key=value` (repeatable).
