@@ -103,6 +103,18 @@ unsafe fn pack_interleaved_wide(dst: *mut u32, lo: *const f32, hi: *const f32, c
     }
 }
 
+/// Fill `panel`, rows of `kp` pairs: the first `valid` rows by `fill(row, dst)`, the
+/// rest (padding up to whole tiles) with zeros.
+fn pack_panel(panel: &mut [u32], kp: usize, valid: usize, mut fill: impl FnMut(usize, &mut [u32])) {
+    for (r, dst) in panel.chunks_exact_mut(kp).enumerate() {
+        if r < valid {
+            fill(r, dst);
+        } else {
+            dst.fill(0);
+        }
+    }
+}
+
 fn empty(m: usize, n: usize, k: usize, out: &mut [f32], accumulate: bool) -> bool {
     assert!(available(), "bf16 dot-product kernel on a CPU without AVX512-BF16");
     nothing_to_multiply(m, n, k, out, accumulate)
@@ -145,15 +157,10 @@ pub fn linear_fwd(m: usize, n: usize, k: usize, x: &[f32], w: Rows, y: &mut [f32
                 let mut tile = [0f32; MR * NR];
                 for j in cols.clone().step_by(MR) {
                     let rows = MR.min(cols.end - j);
-                    for r in 0..MR {
-                        let dst = &mut a[r * kp..(r + 1) * kp];
-                        if r < rows {
-                            w.read(j + r, k, k0, &mut row);
-                            pack_pairs(dst, &row);
-                        } else {
-                            dst.fill(0);
-                        }
-                    }
+                    pack_panel(&mut a, kp, rows, |r, dst| {
+                        w.read(j + r, k, k0, &mut row);
+                        pack_pairs(dst, &row);
+                    });
                     for it in (0..mc).step_by(NR) {
                         // SAFETY: a has MR rows of kp pairs; xt has kp rows of NR pairs
                         // from it * kp on; tile has MR * NR floats.
@@ -207,14 +214,7 @@ pub fn linear_bwd(m: usize, rows: usize, cols: usize, g: &[f32], w: Rows, gx: &m
                 }
             }
             // A: ga[i * kp + p] = pair of g[i, k0 + 2p ..], zero rows up to whole tiles.
-            for i in 0..m_pad {
-                let dst = &mut ga[i * kp..(i + 1) * kp];
-                if i < m {
-                    pack_pairs(dst, &g[i * rows + k0..i * rows + k1]);
-                } else {
-                    dst.fill(0);
-                }
-            }
+            pack_panel(&mut ga[..m_pad * kp], kp, m, |i, dst| pack_pairs(dst, &g[i * rows + k0..i * rows + k1]));
             let acc = accumulate || bi > 0;
             for jt in (0..range.len()).step_by(NR) {
                 let ncols = NR.min(range.len() - jt);

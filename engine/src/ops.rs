@@ -65,16 +65,14 @@ pub struct FrozenLinear {
 impl FrozenLinear {
     /// `weight` `[out, in]`, `bias` `[out]`; `dtype` is the compute dtype (F32 or BF16).
     pub fn new(weight: FrozenWeight, bias: Option<Tensor>, dtype: DType) -> candle_core::Result<Self> {
+        let nf4_dims = |s: &[usize]| match s {
+            [o, i] => Ok((*o, *i)),
+            s => Err(candle_core::Error::Msg(format!("nf4 linear weight must be 2-d, got {s:?}"))),
+        };
         let (out_dim, in_dim) = match &weight {
             FrozenWeight::Dense(w) => w.dims2()?,
-            FrozenWeight::Nf4(q) => match q.shape.as_slice() {
-                [o, i] => (*o, *i),
-                s => candle_core::bail!("nf4 linear weight must be 2-d, got {s:?}"),
-            },
-            FrozenWeight::Nf4Device(q) => match q.shape() {
-                [o, i] => (*o, *i),
-                s => candle_core::bail!("nf4 linear weight must be 2-d, got {s:?}"),
-            },
+            FrozenWeight::Nf4(q) => nf4_dims(&q.shape)?,
+            FrozenWeight::Nf4Device(q) => nf4_dims(q.shape())?,
         };
         let weight = match weight {
             FrozenWeight::Dense(w) => FrozenWeight::Dense(w.to_dtype(dtype)?.contiguous()?),
@@ -110,11 +108,7 @@ impl FrozenLinear {
 
     /// The weight as a dense f32 tensor `[out, in]` on `device`.
     pub fn dense_weight_f32(&self, device: &Device) -> candle_core::Result<Tensor> {
-        match &self.inner.weight {
-            FrozenWeight::Dense(w) => w.to_dtype(DType::F32)?.to_device(device),
-            FrozenWeight::Nf4(q) => Tensor::from_vec(q.dequantize(), (self.inner.out_dim, self.inner.in_dim), device),
-            FrozenWeight::Nf4Device(q) => q.dequantize(DType::F32)?.to_device(device),
-        }
+        self.inner.weight_as(DType::F32, device)
     }
 
     /// `x [..., in] -> [..., out]` in the compute dtype.
@@ -246,8 +240,8 @@ fn with_weight_f32<R>(inner: &FrozenInner, f: impl FnOnce(&[f32]) -> R) -> candl
             q.dequantize_into(&mut buf);
             Ok(f(&buf))
         }
-        FrozenWeight::Nf4Device(q) => {
-            let buf = q.dequantize(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        FrozenWeight::Nf4Device(_) => {
+            let buf = inner.weight_as(DType::F32, &Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
             Ok(f(&buf))
         }
         FrozenWeight::Dense(w) => {
@@ -326,17 +320,28 @@ struct PortableFrozenFwd {
 }
 
 impl FrozenInner {
-    /// The weight `[out, in]` in the compute dtype on `device`.
-    fn weight_on(&self, device: &Device) -> candle_core::Result<Tensor> {
-        let w = match &self.weight {
-            FrozenWeight::Dense(w) => w.clone(),
-            FrozenWeight::Nf4Device(q) => q.dequantize(self.dtype)?,
-            FrozenWeight::Nf4(q) => Tensor::from_vec(q.dequantize(), (self.out_dim, self.in_dim), device)?.to_dtype(self.dtype)?,
-        };
-        if !w.device().same_device(device) {
-            candle_core::bail!("frozen linear: weight on {:?}, input on {device:?}", w.device().location());
+    /// The weight as a dense `[out, in]` tensor of `dtype` on `device` (NF4 dequantized,
+    /// copied across devices where it lives elsewhere).
+    fn weight_as(&self, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            FrozenWeight::Dense(w) => w.to_dtype(dtype)?.to_device(device),
+            FrozenWeight::Nf4(q) => Tensor::from_vec(q.dequantize(), (self.out_dim, self.in_dim), device)?.to_dtype(dtype),
+            FrozenWeight::Nf4Device(q) => q.dequantize(dtype)?.to_device(device),
         }
-        Ok(w)
+    }
+
+    /// The weight `[out, in]` in the compute dtype on `device`, where a device-resident
+    /// weight must already live (the portable product never copies one per call).
+    fn weight_on(&self, device: &Device) -> candle_core::Result<Tensor> {
+        let stored = match &self.weight {
+            FrozenWeight::Dense(w) => Some(w.device()),
+            FrozenWeight::Nf4Device(q) => Some(q.device()),
+            FrozenWeight::Nf4(_) => None,
+        };
+        if let Some(d) = stored.filter(|d| !d.same_device(device)) {
+            candle_core::bail!("frozen linear: weight on {:?}, input on {device:?}", d.location());
+        }
+        self.weight_as(self.dtype, device)
     }
 }
 

@@ -63,9 +63,13 @@ pub struct TrainRun {
 }
 
 impl TrainRun {
-    /// The first of [`TrainRun::devices`] (the CPU if none is given).
-    pub fn device(&self) -> Device {
-        self.devices.first().cloned().unwrap_or(Device::Cpu)
+    /// [`TrainRun::devices`], or the CPU if none is given.
+    pub fn devices(&self) -> Vec<Device> {
+        if self.devices.is_empty() {
+            vec![Device::Cpu]
+        } else {
+            self.devices.clone()
+        }
     }
 }
 
@@ -200,7 +204,7 @@ pub fn train(run: &TrainRun, observer: &mut dyn TrainObserver) -> Result<TrainSu
     let spec = &run.spec;
     let t = &spec.training;
     let started = Instant::now();
-    let devices = if run.devices.is_empty() { vec![Device::Cpu] } else { run.devices.clone() };
+    let devices = run.devices();
     let device = devices[0].clone();
     let replicas = devices
         .iter()
