@@ -15,6 +15,10 @@ pub enum EngineError {
     AdapterMismatch(String),
     #[error("data: {0}")]
     Data(String),
+    /// A data-parallel collective failed: a peer rank died, stopped, timed out or was
+    /// aborted (worth another attempt).
+    #[error("collective: {0}")]
+    Collective(String),
     #[error("training cancelled")]
     Cancelled,
     #[error(transparent)]

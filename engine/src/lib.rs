@@ -31,6 +31,7 @@ pub mod eval;
 pub mod generate;
 pub mod demo;
 pub mod checkpoint;
+pub mod collective;
 pub mod train;
 pub mod bench;
 

@@ -10,16 +10,18 @@
 //! split and the LoRA dropout masks (`checkpoint::dropout_seed(seed, step, micro)`), so
 //! a run resumed from a checkpoint gives the same later losses as an uninterrupted one.
 //!
-//! Data parallelism: with several [`TrainRun::devices`] each device holds a replica of
-//! the model (the frozen weights and the LoRA parameters) and the micro-batches of a step
-//! are dealt round-robin to the replicas (micro-batch `j` to replica `j % devices`),
-//! which run them at the same time, one thread each. Their LoRA gradients are summed on
-//! the first device in micro-batch order, exactly as one device accumulates them, the
-//! optimizer steps there, and the updated LoRA parameters are copied to the other
-//! replicas. LoRA gradients are small (megabytes), so the copies go through candle's
-//! device copies rather than NCCL. The result is the run on one device with the same
-//! `grad_accum`, bit for bit where the device kernels are deterministic; `grad_accum`
-//! should be a multiple of the device count to keep every device busy.
+//! Data parallelism: a run is a group of ranks (`collective`), one model replica each:
+//! the devices of one process ([`train`] joins them with a ring on loopback) and, for a
+//! gang, the devices of several workers ([`train_ranks`] with the worker's ring ranks).
+//! Every rank draws every micro-batch of a step (the batch stays global:
+//! `micro_batch_size * grad_accum` examples per step whatever the world size) and runs a
+//! contiguous block of them ([`rank_block`]); their LoRA gradients and losses go through
+//! one ordered all-reduce, whose fixed order is the one a single device accumulates in,
+//! so every world size trains the same adapter bit for bit where the kernels are
+//! deterministic. Each rank then takes the same optimizer step on the same gradient.
+//! Rank 0 alone reads the resume checkpoint (the others receive its state by broadcast),
+//! evaluates, and writes checkpoints (after a barrier: every rank reached the step),
+//! metrics and the adapter. `training.grad_accum` must be at least the world size.
 //!
 //! Outputs in `output_dir`: the PEFT adapter (`adapter_config.json`,
 //! `adapter_model.safetensors`), `metrics.jsonl` (one line per step and per eval),
@@ -28,6 +30,8 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -35,6 +39,7 @@ use lorafleet_shared::spec::{ComputeDtype, JobSpec, Optimizer, QuantMethod};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, StepRecord, TrainState};
+use crate::collective::{Collective, Solo, TcpRing};
 use crate::data::{self, Batcher, DataReport, Dataset};
 use crate::eval;
 use crate::generate;
@@ -85,6 +90,9 @@ pub trait TrainObserver {
     /// Something the user should know about this run that does not stop it (`level`
     /// `warn` or `info`), e.g. a setting that is slow on this device. Also logged.
     fn on_notice(&mut self, _level: &str, _message: &str) {}
+    /// Another rank of this process finished a step (data parallelism over several
+    /// devices of one process; `m` carries the rank's own `rank_tokens_per_sec`).
+    fn on_rank_step(&mut self, _rank: usize, _m: &StepMetrics) {}
     /// Polled before every step; true cancels the run (`EngineError::Cancelled`).
     fn should_stop(&self) -> bool {
         false
@@ -109,6 +117,11 @@ pub struct StepMetrics {
     pub tokens_per_sec: f64,
     pub elapsed_secs: f64,
     pub eta_secs: f64,
+    /// This rank of `world_size` data-parallel ranks (0 of 1 without data parallelism).
+    pub rank: u32,
+    pub world_size: u32,
+    /// Tokens of this rank's own micro-batches per second.
+    pub rank_tokens_per_sec: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -199,42 +212,275 @@ fn io_err(path: &Path, e: std::io::Error) -> EngineError {
     EngineError::file(path, e.to_string())
 }
 
-/// Run training; see the module docs.
+/// How long a rank of a ring between the devices of one process waits for another (they
+/// wait for rank 0's evaluations, which can be long; a crash of the process ends all).
+pub const LOCAL_RING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Run training on the devices of `run` (module docs): one device, or a data-parallel
+/// group of one rank per device joined by a [`TcpRing`] on loopback.
 pub fn train(run: &TrainRun, observer: &mut dyn TrainObserver) -> Result<TrainSummary> {
+    let n = run.devices().len();
+    let collectives: Vec<Box<dyn Collective>> = if n == 1 {
+        vec![Box::new(Solo)]
+    } else {
+        TcpRing::local(n, LOCAL_RING_TIMEOUT)?.into_iter().map(|r| Box::new(r) as Box<dyn Collective>).collect()
+    };
+    train_ranks(run, collectives, observer)
+}
+
+/// Run this process's ranks of a data-parallel group: `collectives[i]` is the rank
+/// training on `run.devices()[i]`. The first runs on this thread and reports to
+/// `observer` (the others' step metrics reach it through [`TrainObserver::on_rank_step`]);
+/// the others run on threads of their own. Only global rank 0 evaluates and writes
+/// checkpoints, metrics and the adapter; the summary is the first local rank's.
+pub fn train_ranks(run: &TrainRun, collectives: Vec<Box<dyn Collective>>, observer: &mut dyn TrainObserver) -> Result<TrainSummary> {
+    let devices = run.devices();
+    if collectives.len() != devices.len() {
+        return Err(EngineError::Config(format!("{} collectives for {} devices", collectives.len(), devices.len())));
+    }
+    let mut collectives = collectives.into_iter();
+    let first = collectives.next().ok_or_else(|| EngineError::Config("no devices".into()))?;
+    let rest: Vec<Box<dyn Collective>> = collectives.collect();
+    if rest.is_empty() {
+        return train_rank(run, &devices[0], first, observer);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, StepMetrics)>();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = rest
+            .into_iter()
+            .zip(&devices[1..])
+            .map(|(c, device)| {
+                let mut follower = Follower { stop: stop.clone(), tx: tx.clone(), rank: c.rank() };
+                let name = format!("rank-{}", c.rank());
+                std::thread::Builder::new().name(name).spawn_scoped(s, move || train_rank(run, device, c, &mut follower))
+            })
+            .collect();
+        let mut main = Leader { inner: observer, rx, stop: stop.clone() };
+        let result = match handles.iter().find_map(|h| h.as_ref().err()) {
+            Some(e) => Err(EngineError::Config(format!("cannot start a rank's thread: {e}"))),
+            None => train_rank(run, &devices[0], first, &mut main),
+        };
+        // Followers blocked on the first rank see its ring closed when it returns.
+        stop.store(true, Ordering::SeqCst);
+        let mut followers = Ok(());
+        for h in handles.into_iter().flatten() {
+            let r = h.join().unwrap_or_else(|_| Err(EngineError::Config("a data-parallel rank's thread panicked".into())));
+            if let (Err(e), Ok(())) = (r, &followers) {
+                followers = Err(e);
+            }
+        }
+        let summary = result?;
+        followers?;
+        Ok(summary)
+    })
+}
+
+/// The observer of the first local rank: forwards to the caller's observer, with the
+/// other local ranks' steps.
+struct Leader<'a> {
+    inner: &'a mut dyn TrainObserver,
+    rx: std::sync::mpsc::Receiver<(usize, StepMetrics)>,
+    stop: Arc<AtomicBool>,
+}
+
+impl TrainObserver for Leader<'_> {
+    fn on_start(&mut self, total_steps: u64) {
+        self.inner.on_start(total_steps)
+    }
+    fn on_step(&mut self, m: &StepMetrics) {
+        while let Ok((rank, fm)) = self.rx.try_recv() {
+            self.inner.on_rank_step(rank, &fm);
+        }
+        self.inner.on_step(m)
+    }
+    fn on_rank_step(&mut self, rank: usize, m: &StepMetrics) {
+        self.inner.on_rank_step(rank, m)
+    }
+    fn on_eval(&mut self, m: &EvalMetrics) {
+        self.inner.on_eval(m)
+    }
+    fn on_checkpoint(&mut self, step: u64, dir: &Path) -> Result<()> {
+        self.inner.on_checkpoint(step, dir)
+    }
+    fn on_notice(&mut self, level: &str, message: &str) {
+        self.inner.on_notice(level, message)
+    }
+    fn should_stop(&self) -> bool {
+        let s = self.inner.should_stop();
+        if s {
+            self.stop.store(true, Ordering::SeqCst);
+        }
+        s
+    }
+}
+
+/// The observer of the other local ranks: their steps go to the first rank's thread.
+struct Follower {
+    stop: Arc<AtomicBool>,
+    tx: std::sync::mpsc::Sender<(usize, StepMetrics)>,
+    rank: usize,
+}
+
+impl TrainObserver for Follower {
+    fn on_step(&mut self, m: &StepMetrics) {
+        let _ = self.tx.send((self.rank, m.clone()));
+    }
+    fn should_stop(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// The micro-batches of a step that rank `rank` of `world` runs: a contiguous block,
+/// the first `ga % world` ranks one more (module docs: this keeps the reduction order).
+pub fn rank_block(rank: usize, world: usize, ga: usize) -> std::ops::Range<usize> {
+    let (base, extra) = (ga / world, ga % world);
+    let start = rank * base + rank.min(extra);
+    start..start + base + usize::from(rank < extra)
+}
+
+/// The flat f32 buffer one all-reduce carries per step: every LoRA gradient (in
+/// parameter-name order), then one presence flag per parameter (a parameter no
+/// micro-batch produced a gradient for stays out of the optimizer step, as on one
+/// device), then one loss slot per micro-batch of the step.
+struct GradLayout {
+    params: Vec<(String, candle_core::Shape, usize, usize)>,
+    flags: usize,
+    losses: usize,
+    len: usize,
+}
+
+impl GradLayout {
+    fn new(model: &dyn CausalLm, ga: usize) -> Self {
+        let mut off = 0;
+        let params = model
+            .lora_params()
+            .iter()
+            .map(|(k, v)| {
+                let shape = v.as_tensor().shape().clone();
+                let n = shape.elem_count();
+                off += n;
+                (k.clone(), shape, off - n, n)
+            })
+            .collect::<Vec<_>>();
+        let flags = off;
+        let losses = flags + params.len();
+        Self { len: losses + ga, params, flags, losses }
+    }
+
+    /// Micro-batch `micro`'s contribution.
+    fn pack(&self, grads: &BTreeMap<String, Tensor>, micro: usize, loss: f64) -> Result<Vec<f32>> {
+        let mut buf = vec![0f32; self.len];
+        for (i, (k, _, off, n)) in self.params.iter().enumerate() {
+            let Some(g) = grads.get(k) else { continue };
+            let v: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            if v.len() != *n {
+                return Err(EngineError::Config(format!("gradient of {k} has {} values, the parameter {n}", v.len())));
+            }
+            buf[*off..off + n].copy_from_slice(&v);
+            buf[self.flags + i] = 1.0;
+        }
+        if let Some(g) = grads.keys().find(|k| !self.params.iter().any(|p| &p.0 == *k)) {
+            return Err(EngineError::Config(format!("a gradient for {g}, which is not a lora parameter")));
+        }
+        // Losses are f32 values (micro_step reads them as f32), so the slot is exact.
+        buf[self.losses + micro] = loss as f32;
+        Ok(buf)
+    }
+
+    /// The reduced gradients on `device` and the step's loss (the f64 sum of the slots in
+    /// micro-batch order).
+    fn unpack(&self, buf: &[f32], device: &Device) -> Result<(BTreeMap<String, Tensor>, f64)> {
+        let mut grads = BTreeMap::new();
+        for (i, (k, shape, off, n)) in self.params.iter().enumerate() {
+            if buf[self.flags + i] > 0.0 {
+                grads.insert(k.clone(), Tensor::from_slice(&buf[*off..off + n], shape.clone(), device)?);
+            }
+        }
+        let loss = buf[self.losses..].iter().fold(0f64, |acc, &l| acc + l as f64);
+        Ok((grads, loss))
+    }
+}
+
+/// Every file of a directory (not recursive), as one byte string: the state rank 0
+/// broadcasts at the start of a data-parallel run.
+fn pack_dir(dir: &Path) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut names: Vec<_> = std::fs::read_dir(dir).map_err(|e| io_err(dir, e))?.collect::<std::io::Result<Vec<_>>>().map_err(|e| io_err(dir, e))?;
+    names.sort_by_key(|e| e.file_name());
+    for e in names {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let bytes = std::fs::read(e.path()).map_err(|err| io_err(&e.path(), err))?;
+        out.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        out.extend_from_slice(&bytes);
+    }
+    Ok(out)
+}
+
+fn unpack_dir(mut bytes: &[u8], dir: &Path) -> Result<()> {
+    let bad = || EngineError::Collective("the broadcast training state is malformed".into());
+    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    while !bytes.is_empty() {
+        let take = |b: &mut &[u8], n: usize| -> Result<Vec<u8>> {
+            if b.len() < n {
+                return Err(bad());
+            }
+            let (h, t) = b.split_at(n);
+            *b = t;
+            Ok(h.to_vec())
+        };
+        let n = u32::from_le_bytes(take(&mut bytes, 4)?.try_into().map_err(|_| bad())?) as usize;
+        let name = String::from_utf8(take(&mut bytes, n)?).map_err(|_| bad())?;
+        if name.is_empty() || name.contains('/') || name.contains('\\') || name.starts_with('.') {
+            return Err(bad());
+        }
+        let len = u64::from_le_bytes(take(&mut bytes, 8)?.try_into().map_err(|_| bad())?) as usize;
+        let data = take(&mut bytes, len)?;
+        let p = dir.join(&name);
+        std::fs::write(&p, data).map_err(|e| io_err(&p, e))?;
+    }
+    Ok(())
+}
+
+/// One rank's training loop (the whole run when it is the only rank).
+fn train_rank(run: &TrainRun, device: &Device, mut comm: Box<dyn Collective>, observer: &mut dyn TrainObserver) -> Result<TrainSummary> {
     let spec = &run.spec;
     let t = &spec.training;
     let started = Instant::now();
-    let devices = run.devices();
-    let device = devices[0].clone();
-    let replicas = devices
-        .iter()
-        .map(|d| crate::model::load_model(&run.model_dir, &load_options(spec, run.init_adapter.as_deref(), d)))
-        .collect::<Result<Vec<_>>>()?;
-    let model: &dyn CausalLm = replicas[0].as_ref();
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let leader = rank == 0;
+    let replica = crate::model::load_model(&run.model_dir, &load_options(spec, run.init_adapter.as_deref(), device))?;
+    let model: &dyn CausalLm = replica.as_ref();
     let info = model.info().clone();
     if info.lora.is_none() {
         return Err(EngineError::Config("the model was loaded without lora".into()));
     }
-    if replicas.len() > 1 {
-        tracing::info!(devices = ?devices.iter().map(|d| d.location()).collect::<Vec<_>>(), "data parallel: one model replica per device");
-        if !(t.grad_accum as usize).is_multiple_of(replicas.len()) {
+    let ga = t.grad_accum.max(1) as usize;
+    if world > 1 {
+        tracing::info!(rank, world, device = ?device.location(), "data parallel: one model replica per rank");
+        if ga < world {
+            return Err(EngineError::Config(format!(
+                "training.grad_accum: {ga} micro-batches per step cannot be shared by {world} data-parallel ranks (set it to at least {world})"
+            )));
+        }
+        if leader && !ga.is_multiple_of(world) {
             let advice = format!(
-                "training.grad_accum: {} micro-batches per step over {} devices leaves some devices idle part of each step (use a multiple of {})",
-                t.grad_accum,
-                replicas.len(),
-                replicas.len()
+                "training.grad_accum: {ga} micro-batches per step over {world} ranks leaves some ranks idle part of each step (use a multiple of {world})"
             );
             tracing::warn!("{advice}");
             observer.on_notice("warn", &advice);
         }
     }
-    if let Some(advice) = device_advice(spec, &device) {
+    if let Some(advice) = device_advice(spec, device).filter(|_| leader) {
         tracing::warn!("{advice}");
         observer.on_notice("warn", &advice);
     }
     let tok = Tokenizer::from_model_dir(&run.model_dir, info.eos_token_ids.first().copied(), info.pad_token_id)?;
     let (train_ds, eval_ds) = data::load_train_eval(&run.train_data, run.eval_data.as_deref(), &tok, &spec.data, t.seed)?;
     tracing::info!(
+        rank,
         rows = train_ds.report.rows,
         examples = train_ds.report.examples,
         skipped = train_ds.report.skipped.len(),
@@ -265,69 +511,99 @@ pub fn train(run: &TrainRun, observer: &mut dyn TrainObserver) -> Result<TrainSu
         tokens_seen: 0,
         history: vec![],
     };
+    let base_model = spec.model.source.clone();
     let mut resumed_from = None;
-    if let Some(ck) = &run.resume_from {
-        let st = checkpoint::restore(ck, model, &mut opt)?;
+    let restore_checked = |ck: &Path, opt: &mut AdamW| -> Result<TrainState> {
+        let st = checkpoint::restore(ck, model, opt)?;
         if st.total_steps != total || st.seed != t.seed {
             return Err(EngineError::file(
                 ck,
                 format!("checkpoint is for another run (total_steps {} seed {}, this run {} and {})", st.total_steps, st.seed, total, t.seed),
             ));
         }
-        batcher.cursor = st.cursor;
+        Ok(st)
+    };
+    if let Some(ck) = run.resume_from.as_ref().filter(|_| leader) {
+        let st = restore_checked(ck, &mut opt)?;
         resumed_from = Some(st.step);
         tracing::info!(step = st.step, checkpoint = %ck.display(), "resuming");
         state = st;
     }
-    broadcast_lora(&replicas)?;
-    for r in &replicas {
-        r.set_gradient_checkpointing(t.gradient_checkpointing);
+    if world > 1 {
+        // Every rank starts from rank 0's adapter, optimizer moments and position.
+        let sync = run.work_dir.join(format!("rank-{rank}-sync"));
+        let mut blob = Vec::new();
+        if leader {
+            let dir = checkpoint::save(&sync, &state, model, &base_model, &opt)?;
+            blob = pack_dir(&dir)?;
+        }
+        comm.broadcast(&mut blob)?;
+        if !leader {
+            let dir = checkpoint::checkpoint_dir(&sync, 0);
+            unpack_dir(&blob, &dir)?;
+            let st = restore_checked(&dir, &mut opt)?;
+            resumed_from = (st.step > 0).then_some(st.step);
+            state = st;
+        }
+        let _ = std::fs::remove_dir_all(&sync);
     }
-    std::fs::create_dir_all(&run.output_dir).map_err(|e| io_err(&run.output_dir, e))?;
-    let metrics_path = run.output_dir.join("metrics.jsonl");
-    let mut metrics = MetricsFile::create(&metrics_path, &state.history)?;
+    batcher.cursor = state.cursor;
+    model.set_gradient_checkpointing(t.gradient_checkpointing);
+    let mut metrics = if leader {
+        std::fs::create_dir_all(&run.output_dir).map_err(|e| io_err(&run.output_dir, e))?;
+        Some(MetricsFile::create(&run.output_dir.join("metrics.jsonl"), &state.history)?)
+    } else {
+        None
+    };
     observer.on_start(total);
-    let base_model = spec.model.source.clone();
-    let ga = t.grad_accum.max(1) as u64;
+    let layout = GradLayout::new(model, ga);
+    let mine = rank_block(rank, world, ga);
     let run_start = Instant::now();
-    let mut run_tokens = 0u64;
+    let (mut run_tokens, mut rank_tokens) = (0u64, 0u64);
     let first_step = state.step;
     let mut last_loss = state.history.last().map(|h| h.loss).unwrap_or(f64::NAN);
     let mut last_eval = None;
     let eval_batches = eval_ds.as_ref().map(|d| data::eval_batches(d, t.micro_batch_size as usize, tok.pad_id()));
+    let mut reduced = vec![0f32; layout.len];
     while state.step < total {
         if observer.should_stop() {
             return Err(EngineError::Cancelled);
         }
-        for r in &replicas {
-            r.set_training(true);
-        }
+        model.set_training(true);
         let batches: Vec<data::MicroBatch> = (0..ga).map(|_| batcher.next_batch()).collect();
         let step_tokens: u64 = batches.iter().map(|b| b.tokens as u64).sum();
-        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
-        let mut loss_sum = 0f64;
-        for (loss, g) in micro_grads(&replicas, &devices, &batches, t.seed, state.step)?.into_iter().flatten() {
-            loss_sum += loss;
-            for (k, v) in g {
-                let v = if v.device().same_device(&device) { v } else { v.to_device(&device)? };
-                let v = match grads.remove(&k) {
-                    Some(acc) => (acc + v)?,
-                    None => v,
-                };
-                grads.insert(k, v);
+        // Alone, each micro-batch's gradients are added as they come (the same order,
+        // one buffer); in a group, a rank keeps its block's until the all-reduce.
+        let mut parts = Vec::with_capacity(if world > 1 { mine.len() } else { 0 });
+        reduced.fill(0.0);
+        for j in mine.clone() {
+            rank_tokens += batches[j].tokens as u64;
+            if let Some((loss, g)) = micro_step(model, device, &batches[j], t.seed, state.step, j as u64, ga as u64)? {
+                let p = layout.pack(&g, j, loss)?;
+                if world == 1 {
+                    for (a, v) in reduced.iter_mut().zip(&p) {
+                        *a += *v;
+                    }
+                } else {
+                    parts.push(p);
+                }
             }
         }
+        if world > 1 {
+            let refs: Vec<&[f32]> = parts.iter().map(|p| p.as_slice()).collect();
+            comm.all_reduce_ordered(&refs, &mut reduced)?;
+        }
+        drop(parts);
+        // with ga micro-batches, the summed losses are already the mean of the micro-batch losses
+        let (mut grads, loss) = layout.unpack(&reduced, device)?;
         let lr = schedule.lr(state.step);
         let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
         opt.step(model.lora_params(), &grads, lr)?;
         drop(grads);
-        broadcast_lora(&replicas)?;
         state.step += 1;
         state.cursor = batcher.cursor;
         state.tokens_seen += step_tokens;
         run_tokens += step_tokens;
-        // with ga micro-batches, loss_sum is already the mean of the micro-batch losses
-        let loss = loss_sum;
         last_loss = loss;
         if !loss.is_finite() {
             return Err(EngineError::Config(format!("training diverged: loss is {loss} at step {} (lower training.lr?)", state.step)));
@@ -345,34 +621,50 @@ pub fn train(run: &TrainRun, observer: &mut dyn TrainObserver) -> Result<TrainSu
             tokens_per_sec: run_tokens as f64 / elapsed.max(1e-9),
             elapsed_secs: elapsed,
             eta_secs: elapsed / done as f64 * (total - state.step) as f64,
+            rank: rank as u32,
+            world_size: world as u32,
+            rank_tokens_per_sec: rank_tokens as f64 / elapsed.max(1e-9),
         };
-        if state.step.is_multiple_of(t.log_every.max(1)) || state.step == total {
+        if leader && (state.step.is_multiple_of(t.log_every.max(1)) || state.step == total) {
             tracing::info!(step = m.step, total_steps = total, loss = m.loss, lr = m.lr, grad_norm = m.grad_norm, tokens_per_sec = m.tokens_per_sec, epoch = m.epoch, "train step");
         }
         state.history.push(StepRecord { step: state.step, loss, lr, grad_norm });
-        metrics.step(&m)?;
+        if let Some(mf) = metrics.as_mut() {
+            mf.step(&m)?;
+        }
         observer.on_step(&m);
 
         let eval_now = (t.eval_every > 0 && state.step.is_multiple_of(t.eval_every)) || state.step == total;
-        if eval_now && (eval_batches.is_some() || !t.sample_prompts.is_empty()) {
-            let em = run_eval(model, &tok, spec, eval_batches.as_deref(), state.step, &device)?;
+        if leader && eval_now && (eval_batches.is_some() || !t.sample_prompts.is_empty()) {
+            let em = run_eval(model, &tok, spec, eval_batches.as_deref(), state.step, device)?;
             tracing::info!(step = em.step, eval_loss = em.loss, perplexity = em.perplexity, tokens = em.tokens, "eval");
             for (p, a) in &em.samples {
                 tracing::info!(prompt = %p, answer = %a, "sample");
             }
-            metrics.eval(&em)?;
+            if let Some(mf) = metrics.as_mut() {
+                mf.eval(&em)?;
+            }
             observer.on_eval(&em);
             last_eval = Some(em);
         }
         if t.checkpoint_every > 0 && state.step.is_multiple_of(t.checkpoint_every) && state.step < total {
-            let dir = checkpoint::save(&run.work_dir, &state, model, &base_model, &opt)?;
-            tracing::info!(step = state.step, dir = %dir.display(), "checkpoint written");
-            observer.on_checkpoint(state.step, &dir)?;
+            // A checkpoint is committed only once every rank has reached its step.
+            comm.barrier()?;
+            if leader {
+                let dir = checkpoint::save(&run.work_dir, &state, model, &base_model, &opt)?;
+                tracing::info!(step = state.step, dir = %dir.display(), "checkpoint written");
+                observer.on_checkpoint(state.step, &dir)?;
+            }
         }
     }
-    crate::peft::save_adapter(model, &run.output_dir, &base_model)?;
-    let svg = run.output_dir.join("loss.svg");
-    std::fs::write(&svg, loss_svg(&state.history)).map_err(|e| io_err(&svg, e))?;
+    if world > 1 {
+        comm.barrier()?;
+    }
+    if leader {
+        crate::peft::save_adapter(model, &run.output_dir, &base_model)?;
+        let svg = run.output_dir.join("loss.svg");
+        std::fs::write(&svg, loss_svg(&state.history)).map_err(|e| io_err(&svg, e))?;
+    }
     let summary = TrainSummary {
         steps: state.step,
         total_steps: total,
@@ -385,9 +677,11 @@ pub fn train(run: &TrainRun, observer: &mut dyn TrainObserver) -> Result<TrainSu
         eval_data: eval_ds.as_ref().map(|d| d.report.clone()),
         resumed_from_step: resumed_from,
     };
-    let sp = run.output_dir.join("train_summary.json");
-    std::fs::write(&sp, serde_json::to_string_pretty(&summary).expect("json")).map_err(|e| io_err(&sp, e))?;
-    tracing::info!(steps = summary.steps, final_loss = summary.final_loss, adapter = %run.output_dir.display(), "training finished");
+    if leader {
+        let sp = run.output_dir.join("train_summary.json");
+        std::fs::write(&sp, serde_json::to_string_pretty(&summary).expect("json")).map_err(|e| io_err(&sp, e))?;
+        tracing::info!(steps = summary.steps, final_loss = summary.final_loss, adapter = %run.output_dir.display(), "training finished");
+    }
     Ok(summary)
 }
 
@@ -408,55 +702,6 @@ fn micro_step(model: &dyn CausalLm, device: &Device, mb: &data::MicroBatch, seed
     let value = loss.to_scalar::<f32>()? as f64;
     let grads = model.backward(&loss)?.into_iter().map(|(k, v)| (k, v.detach())).collect();
     Ok(Some((value, grads)))
-}
-
-/// The step's micro-batches on the replicas (round-robin, one thread per replica when
-/// there are several), results in micro-batch order.
-fn micro_grads(replicas: &[Box<dyn CausalLm>], devices: &[Device], batches: &[data::MicroBatch], seed: u64, step: u64) -> Result<Vec<MicroGrads>> {
-    let ga = batches.len() as u64;
-    if replicas.len() == 1 {
-        return batches.iter().enumerate().map(|(j, mb)| micro_step(replicas[0].as_ref(), &devices[0], mb, seed, step, j as u64, ga)).collect();
-    }
-    let k = replicas.len();
-    let per_replica: Vec<Result<Vec<(usize, MicroGrads)>>> = std::thread::scope(|s| {
-        let handles: Vec<_> = replicas
-            .iter()
-            .zip(devices)
-            .enumerate()
-            .map(|(r, (model, device))| {
-                s.spawn(move || {
-                    (r..batches.len())
-                        .step_by(k)
-                        .map(|j| Ok((j, micro_step(model.as_ref(), device, &batches[j], seed, step, j as u64, ga)?)))
-                        .collect::<Result<Vec<_>>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(EngineError::Config("a data-parallel replica's thread panicked".into()))))
-            .collect()
-    });
-    let mut out: Vec<MicroGrads> = (0..batches.len()).map(|_| None).collect();
-    for r in per_replica {
-        for (j, g) in r? {
-            out[j] = g;
-        }
-    }
-    Ok(out)
-}
-
-/// Copy the first replica's LoRA parameters to the others.
-fn broadcast_lora(replicas: &[Box<dyn CausalLm>]) -> Result<()> {
-    let Some((first, rest)) = replicas.split_first() else { return Ok(()) };
-    let src = first.lora_params();
-    for r in rest {
-        for (k, var) in r.lora_params() {
-            let Some(p) = src.get(k) else { return Err(EngineError::Config(format!("replica has a lora parameter {k} the first one lacks"))) };
-            var.set(&p.as_tensor().to_device(var.device())?)?;
-        }
-    }
-    Ok(())
 }
 
 fn run_eval(

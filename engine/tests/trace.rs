@@ -140,39 +140,6 @@ fn traces_match_peft_on_the_portable_ops() {
     common::rerun_portable("", 5);
 }
 
-/// Data parallelism over two replicas (two CPU "devices" here; CUDA devices in a GPU
-/// worker) trains exactly what one device trains: the same losses and the same adapter,
-/// bit for bit, with gradient accumulation, LoRA dropout and gradient checkpointing on,
-/// and with a micro-batch count the devices do not divide.
-#[test]
-fn data_parallel_equals_one_device() {
-    let dir = fixtures().join("train/tiny-llama");
-    let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("trace.json")).unwrap()).unwrap();
-    let run_on = |devices: Vec<Device>, ga: u32| {
-        let tmp = tempfile::tempdir().unwrap();
-        let out = tmp.path().join("out");
-        let mut spec = trace_spec("tiny-llama", &trace, &out, true);
-        spec.training.grad_accum = ga;
-        spec.training.max_steps = Some(3);
-        spec.lora.dropout = 0.1;
-        let run = trace_run("tiny-llama", spec, tmp.path(), devices);
-        let mut obs = Losses::default();
-        train(&run, &mut obs).unwrap();
-        let adapter = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
-        (obs, adapter)
-    };
-    for ga in [4, 3] {
-        let (one, a1) = run_on(vec![Device::Cpu], ga);
-        let (two, a2) = run_on(vec![Device::Cpu, Device::Cpu], ga);
-        assert_eq!(one.0.len(), 3);
-        assert_eq!(one.0, two.0, "grad_accum {ga}: losses");
-        assert!(a1 == a2, "grad_accum {ga}: the adapters differ");
-        assert!(one.1.is_empty(), "{:?}", one.1);
-        // 3 micro-batches over 2 devices: said, not refused.
-        assert_eq!(two.1.iter().any(|n| n.contains("training.grad_accum")), ga == 3, "{:?}", two.1);
-    }
-}
-
 /// The spec's QLoRA defaults (NF4 double-quant, bf16 compute, dropout, grad accumulation
 /// 4, cosine with warm-up, clipping, gradient checkpointing) train and save an adapter.
 #[test]

@@ -220,6 +220,8 @@ pub fn spec_from_pb(p: pb::JobSpec) -> Result<JobSpec, ConvertError> {
                 device: device_kind_from_pb("resources.device", r.device)?,
                 count: r.count,
                 memory_mib: r.memory_mib,
+                // Absent (0, an older client): one node.
+                nodes: r.nodes.max(1),
             },
         },
         priority: p.priority,
@@ -312,6 +314,7 @@ pub fn spec_to_pb(s: &JobSpec) -> pb::JobSpec {
             device: device_kind_to_pb(s.resources.device) as i32,
             count: s.resources.count,
             memory_mib: s.resources.memory_mib,
+            nodes: s.resources.nodes,
         }),
         priority: s.priority,
         labels: s.labels.clone().into_iter().collect(),

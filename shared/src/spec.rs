@@ -257,15 +257,25 @@ pub enum DeviceKind {
 #[serde(deny_unknown_fields, default)]
 pub struct ResourceSpec {
     pub device: DeviceKind,
-    /// Number of devices (data parallel when > 1).
+    /// Number of devices per node (data parallel when > 1).
     pub count: u32,
     /// Minimum memory per device, in MiB (0: any).
     pub memory_mib: u64,
+    /// Number of workers (nodes) the job spans, each with `count` devices: a gang of
+    /// `nodes * count` data-parallel ranks, placed all at once or not at all.
+    pub nodes: u32,
 }
 
 impl Default for ResourceSpec {
     fn default() -> Self {
-        Self { device: DeviceKind::Cpu, count: 1, memory_mib: 0 }
+        Self { device: DeviceKind::Cpu, count: 1, memory_mib: 0, nodes: 1 }
+    }
+}
+
+impl ResourceSpec {
+    /// Data-parallel ranks of the job: `nodes * count`.
+    pub fn ranks(&self) -> u64 {
+        self.nodes.max(1) as u64 * self.count.max(1) as u64
     }
 }
 
@@ -415,6 +425,15 @@ impl JobSpec {
         }
 
         v.range_u("resources.count", self.resources.count as u64, 1, 1024);
+        v.range_u("resources.nodes", self.resources.nodes as u64, 1, 1024);
+        let ranks = self.resources.ranks();
+        // Every rank runs at least one micro-batch of each step (the batch stays global).
+        v.check("training.grad_accum", ranks <= 1 || t.grad_accum as u64 >= ranks, || {
+            format!(
+                "{} micro-batches per step cannot be shared by {ranks} data-parallel ranks (resources.nodes {} x resources.count {}): set it to at least {ranks}",
+                t.grad_accum, self.resources.nodes, self.resources.count
+            )
+        });
         v.range_u("max_attempts", self.max_attempts as u64, 1, 100);
         for k in self.labels.keys() {
             let ok = !k.is_empty() && k.len() <= 63 && k.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));

@@ -108,7 +108,7 @@ impl Trainer for Scripted {
                 return Err(EngineError::Cancelled);
             }
             std::thread::sleep(Duration::from_millis(if step == self.block_at { self.block_ms } else { self.step_ms }));
-            obs.on_step(&StepMetrics { step, total_steps: self.steps, epoch: 0.0, loss: 1.0 / step as f64, lr: 1e-3, grad_norm: 1.0, tokens: 10, tokens_per_sec: 100.0, elapsed_secs: 0.0, eta_secs: 0.0 });
+            obs.on_step(&StepMetrics { step, total_steps: self.steps, epoch: 0.0, loss: 1.0 / step as f64, lr: 1e-3, grad_norm: 1.0, tokens: 10, tokens_per_sec: 100.0, elapsed_secs: 0.0, eta_secs: 0.0, rank: 0, world_size: 1, rank_tokens_per_sec: 100.0 });
             if self.ckpt > 0 && step % self.ckpt == 0 && step < self.steps {
                 let dir = run.work_dir.join("checkpoints").join(format!("step-{step}"));
                 std::fs::create_dir_all(&dir).unwrap();
