@@ -31,6 +31,11 @@ struct Args {
     /// Seconds of waiting worth one priority level (0 disables aging).
     #[arg(long, env = "LORAFLEET_AGING_SECS", default_value_t = 600)]
     aging_secs: u64,
+    /// Seconds a gang (resources.nodes > 1) may first hold the free workers it gathered
+    /// while it waits for the rest; after that they run other jobs for as long, and the
+    /// next hold is twice as long.
+    #[arg(long, env = "LORAFLEET_GANG_HOLD_SECS", default_value_t = 120)]
+    gang_hold_secs: u64,
 }
 
 #[tokio::main]
@@ -44,6 +49,7 @@ async fn main() -> anyhow::Result<()> {
         lease_ttl: Duration::from_secs(args.lease_ttl),
         heartbeat_interval: Duration::from_secs((args.lease_ttl / 6).max(1)),
         aging: Duration::from_secs(args.aging_secs),
+        gang_hold: Duration::from_secs(args.gang_hold_secs.max(1)),
         ..ControlConfig::default()
     };
     let config = CoordinatorConfig {

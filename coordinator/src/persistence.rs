@@ -90,6 +90,25 @@ CREATE TABLE IF NOT EXISTS attempts (
     reason TEXT,
     PRIMARY KEY (job_id, epoch)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS attempt_members (
+    job_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    node_rank INTEGER NOT NULL,
+    worker_id TEXT NOT NULL,
+    devices_json TEXT NOT NULL,
+    PRIMARY KEY (job_id, epoch, node_rank)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS job_ranks (
+    job_id TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    node_rank INTEGER NOT NULL,
+    worker_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    tokens_per_sec REAL NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (job_id, rank)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS workers (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -165,6 +184,8 @@ pub struct JobRow {
     pub failure_class: Option<FailureClass>,
     pub created_ms: i64,
     pub updated_ms: i64,
+    /// Why a queued job is not running yet (gangs), when the scheduler said.
+    pub waiting_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -211,6 +232,11 @@ pub fn open_writer(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
     configure(&conn)?;
     conn.execute_batch(SCHEMA)?;
+    // Added with gangs (additive, so the schema version stays): why a queued job waits.
+    let has_reason: bool = conn.query_row("SELECT COUNT(*) FROM pragma_table_info('jobs') WHERE name = 'waiting_reason'", [], |r| r.get::<_, i64>(0))? > 0;
+    if !has_reason {
+        conn.execute_batch("ALTER TABLE jobs ADD COLUMN waiting_reason TEXT")?;
+    }
     let version: Option<String> =
         conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).optional()?;
     match version {
@@ -231,7 +257,7 @@ pub fn open_reader(path: &Path) -> Result<Connection> {
 }
 
 const JOB_COLUMNS: &str = "seq, id, spec_json, spec_hash, idempotency_key, state, attempt, epoch, worker_id, step, total_steps, loss, \
-     latest_checkpoint, adapter_manifest, error, failure_class, created_ms, updated_ms";
+     latest_checkpoint, adapter_manifest, error, failure_class, created_ms, updated_ms, waiting_reason";
 
 fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Result<JobRow>> {
     let id: String = r.get(1)?;
@@ -252,6 +278,7 @@ fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Result<JobRow>> {
     let error: Option<String> = r.get(14)?;
     let created_ms: i64 = r.get(16)?;
     let updated_ms: i64 = r.get(17)?;
+    let waiting_reason: Option<String> = r.get(18)?;
     Ok((|| {
         Ok(JobRow {
             seq,
@@ -277,6 +304,7 @@ fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Result<JobRow>> {
             },
             created_ms,
             updated_ms,
+            waiting_reason,
         })
     })())
 }
@@ -417,6 +445,66 @@ pub fn record_dispatch(
         now_ms
     ])?;
     Ok(())
+}
+
+/// The members of a job's attempt by node rank: one per node of a gang (one for other
+/// jobs), written in the dispatch's transaction.
+pub fn insert_attempt_members(conn: &Connection, id: &JobId, epoch: Epoch, members: &[(WorkerId, Vec<u32>)]) -> Result<()> {
+    let mut stmt = conn.prepare_cached("INSERT INTO attempt_members (job_id, epoch, node_rank, worker_id, devices_json) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+    for (i, (w, d)) in members.iter().enumerate() {
+        stmt.execute(params![id.to_string(), epoch.get() as i64, i as i64, w.to_string(), serde_json::to_string(d).expect("serializes")])?;
+    }
+    Ok(())
+}
+
+/// The members of an attempt in node order (empty for attempts from before gangs).
+pub fn attempt_members(conn: &Connection, id: &JobId, epoch: Epoch) -> Result<Vec<(WorkerId, Vec<u32>)>> {
+    let mut stmt = conn.prepare_cached("SELECT worker_id, devices_json FROM attempt_members WHERE job_id = ?1 AND epoch = ?2 ORDER BY node_rank")?;
+    let rows = stmt.query_map(params![id.to_string(), epoch.get() as i64], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let mut out = Vec::new();
+    for r in rows {
+        let (w, d) = r?;
+        out.push((w.parse().map_err(corrupt)?, serde_json::from_str(&d).map_err(|e| corrupt(format!("attempt member devices of {id}: {e}")))?));
+    }
+    Ok(out)
+}
+
+/// Record why a queued job waits (None: it no longer does).
+pub fn set_waiting_reason(conn: &Connection, id: &JobId, reason: Option<&str>) -> Result<()> {
+    conn.prepare_cached("UPDATE jobs SET waiting_reason = ?2 WHERE id = ?1")?.execute(params![id.to_string(), reason])?;
+    Ok(())
+}
+
+/// The latest progress of one rank of a job's current attempt.
+pub fn upsert_rank(conn: &Connection, id: &JobId, epoch: Epoch, r: &lorafleet_proto::RankStatus) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO job_ranks (job_id, rank, epoch, node_rank, worker_id, step, tokens_per_sec, updated_ms)          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![id.to_string(), r.rank, epoch.get() as i64, r.node_rank, r.worker_id, r.step as i64, r.tokens_per_sec, r.updated_at_unix_ms])?;
+    Ok(())
+}
+
+/// Forget a job's rank progress (a new attempt starts).
+pub fn clear_ranks(conn: &Connection, id: &JobId) -> Result<()> {
+    conn.prepare_cached("DELETE FROM job_ranks WHERE job_id = ?1")?.execute([id.to_string()])?;
+    Ok(())
+}
+
+/// The ranks of a job's latest attempt that reported progress, by rank.
+pub fn job_ranks(conn: &Connection, id: &JobId) -> Result<Vec<lorafleet_proto::RankStatus>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT rank, node_rank, worker_id, step, tokens_per_sec, updated_ms FROM job_ranks WHERE job_id = ?1 ORDER BY rank")?;
+    let rows = stmt.query_map([id.to_string()], |r| {
+        Ok(lorafleet_proto::RankStatus {
+            rank: r.get(0)?,
+            node_rank: r.get(1)?,
+            worker_id: r.get(2)?,
+            step: r.get::<_, i64>(3)? as u64,
+            tokens_per_sec: r.get(4)?,
+            updated_at_unix_ms: r.get(5)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
 }
 
 /// The devices of a job's attempt (recovery of device assignments).
@@ -670,6 +758,7 @@ mod tests {
             failure_class: None,
             created_ms: 1,
             updated_ms: 1,
+            waiting_reason: None,
         }
     }
 

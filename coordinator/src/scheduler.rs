@@ -14,6 +14,17 @@
 //! by smaller jobs behind it. One worker per blocked job: a job already reserved on
 //! another worker is skipped, so other workers keep backfilling smaller jobs. Any worker
 //! whose free devices fit a reserved job takes it at once.
+//!
+//! Gangs (`resources.nodes > 1`): a worker whose free devices fit the first gang job in
+//! order it could run is told to *join* it ([`Pick::Join`]); the job stays queued while
+//! the control loop assembles it ([`Assembly`]): joined workers are held (they take
+//! nothing else) until `nodes` of them are held, then every member's lease is written in
+//! one transaction (never a partial gang). The policy that keeps gangs and the rest of
+//! the cluster from starving each other lives in the control loop (`handlers.rs`): an
+//! assembly holds its workers for at most its hold time (doubling after each failed
+//! round), then lets them go and the gang is *parked* ([`Queue::park`]: out of the order,
+//! still queued) for as long as it held them, so that smaller jobs run meanwhile; a gang
+//! that more workers than are registered could fit is parked until enough register.
 
 use crate::persistence::DeviceInfo;
 use lorafleet_shared::ids::{JobId, WorkerId};
@@ -44,24 +55,45 @@ fn kind_index(k: DeviceKind) -> usize {
     }
 }
 
+/// What a worker should do next ([`Queue::pick`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pick {
+    /// Run this job on these devices now (it left the queue).
+    Take(QueuedJob, Vec<u32>),
+    /// Join the assembly of this gang job with these devices (it stays queued).
+    Join(QueuedJob, Vec<u32>),
+}
+
+/// The workers held for a gang job while it is assembled, in joining order (the first is
+/// node 0), and how long they may be held.
+#[derive(Debug, Clone)]
+pub struct Assembly {
+    pub members: Vec<(WorkerId, Vec<u32>)>,
+    pub started: std::time::Instant,
+    pub hold: std::time::Duration,
+}
+
 #[derive(Debug, Default)]
 pub struct Queue {
     /// One ordered queue per device kind, so a worker never scans jobs for devices it lacks.
     by_kind: [BTreeMap<Key, QueuedJob>; 2],
     keys: HashMap<JobId, (usize, Key)>,
     reservations: HashMap<JobId, WorkerId>,
+    /// Gang jobs out of the order for now (still queued).
+    parked: HashMap<JobId, QueuedJob>,
     aging_ms: i64,
 }
 
 enum Candidate {
     Take(Key, usize, Vec<u32>),
+    Join(Key, usize, Vec<u32>),
     Hold(Key, JobId),
 }
 
 impl Candidate {
     fn key(&self) -> Key {
         match self {
-            Candidate::Take(k, ..) | Candidate::Hold(k, ..) => *k,
+            Candidate::Take(k, ..) | Candidate::Join(k, ..) | Candidate::Hold(k, ..) => *k,
         }
     }
 }
@@ -99,7 +131,7 @@ impl Queue {
     }
 
     pub fn push(&mut self, j: QueuedJob) {
-        if self.keys.contains_key(&j.id) {
+        if self.keys.contains_key(&j.id) || self.parked.contains_key(&j.id) {
             return;
         }
         let k = self.key(&j);
@@ -110,20 +142,56 @@ impl Queue {
 
     pub fn remove(&mut self, id: &JobId) -> Option<QueuedJob> {
         self.reservations.remove(id);
+        if let Some(j) = self.parked.remove(id) {
+            return Some(j);
+        }
         let (q, k) = self.keys.remove(id)?;
         self.by_kind[q].remove(&k)
     }
 
+    /// Take a queued job out of the order (it stays queued: [`Queue::unpark`] puts it
+    /// back in its place).
+    pub fn park(&mut self, id: &JobId) -> bool {
+        let Some((q, k)) = self.keys.remove(id) else { return false };
+        self.reservations.remove(id);
+        match self.by_kind[q].remove(&k) {
+            Some(j) => {
+                self.parked.insert(*id, j);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn unpark(&mut self, id: &JobId) {
+        if let Some(j) = self.parked.remove(id) {
+            self.push(j);
+        }
+    }
+
+    pub fn is_parked(&self, id: &JobId) -> bool {
+        self.parked.contains_key(id)
+    }
+
+    /// A queued job, parked or not.
+    pub fn get(&self, id: &JobId) -> Option<&QueuedJob> {
+        if let Some(j) = self.parked.get(id) {
+            return Some(j);
+        }
+        let (q, k) = self.keys.get(id)?;
+        self.by_kind[*q].get(k)
+    }
+
     pub fn contains(&self, id: &JobId) -> bool {
-        self.keys.contains_key(id)
+        self.keys.contains_key(id) || self.parked.contains_key(id)
     }
 
     pub fn len(&self) -> usize {
-        self.keys.len()
+        self.keys.len() + self.parked.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.keys.is_empty() && self.parked.is_empty()
     }
 
     pub fn reserved_for(&self, id: &JobId) -> Option<WorkerId> {
@@ -138,7 +206,7 @@ impl Queue {
     /// The job this worker should run next on its free devices, removed from the
     /// queue, with the devices to use; `None` when nothing fits now (possibly because
     /// the worker was just reserved for a larger job).
-    pub fn pick(&mut self, worker: WorkerId, devices: &[DeviceInfo], busy: &HashSet<u32>) -> Option<(QueuedJob, Vec<u32>)> {
+    pub fn pick(&mut self, worker: WorkerId, devices: &[DeviceInfo], busy: &HashSet<u32>) -> Option<Pick> {
         let mut best: Option<Candidate> = None;
         let mut kinds: Vec<usize> = devices.iter().map(|d| kind_index(d.kind)).collect();
         kinds.sort_unstable();
@@ -151,9 +219,19 @@ impl Queue {
                 if !could_fit(&j.resources, devices) {
                     continue;
                 }
-                if let Some(devs) = fit_now(&j.resources, devices, busy) {
-                    best = Some(Candidate::Take(*k, q, devs));
-                    break;
+                let gang = j.resources.nodes > 1;
+                match fit_now(&j.resources, devices, busy) {
+                    Some(devs) if gang => {
+                        best = Some(Candidate::Join(*k, q, devs));
+                        break;
+                    }
+                    Some(devs) => {
+                        best = Some(Candidate::Take(*k, q, devs));
+                        break;
+                    }
+                    // A gang is assembled from free workers; a busy one looks further.
+                    None if gang => continue,
+                    None => {}
                 }
                 match self.reservations.get(&j.id) {
                     Some(w) if *w != worker => continue,
@@ -169,8 +247,9 @@ impl Queue {
                 let j = self.by_kind[q].remove(&k).expect("candidate is queued");
                 self.keys.remove(&j.id);
                 self.reservations.remove(&j.id);
-                Some((j, devs))
+                Some(Pick::Take(j, devs))
             }
+            Candidate::Join(k, q, devs) => Some(Pick::Join(self.by_kind[q].get(&k).expect("candidate is queued").clone(), devs)),
             Candidate::Hold(_, id) => {
                 self.reservations.insert(id, worker);
                 None
@@ -188,7 +267,15 @@ mod tests {
     }
 
     fn job(seq: i64, priority: i32, device: DeviceKind, count: u32, memory_mib: u64) -> QueuedJob {
-        QueuedJob { id: JobId::new(), seq, priority, created_ms: seq * 1000, resources: ResourceSpec { device, count, memory_mib } }
+        QueuedJob { id: JobId::new(), seq, priority, created_ms: seq * 1000, resources: ResourceSpec { device, count, memory_mib, nodes: 1 } }
+    }
+
+    /// A pick of a queue without gangs.
+    fn take(q: &mut Queue, w: WorkerId, devices: &[DeviceInfo], busy: &HashSet<u32>) -> Option<(QueuedJob, Vec<u32>)> {
+        match q.pick(w, devices, busy)? {
+            Pick::Take(j, d) => Some((j, d)),
+            Pick::Join(j, _) => panic!("{} is not a gang", j.id),
+        }
     }
 
     fn cpu() -> Vec<DeviceInfo> {
@@ -206,9 +293,9 @@ mod tests {
             q.push(j.clone());
         }
         let w = WorkerId::new();
-        let order: Vec<JobId> = (0..4).map(|_| q.pick(w, &cpu(), &HashSet::new()).unwrap().0.id).collect();
+        let order: Vec<JobId> = (0..4).map(|_| take(&mut q, w, &cpu(), &HashSet::new()).unwrap().0.id).collect();
         assert_eq!(order, vec![b.id, d.id, a.id, c.id]);
-        assert!(q.pick(w, &cpu(), &HashSet::new()).is_none());
+        assert!(take(&mut q, w, &cpu(), &HashSet::new()).is_none());
     }
 
     #[test]
@@ -221,17 +308,17 @@ mod tests {
             q.push(j.clone());
         }
         // A CPU-only worker never sees CUDA jobs.
-        let (got, devs) = q.pick(WorkerId::new(), &cpu(), &HashSet::new()).unwrap();
+        let (got, devs) = take(&mut q, WorkerId::new(), &cpu(), &HashSet::new()).unwrap();
         assert_eq!((got.id, devs), (cpu_job.id, vec![0]));
         // One 24 GiB GPU fits neither the 80 GiB job nor the 2-GPU job.
         let small_gpu = vec![dev(DeviceKind::Cuda, 0, 24_000)];
-        assert!(q.pick(WorkerId::new(), &small_gpu, &HashSet::new()).is_none());
+        assert!(take(&mut q, WorkerId::new(), &small_gpu, &HashSet::new()).is_none());
         // Two 24 GiB GPUs fit the 2-GPU job (the 80 GiB one first in order still cannot run).
         let two_gpus = vec![dev(DeviceKind::Cuda, 0, 24_000), dev(DeviceKind::Cuda, 1, 24_000)];
-        let (got, devs) = q.pick(WorkerId::new(), &two_gpus, &HashSet::new()).unwrap();
+        let (got, devs) = take(&mut q, WorkerId::new(), &two_gpus, &HashSet::new()).unwrap();
         assert_eq!((got.id, devs), (two.id, vec![0, 1]));
         let h100 = vec![dev(DeviceKind::Cuda, 3, 81_000)];
-        let (got, devs) = q.pick(WorkerId::new(), &h100, &HashSet::new()).unwrap();
+        let (got, devs) = take(&mut q, WorkerId::new(), &h100, &HashSet::new()).unwrap();
         assert_eq!((got.id, devs), (big_mem.id, vec![3]));
         assert!(q.is_empty());
     }
@@ -242,7 +329,7 @@ mod tests {
         let a = job(1, 0, DeviceKind::Cuda, 1, 0);
         q.push(a.clone());
         let gpus = vec![dev(DeviceKind::Cuda, 0, 0), dev(DeviceKind::Cuda, 1, 0)];
-        let (_, devs) = q.pick(WorkerId::new(), &gpus, &HashSet::from([0])).unwrap();
+        let (_, devs) = take(&mut q, WorkerId::new(), &gpus, &HashSet::from([0])).unwrap();
         assert_eq!(devs, vec![1]);
     }
 
@@ -258,11 +345,11 @@ mod tests {
         }
         // GPU 0 is busy with an earlier small job: the big job does not fit, so the
         // worker is held for it instead of backfilling GPU 1 with a small job.
-        assert!(q.pick(w, &gpus, &HashSet::from([0])).is_none());
+        assert!(take(&mut q, w, &gpus, &HashSet::from([0])).is_none());
         assert_eq!(q.reserved_for(&big.id), Some(w));
-        assert!(q.pick(w, &gpus, &HashSet::from([0])).is_none());
+        assert!(take(&mut q, w, &gpus, &HashSet::from([0])).is_none());
         // Once GPU 0 frees up the big job runs on both.
-        let (got, devs) = q.pick(w, &gpus, &HashSet::new()).unwrap();
+        let (got, devs) = take(&mut q, w, &gpus, &HashSet::new()).unwrap();
         assert_eq!((got.id, devs), (big.id, vec![0, 1]));
         assert_eq!(q.reserved_for(&big.id), None);
     }
@@ -277,11 +364,11 @@ mod tests {
         let small = job(2, 0, DeviceKind::Cuda, 1, 0);
         q.push(big.clone());
         q.push(small.clone());
-        assert!(q.pick(w1, &gpus, &HashSet::from([0])).is_none());
-        let (got, _) = q.pick(w2, &gpus, &HashSet::from([1])).unwrap();
+        assert!(take(&mut q, w1, &gpus, &HashSet::from([0])).is_none());
+        let (got, _) = take(&mut q, w2, &gpus, &HashSet::from([1])).unwrap();
         assert_eq!(got.id, small.id, "other workers keep backfilling");
         // A worker that fits the reserved job right away takes it.
-        let (got, _) = q.pick(w2, &gpus, &HashSet::new()).unwrap();
+        let (got, _) = take(&mut q, w2, &gpus, &HashSet::new()).unwrap();
         assert_eq!(got.id, big.id);
     }
 
@@ -292,9 +379,9 @@ mod tests {
         let (w1, w2) = (WorkerId::new(), WorkerId::new());
         let big = job(1, 0, DeviceKind::Cuda, 2, 0);
         q.push(big.clone());
-        assert!(q.pick(w1, &gpus, &HashSet::from([0])).is_none());
+        assert!(take(&mut q, w1, &gpus, &HashSet::from([0])).is_none());
         q.drop_reservations_of(&w1);
-        assert!(q.pick(w2, &gpus, &HashSet::from([1])).is_none());
+        assert!(take(&mut q, w2, &gpus, &HashSet::from([1])).is_none());
         assert_eq!(q.reserved_for(&big.id), Some(w2));
     }
 
@@ -309,9 +396,34 @@ mod tests {
             q.push(j.clone());
         }
         let w = WorkerId::new();
-        let order: Vec<JobId> = (0..3).map(|_| q.pick(w, &cpu(), &HashSet::new()).unwrap().0.id).collect();
+        let order: Vec<JobId> = (0..3).map(|_| take(&mut q, w, &cpu(), &HashSet::new()).unwrap().0.id).collect();
         // scores: old_low 0 - 0 = 0; new_high 20000 - 30000 = -10000; newer_high 50000 - 50000 = 0 (tie -> seq).
         assert_eq!(order, vec![old_low.id, newer_high.id, new_high.id]);
+    }
+
+    #[test]
+    fn gangs_are_joined_not_taken_and_parking_keeps_them_queued() {
+        let mut q = Queue::new(0);
+        let gang = QueuedJob { resources: ResourceSpec { nodes: 2, ..ResourceSpec::default() }, ..job(1, 0, DeviceKind::Cpu, 1, 0) };
+        let small = job(2, 0, DeviceKind::Cpu, 1, 0);
+        q.push(gang.clone());
+        q.push(small.clone());
+        let w = WorkerId::new();
+        // The gang is first: a free worker is told to join it; it stays queued.
+        assert_eq!(q.pick(w, &cpu(), &HashSet::new()), Some(Pick::Join(gang.clone(), vec![0])));
+        assert_eq!(q.len(), 2);
+        // A busy worker does not join (gangs assemble from free workers) and gets nothing
+        // else either here (its only device is busy).
+        assert_eq!(q.pick(w, &cpu(), &HashSet::from([0])), None);
+        // Parked, the gang is out of the order: the small job runs; the gang stays queued.
+        assert!(q.park(&gang.id));
+        assert!(q.contains(&gang.id) && q.is_parked(&gang.id));
+        assert_eq!(take(&mut q, w, &cpu(), &HashSet::new()).map(|(j, _)| j.id), Some(small.id));
+        assert_eq!(q.pick(w, &cpu(), &HashSet::new()), None);
+        q.unpark(&gang.id);
+        assert!(matches!(q.pick(w, &cpu(), &HashSet::new()), Some(Pick::Join(j, _)) if j.id == gang.id));
+        assert_eq!(q.remove(&gang.id).map(|j| j.id), Some(gang.id));
+        assert!(q.is_empty());
     }
 
     #[test]
@@ -368,7 +480,7 @@ mod tests {
                     None
                 };
                 let before = q.len();
-                match q.pick(*w, devices, &busy) {
+                match take(&mut q, *w, devices, &busy) {
                     Some((j, devs)) => {
                         assert!(picked.insert(j.id), "job picked twice");
                         assert_eq!(devs.len(), j.resources.count as usize);

@@ -12,9 +12,10 @@ fn progress(job_id: &str, epoch: u64, worker_id: &str) -> pb::ReportProgressRequ
         job_id: job_id.into(),
         epoch,
         worker_id: worker_id.into(),
-        steps: vec![pb::StepMetrics { step: 3, total_steps: 10, loss: 1.25, lr: 2e-4, grad_norm: 0.5, tokens_per_sec: 100.0, eta_secs: 7.0, data_epoch: 0.3 }],
+        steps: vec![pb::StepMetrics { step: 3, total_steps: 10, loss: 1.25, lr: 2e-4, grad_norm: 0.5, tokens_per_sec: 100.0, eta_secs: 7.0, data_epoch: 0.3, ranks: vec![] }],
         evals: vec![],
         logs: vec![pb::LogLine { unix_ms: 1, level: "info".into(), message: "step 3".into() }],
+        ranks: vec![],
     }
 }
 

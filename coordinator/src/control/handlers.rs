@@ -2,11 +2,12 @@
 //! store (inside the batch's transaction), then updates memory; replies and events are
 //! queued and released only after the batch commits.
 
-use super::state::{ActiveJob, LeaseInfo, State, WorkerState};
+use super::state::{ActiveJob, GangWait, LeaseInfo, Member, State, WorkerState};
 use super::{Command, ControlConfig, NewWorker, Reply, SubmitOutcome, Waiter, WorkerCall};
 use crate::error::{CoordError, Result};
 use crate::metrics::Metrics;
 use crate::persistence::{self as db, CheckpointRow, JobRow, LogRow, WorkerRow};
+use crate::scheduler::{could_fit, Assembly, Pick, QueuedJob};
 use lorafleet_proto as pb;
 use lorafleet_proto::convert::{device_kind_to_pb, spec_to_pb, state_to_pb};
 use lorafleet_shared::ids::{Epoch, JobId, WorkerId};
@@ -17,7 +18,7 @@ use prost::Message;
 use rusqlite::Connection;
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 type ReplyFn = Box<dyn FnOnce(bool) + Send>;
@@ -143,8 +144,8 @@ impl<'a> Ctx<'a> {
                 }
                 r => self.answer_lease(reply, received, r),
             },
-            Command::Progress { call, steps, evals, logs, reply } => {
-                let r = self.progress(call, steps, evals, logs);
+            Command::Progress { call, steps, evals, logs, ranks, reply } => {
+                let r = self.progress(call, steps, evals, logs, ranks);
                 self.answer(reply, r)
             }
             Command::Checkpoint { call, step, manifest_key, reply } => {
@@ -157,6 +158,10 @@ impl<'a> Ctx<'a> {
             }
             Command::Fail { call, class, reason, reply } => {
                 let r = self.fail(call, class, &reason);
+                self.answer(reply, r)
+            }
+            Command::Rendezvous { call, endpoints, nccl_unique_id, reply } => {
+                let r = self.rendezvous(call, endpoints, nccl_unique_id);
                 self.answer(reply, r)
             }
             Command::ListWorkers { include_dead, reply } => {
@@ -223,6 +228,7 @@ impl<'a> Ctx<'a> {
             failure_class: None,
             created_ms: self.now_ms,
             updated_ms: self.now_ms,
+            waiting_reason: None,
         };
         row.seq = db::insert_job(self.conn, &row)?;
         let mut job = ActiveJob {
@@ -236,6 +242,9 @@ impl<'a> Ctx<'a> {
             latest_checkpoint: None,
             event_seq: 0,
             log_seq: 0,
+            rendezvous: Default::default(),
+            ranks: Default::default(),
+            waiting_reason: None,
         };
         let ev = state_change(None, JobState::Queued, &job, None, "submitted");
         emit(self.conn, &mut self.events, self.now_ms, &row.id, &mut job, ev)?;
@@ -253,7 +262,7 @@ impl<'a> Ctx<'a> {
             let from = job.state;
             let to = from.transition(Transition::Cancel).map_err(illegal)?;
             if from != to {
-                let worker = job.lease.as_ref().map(|l| l.worker);
+                let worker = job.lease.as_ref().map(|l| l.leader());
                 // Cancelling keeps the lease (and its worker) until the worker stops.
                 let keep = if to == JobState::Cancelling { worker } else { None };
                 db::update_state(self.conn, &id, to, keep.as_ref(), Some(reason), None, None, self.now_ms)?;
@@ -264,6 +273,7 @@ impl<'a> Ctx<'a> {
                 if to.is_final() {
                     self.st.queue.remove(&id);
                     self.st.jobs.remove(&id);
+                    self.forget_gang(&id);
                 }
                 info!(job_id = %id, from = %from, to = %to, "job cancel requested");
             }
@@ -309,9 +319,9 @@ impl<'a> Ctx<'a> {
         for (id, epoch) in running {
             listed.insert(id);
             let action = match self.st.jobs.get_mut(&id) {
-                Some(job) if job.epoch == epoch && job.lease.as_ref().is_some_and(|l| l.worker == worker) => {
-                    if let Some(l) = job.lease.as_mut() {
-                        l.deadline = deadline;
+                Some(job) if job.epoch == epoch && job.lease.as_ref().is_some_and(|l| l.node_of(&worker).is_some()) => {
+                    if let Some(m) = job.lease.as_mut().and_then(|l| l.members.iter_mut().find(|m| m.worker == worker)) {
+                        m.deadline = deadline;
                     }
                     if job.state == JobState::Cancelling {
                         pb::JobAction::Cancel
@@ -332,8 +342,10 @@ impl<'a> Ctx<'a> {
             if listed.contains(&id) {
                 continue;
             }
+            // (For a gang, node 0's worker stopping is what counts.)
             let stopped = self.st.jobs.get(&id).is_some_and(|j| {
-                j.state == JobState::Cancelling && j.lease.as_ref().is_some_and(|l| l.granted + self.cfg.heartbeat_interval <= self.now)
+                j.state == JobState::Cancelling
+                    && j.lease.as_ref().is_some_and(|l| l.leader() == worker && l.granted + self.cfg.heartbeat_interval <= self.now)
             });
             if stopped {
                 self.end_lease(id, Transition::WorkerStopped, "cancelled", "worker stopped after cancel", None, None)?;
@@ -342,43 +354,187 @@ impl<'a> Ctx<'a> {
         Ok(directives)
     }
 
-    /// Dispatch the best job for this worker, if one fits: the new epoch and attempt are
-    /// written before the lease exists anywhere else.
+    /// The lease for this worker's AcquireJob, if there is one: a gang lease waiting for
+    /// it, else the best job that fits (written before the lease exists anywhere else),
+    /// else nothing, also while the worker is held by a gang's assembly.
     pub fn try_dispatch(&mut self, worker: WorkerId) -> Result<Option<pb::Lease>> {
         let ws = self.live_worker(&worker)?;
         let (devices, busy) = (ws.row.devices.clone(), ws.busy.clone());
-        let Some((q, assigned)) = self.st.queue.pick(worker, &devices, &busy) else { return Ok(None) };
+        if let Some(list) = self.st.pending.get_mut(&worker) {
+            let lease = list.pop();
+            if list.is_empty() {
+                self.st.pending.remove(&worker);
+            }
+            if lease.is_some() {
+                return Ok(lease);
+            }
+        }
+        if self.st.assemblies.values().any(|a| a.members.iter().any(|(w, _)| *w == worker)) {
+            return Ok(None);
+        }
+        // A gang parked for lack of workers leaves the order; look again.
+        for _ in 0..16 {
+            match self.st.queue.pick(worker, &devices, &busy) {
+                None => return Ok(None),
+                Some(Pick::Take(q, assigned)) => {
+                    let mut leases = self.dispatch(q, vec![(worker, assigned)])?;
+                    return Ok(leases.pop().map(|(_, l)| l));
+                }
+                Some(Pick::Join(q, assigned)) => {
+                    if let Some(r) = self.join_gang(worker, q, assigned)? {
+                        return Ok(r);
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Workers alive that could run one node of `res` (ignoring what they run now).
+    fn capable_workers(&self, res: &lorafleet_shared::spec::ResourceSpec) -> usize {
+        self.st.workers.values().filter(|w| w.alive && could_fit(res, w.devices())).count()
+    }
+
+    /// `worker` joins the assembly of gang `q` with `devices`. Returns `Some(answer)` for
+    /// the AcquireJob (a lease once the gang is complete, `None` while it is held), or
+    /// `None` when the gang was parked instead and the worker should look further.
+    fn join_gang(&mut self, worker: WorkerId, q: QueuedJob, devices: Vec<u32>) -> Result<Option<Option<pb::Lease>>> {
+        let res = q.resources.clone();
+        let nodes = res.nodes as usize;
+        let capable = self.capable_workers(&res);
+        if capable < nodes {
+            let reason = format!(
+                "gang of {nodes} nodes: {capable} registered worker(s) can run a node ({} {:?} device(s) each); waiting for {} more worker(s) to register",
+                res.count,
+                res.device,
+                nodes - capable
+            )
+            .to_lowercase();
+            let hold = self.st.gang_waits.get(&q.id).map(|g| g.next_hold).unwrap_or(self.cfg.gang_hold);
+            self.park_gang(q.id, GangWait { until: None, next_hold: hold }, reason)?;
+            return Ok(None);
+        }
+        let hold = self.st.gang_waits.get(&q.id).map(|g| g.next_hold).unwrap_or(self.cfg.gang_hold);
+        let now = self.now;
+        let a = self.st.assemblies.entry(q.id).or_insert_with(|| Assembly { members: Vec::new(), started: now, hold });
+        if !a.members.iter().any(|(w, _)| *w == worker) {
+            a.members.push((worker, devices));
+        }
+        // Members that died meanwhile drop out.
+        let alive: Vec<WorkerId> = self.st.workers.iter().filter(|(_, w)| w.alive).map(|(id, _)| *id).collect();
+        a.members.retain(|(w, _)| alive.contains(w));
+        if a.members.len() < nodes {
+            let reason = format!(
+                "gang of {nodes} nodes: {} worker(s) held, waiting for {} more to be free (holding them for up to {}s)",
+                a.members.len(),
+                nodes - a.members.len(),
+                a.hold.as_secs()
+            );
+            self.set_waiting_reason(q.id, Some(reason))?;
+            return Ok(Some(None));
+        }
+        let a = self.st.assemblies.remove(&q.id).expect("assembly exists");
+        self.st.queue.remove(&q.id);
+        self.st.gang_waits.remove(&q.id);
+        let leases = self.dispatch(q, a.members)?;
+        let mut mine = None;
+        for (w, l) in leases {
+            if w == worker {
+                mine = Some(l);
+            } else {
+                self.st.pending.entry(w).or_default().push(l);
+                self.wake = true;
+            }
+        }
+        Ok(Some(mine))
+    }
+
+    /// Take a gang out of the order for a while (`wait`), with the reason shown.
+    fn park_gang(&mut self, id: JobId, wait: GangWait, reason: String) -> Result<()> {
+        self.st.queue.park(&id);
+        self.st.assemblies.remove(&id);
+        self.st.gang_waits.insert(id, wait);
+        self.set_waiting_reason(id, Some(reason))?;
+        self.wake = true;
+        Ok(())
+    }
+
+    /// Drop every trace of a gang that left the queue.
+    fn forget_gang(&mut self, id: &JobId) {
+        self.st.assemblies.remove(id);
+        self.st.gang_waits.remove(id);
+    }
+
+    fn set_waiting_reason(&mut self, id: JobId, reason: Option<String>) -> Result<()> {
+        let Some(job) = self.st.jobs.get_mut(&id) else { return Ok(()) };
+        if job.waiting_reason != reason {
+            db::set_waiting_reason(self.conn, &id, reason.as_deref())?;
+            if let Some(r) = &reason {
+                info!(job_id = %id, reason = %r, "job waiting");
+            }
+            job.waiting_reason = reason;
+        }
+        Ok(())
+    }
+
+    /// Dispatch queued job `q` (already out of the queue) to `members` (node 0 first):
+    /// one new epoch and attempt, every member recorded, all in this transaction.
+    /// Returns each member's lease.
+    fn dispatch(&mut self, q: QueuedJob, members: Vec<(WorkerId, Vec<u32>)>) -> Result<Vec<(WorkerId, pb::Lease)>> {
         let Some(job) = self.st.jobs.get_mut(&q.id) else {
             return Err(CoordError::Internal(format!("queued job {} has no state", q.id)));
         };
+        let (leader, leader_devices) = members.first().cloned().ok_or_else(|| CoordError::Internal("dispatch without members".into()))?;
         let from = job.state;
         let to = from.transition(Transition::Dispatch).map_err(|e| CoordError::Internal(e.to_string()))?;
         let epoch = job.epoch.next();
         let attempt = job.attempt + 1;
-        db::record_dispatch(self.conn, &q.id, attempt, epoch, &worker, &assigned, self.now_ms)?;
+        db::record_dispatch(self.conn, &q.id, attempt, epoch, &leader, &leader_devices, self.now_ms)?;
+        db::insert_attempt_members(self.conn, &q.id, epoch, &members)?;
+        db::clear_ranks(self.conn, &q.id)?;
+        if job.waiting_reason.take().is_some() {
+            db::set_waiting_reason(self.conn, &q.id, None)?;
+        }
         job.epoch = epoch;
         job.attempt = attempt;
-        let ev = state_change(Some(from), to, job, Some(&worker), "dispatched");
+        let reason = if members.len() > 1 { format!("dispatched to a gang of {} workers", members.len()) } else { "dispatched".into() };
+        let ev = state_change(Some(from), to, job, Some(&leader), &reason);
         emit(self.conn, &mut self.events, self.now_ms, &q.id, job, ev)?;
         job.state = to;
-        job.lease = Some(LeaseInfo { worker, devices: assigned.clone(), deadline: self.now + self.cfg.lease_ttl, granted: self.now });
-        let lease = pb::Lease {
-            job_id: q.id.to_string(),
-            epoch: epoch.get(),
-            attempt,
-            spec: Some(spec_to_pb(&job.spec)),
-            resume_checkpoint_key: job.latest_checkpoint.clone().unwrap_or_default(),
-            device_indices: assigned.clone(),
-            output_prefix: attempt_prefix(&q.id, epoch),
-            lease_ttl_secs: self.cfg.lease_ttl.as_secs().max(1) as u32,
-        };
-        if let Some(ws) = self.st.workers.get_mut(&worker) {
-            ws.jobs.insert(q.id);
-            ws.busy.extend(assigned.iter().copied());
+        job.rendezvous = Default::default();
+        job.ranks.clear();
+        let deadline = self.now + self.cfg.lease_ttl;
+        job.lease = Some(LeaseInfo {
+            members: members.iter().map(|(w, d)| Member { worker: *w, devices: d.clone(), deadline }).collect(),
+            granted: self.now,
+        });
+        let nodes = members.len() as u32;
+        let per_node = job.spec.resources.count.max(1);
+        let spec = spec_to_pb(&job.spec);
+        let resume = job.latest_checkpoint.clone().unwrap_or_default();
+        let mut out = Vec::with_capacity(members.len());
+        for (i, (w, devices)) in members.into_iter().enumerate() {
+            let lease = pb::Lease {
+                job_id: q.id.to_string(),
+                epoch: epoch.get(),
+                attempt,
+                spec: Some(spec.clone()),
+                // Only node 0 resumes (the others receive its state from it).
+                resume_checkpoint_key: if i == 0 { resume.clone() } else { String::new() },
+                device_indices: devices.clone(),
+                output_prefix: attempt_prefix(&q.id, epoch),
+                lease_ttl_secs: self.cfg.lease_ttl.as_secs().max(1) as u32,
+                gang: (nodes > 1).then(|| pb::Gang { node_rank: i as u32, nodes, first_rank: i as u32 * per_node, world_size: nodes * per_node }),
+            };
+            if let Some(ws) = self.st.workers.get_mut(&w) {
+                ws.jobs.insert(q.id);
+                ws.busy.extend(devices.iter().copied());
+            }
+            info!(job_id = %q.id, worker_id = %w, node_rank = i, nodes, epoch = epoch.get(), attempt, "job dispatched");
+            out.push((w, lease));
         }
         self.deltas.push((Some(from), to));
-        info!(job_id = %q.id, worker_id = %worker, epoch = epoch.get(), attempt, "job dispatched");
-        Ok(Some(lease))
+        Ok(out)
     }
 
     /// Hand queued jobs to waiting AcquireJob calls, oldest waiter first.
@@ -388,7 +544,7 @@ impl<'a> Ctx<'a> {
             if w.reply.is_closed() {
                 continue;
             }
-            if self.st.queue.is_empty() {
+            if self.st.queue.is_empty() && !self.st.pending.contains_key(&w.worker) {
                 keep.push_back(w);
                 continue;
             }
@@ -408,8 +564,9 @@ impl<'a> Ctx<'a> {
         Ok(())
     }
 
-    /// Check that a worker call holds the job's live lease; renew it.
-    fn check_lease(&mut self, call: &WorkerCall) -> Result<()> {
+    /// Check that a worker call holds (a member's part of) the job's live lease; renew it.
+    /// Returns the caller's node rank (0 unless the job is a gang).
+    fn check_lease(&mut self, call: &WorkerCall) -> Result<usize> {
         let stale = |why: String| CoordError::StaleEpoch { job_id: call.job_id, got: call.epoch, why };
         let r = match self.st.jobs.get_mut(&call.job_id) {
             None => match db::get_job(self.conn, &call.job_id)? {
@@ -419,19 +576,21 @@ impl<'a> Ctx<'a> {
             Some(job) if job.epoch != call.epoch => Err(stale(format!("current epoch is {}", job.epoch))),
             Some(job) => match job.lease.as_mut() {
                 None => Err(stale(format!("the lease expired; the job is {}", job.state))),
-                Some(l) if l.worker != call.worker => Err(stale("the lease is held by another worker".into())),
-                Some(l) => {
-                    l.deadline = self.now + self.cfg.lease_ttl;
-                    Ok(())
-                }
+                Some(l) => match l.node_of(&call.worker) {
+                    None => Err(stale("the lease is held by another worker".into())),
+                    Some(node) => {
+                        l.members[node].deadline = self.now + self.cfg.lease_ttl;
+                        Ok(node)
+                    }
+                },
             },
         };
         match r {
-            Ok(()) => {
+            Ok(node) => {
                 if let Some(w) = self.st.workers.get_mut(&call.worker) {
                     w.last_seen = self.now;
                 }
-                Ok(())
+                Ok(node)
             }
             Err(e) => {
                 self.stale_refusals += 1;
@@ -441,12 +600,43 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn progress(&mut self, call: WorkerCall, steps: Vec<pb::StepMetrics>, evals: Vec<pb::EvalMetrics>, logs: Vec<pb::LogLine>) -> Result<bool> {
-        self.check_lease(&call)?;
+    #[allow(clippy::too_many_arguments)]
+    fn progress(
+        &mut self,
+        call: WorkerCall,
+        steps: Vec<pb::StepMetrics>,
+        evals: Vec<pb::EvalMetrics>,
+        logs: Vec<pb::LogLine>,
+        ranks: Vec<pb::RankStatus>,
+    ) -> Result<bool> {
+        let node = self.check_lease(&call)?;
         let id = call.job_id;
         let Some(job) = self.st.jobs.get_mut(&id) else { return Err(CoordError::Internal("leased job vanished".into())) };
+        let gang = job.lease.as_ref().is_some_and(|l| l.is_gang());
+        let (first, last_rank) = {
+            let per_node = job.spec.resources.count.max(1);
+            (node as u32 * per_node, (node as u32 + 1) * per_node)
+        };
+        for mut r in ranks {
+            // A member reports only its own ranks.
+            if r.rank < first || r.rank >= last_rank {
+                return Err(CoordError::InvalidArgument(format!("ranks: rank {} is not one of node {node}'s ({first}..{last_rank})", r.rank)));
+            }
+            r.node_rank = node as u32;
+            r.worker_id = call.worker.to_string();
+            if r.updated_at_unix_ms == 0 {
+                r.updated_at_unix_ms = self.now_ms;
+            }
+            db::upsert_rank(self.conn, &id, call.epoch, &r)?;
+            job.ranks.insert(r.rank, r);
+        }
+        // The job's own step metrics come from node 0 (every node knows the step loss).
+        let steps = if node == 0 { steps } else { Vec::new() };
         let last = steps.last().map(|s| (s.step, s.total_steps, s.loss));
-        for s in steps {
+        for mut s in steps {
+            if gang || job.ranks.len() > 1 {
+                s.ranks = job.ranks.values().cloned().collect();
+            }
             emit(self.conn, &mut self.events, self.now_ms, &id, job, Event::Step(s))?;
         }
         for e in evals {
@@ -454,7 +644,8 @@ impl<'a> Ctx<'a> {
         }
         for l in logs {
             job.log_seq += 1;
-            let row = LogRow { seq: job.log_seq, epoch: call.epoch, unix_ms: l.unix_ms, level: l.level, message: l.message };
+            let message = if gang { format!("[node {node}] {}", l.message) } else { l.message };
+            let row = LogRow { seq: job.log_seq, epoch: call.epoch, unix_ms: l.unix_ms, level: l.level, message };
             db::insert_log(self.conn, &id, &row)?;
         }
         if let Some((step, total, loss)) = last {
@@ -464,7 +655,9 @@ impl<'a> Ctx<'a> {
     }
 
     fn checkpoint(&mut self, call: WorkerCall, step: u64, manifest_key: String) -> Result<bool> {
-        self.check_lease(&call)?;
+        if self.check_lease(&call)? != 0 {
+            return Err(CoordError::FailedPrecondition("only node 0 of a gang commits checkpoints".into()));
+        }
         let id = call.job_id;
         let Some(job) = self.st.jobs.get_mut(&id) else { return Err(CoordError::Internal("leased job vanished".into())) };
         let row = CheckpointRow { step, epoch: call.epoch, attempt: job.attempt, manifest_key: manifest_key.clone(), created_ms: self.now_ms };
@@ -477,7 +670,9 @@ impl<'a> Ctx<'a> {
     }
 
     fn complete(&mut self, call: WorkerCall, adapter: &str, final_loss: Option<f64>) -> Result<JobState> {
-        self.check_lease(&call)?;
+        if self.check_lease(&call)? != 0 {
+            return Err(CoordError::FailedPrecondition("only node 0 of a gang completes the attempt".into()));
+        }
         if let Some(loss) = final_loss.filter(|l| l.is_finite()) {
             db::update_progress_loss(self.conn, &call.job_id, loss, self.now_ms)?;
         }
@@ -485,8 +680,17 @@ impl<'a> Ctx<'a> {
     }
 
     fn fail(&mut self, call: WorkerCall, class: FailureClass, reason: &str) -> Result<JobState> {
-        self.check_lease(&call)?;
+        let node = self.check_lease(&call)?;
         let Some(job) = self.st.jobs.get(&call.job_id) else { return Err(CoordError::Internal("leased job vanished".into())) };
+        // Any member's failure ends the gang's attempt for all (they learn it from their
+        // next heartbeat or call, and their collectives fail meanwhile).
+        let gang_reason;
+        let reason = if job.lease.as_ref().is_some_and(|l| l.is_gang()) {
+            gang_reason = format!("node {node} of the gang (worker {}): {reason}", call.worker);
+            gang_reason.as_str()
+        } else {
+            reason
+        };
         let retry = class == FailureClass::Retryable && job.attempt < job.spec.max_attempts;
         let outcome = match class {
             FailureClass::Retryable => "failed_retryable",
@@ -514,10 +718,17 @@ impl<'a> Ctx<'a> {
         let error = (to != JobState::Succeeded && !reason.is_empty()).then_some(reason);
         let adapter = adapter.filter(|_| to == JobState::Succeeded || from == JobState::Cancelling);
         db::update_state(self.conn, &id, to, None, error, class, adapter, self.now_ms)?;
-        let ev = state_change(Some(from), to, job, Some(&lease.worker), if reason.is_empty() { outcome } else { reason });
+        let ev = state_change(Some(from), to, job, Some(&lease.leader()), if reason.is_empty() { outcome } else { reason });
         emit(self.conn, &mut self.events, self.now_ms, &id, job, ev)?;
         job.state = to;
         job.lease = None;
+        job.rendezvous = Default::default();
+        for m in &lease.members {
+            if let Some(list) = self.st.pending.get_mut(&m.worker) {
+                list.retain(|l| l.job_id != id.to_string());
+            }
+        }
+        self.st.pending.retain(|_, l| !l.is_empty());
         let entry = job.queued_entry(id);
         self.st.release(&id, &lease);
         if to == JobState::Queued {
@@ -528,13 +739,98 @@ impl<'a> Ctx<'a> {
         }
         self.deltas.push((Some(from), to));
         self.wake = true;
-        info!(job_id = %id, worker_id = %lease.worker, from = %from, to = %to, outcome, reason, "attempt ended");
+        info!(job_id = %id, worker_id = %lease.leader(), nodes = lease.members.len(), from = %from, to = %to, outcome, reason, "attempt ended");
         Ok(to)
+    }
+
+    /// A gang member's collective endpoints; ready once every member sent its own.
+    fn rendezvous(&mut self, call: WorkerCall, endpoints: Vec<String>, nccl_unique_id: Vec<u8>) -> Result<pb::RendezvousResponse> {
+        let node = self.check_lease(&call)?;
+        let Some(job) = self.st.jobs.get_mut(&call.job_id) else { return Err(CoordError::Internal("leased job vanished".into())) };
+        let Some(lease) = job.lease.as_ref() else { return Err(CoordError::Internal("leased job has no lease".into())) };
+        let want = lease.members[node].devices.len().max(1);
+        if endpoints.len() != want {
+            return Err(CoordError::InvalidArgument(format!("endpoints: {} given, node {node} has {want} rank(s)", endpoints.len())));
+        }
+        for (i, e) in endpoints.iter().enumerate() {
+            let ok = e.len() <= 300
+                && e.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                return Err(CoordError::InvalidArgument(format!("endpoints[{i}]: expected host:port, got {:?}", e.escape_default().to_string())));
+            }
+        }
+        if nccl_unique_id.len() > 4096 {
+            return Err(CoordError::InvalidArgument(format!("nccl_unique_id: {} bytes (at most 4096)", nccl_unique_id.len())));
+        }
+        if node == 0 && !nccl_unique_id.is_empty() {
+            job.rendezvous.nccl_unique_id = nccl_unique_id;
+        }
+        job.rendezvous.endpoints.insert(node, endpoints);
+        let nodes = lease.members.len();
+        let ready = (0..nodes).all(|n| job.rendezvous.endpoints.contains_key(&n));
+        let token = {
+            use sha2::{Digest, Sha256};
+            let d = Sha256::digest(format!("lorafleet-gang/{}/{}", call.job_id, call.epoch.get()).as_bytes());
+            u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+        };
+        Ok(pb::RendezvousResponse {
+            ready,
+            endpoints: if ready { job.rendezvous.endpoints.values().flatten().cloned().collect() } else { Vec::new() },
+            nccl_unique_id: if ready { job.rendezvous.nccl_unique_id.clone() } else { Vec::new() },
+            group_token: token,
+        })
+    }
+
+    /// Gang waits: assemblies past their hold let their workers go and park the gang
+    /// for as long (the next hold doubles); parked gangs come back when their time is
+    /// up or, if they were waiting for workers, once enough that fit them are alive.
+    fn gang_tick(&mut self) -> Result<()> {
+        let overdue: Vec<(JobId, Duration, usize)> = self
+            .st
+            .assemblies
+            .iter()
+            .filter(|(_, a)| a.started + a.hold <= self.now)
+            .map(|(id, a)| (*id, a.hold, a.members.len()))
+            .collect();
+        for (id, hold, held) in overdue {
+            let Some(nodes) = self.st.queue.get(&id).map(|q| q.resources.nodes) else {
+                self.forget_gang(&id);
+                continue;
+            };
+            let next = (hold * 2).min(Duration::from_secs(24 * 3600));
+            let reason = format!(
+                "gang of {nodes} nodes: only {held} worker(s) were free within {}s; other jobs run for {}s, then it is assembled again (holding up to {}s)",
+                hold.as_secs(),
+                hold.as_secs(),
+                next.as_secs()
+            );
+            warn!(job_id = %id, held, nodes, hold_secs = hold.as_secs(), "gang not assembled in time; parking it");
+            self.park_gang(id, GangWait { until: Some(self.now + hold), next_hold: next }, reason)?;
+        }
+        let back: Vec<JobId> = self
+            .st
+            .gang_waits
+            .iter()
+            .filter(|(id, g)| {
+                self.st.queue.is_parked(id)
+                    && match g.until {
+                        Some(t) => t <= self.now,
+                        None => self.st.queue.get(id).is_some_and(|q| self.capable_workers(&q.resources) >= q.resources.nodes as usize),
+                    }
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in back {
+            self.st.queue.unpark(&id);
+            self.wake = true;
+            info!(job_id = %id, "gang back in the queue");
+        }
+        Ok(())
     }
 
     fn list_workers(&mut self, include_dead: bool) -> Result<Vec<pb::Worker>> {
         let mut out: Vec<pb::Worker> = Vec::new();
-        let to_pb = |row: &WorkerRow, alive: bool, last_ms: i64, jobs: Vec<String>| pb::Worker {
+        let to_pb = |row: &WorkerRow, alive: bool, last_ms: i64, jobs: Vec<String>, gang_seats: Vec<pb::GangSeat>| pb::Worker {
             worker_id: row.id.to_string(),
             name: row.name.clone(),
             devices: row
@@ -548,6 +844,7 @@ impl<'a> Ctx<'a> {
             last_heartbeat_unix_ms: last_ms,
             alive,
             running_job_ids: jobs,
+            gang_seats,
         };
         for w in self.st.workers.values() {
             if !w.alive && !include_dead {
@@ -556,12 +853,21 @@ impl<'a> Ctx<'a> {
             let last_ms = self.now_ms - self.now.saturating_duration_since(w.last_seen).as_millis() as i64;
             let mut jobs: Vec<String> = w.jobs.iter().map(|j| j.to_string()).collect();
             jobs.sort();
-            out.push(to_pb(&w.row, w.alive, last_ms, jobs));
+            let mut seats: Vec<pb::GangSeat> = w
+                .jobs
+                .iter()
+                .filter_map(|j| {
+                    let l = self.st.jobs.get(j)?.lease.as_ref().filter(|l| l.is_gang())?;
+                    Some(pb::GangSeat { job_id: j.to_string(), node_rank: l.node_of(&w.row.id)? as u32, nodes: l.members.len() as u32 })
+                })
+                .collect();
+            seats.sort_by(|a, b| a.job_id.cmp(&b.job_id));
+            out.push(to_pb(&w.row, w.alive, last_ms, jobs, seats));
         }
         if include_dead {
             for row in db::load_workers(self.conn, true)? {
                 if !self.st.workers.contains_key(&row.id) {
-                    out.push(to_pb(&row, false, 0, Vec::new()));
+                    out.push(to_pb(&row, false, 0, Vec::new(), Vec::new()));
                 }
             }
         }
@@ -573,17 +879,23 @@ impl<'a> Ctx<'a> {
 
     fn tick(&mut self, waiters: &mut VecDeque<Waiter>) -> Result<()> {
         // Expired leases: the attempt is lost; retry within the budget.
-        let expired: Vec<(JobId, WorkerId, bool)> = self
+        let expired: Vec<(JobId, WorkerId, Option<(usize, usize)>, bool)> = self
             .st
             .jobs
             .iter()
             .filter_map(|(id, j)| {
                 let l = j.lease.as_ref()?;
-                (l.deadline <= self.now).then(|| (*id, l.worker, j.attempt < j.spec.max_attempts))
+                let m = l.first_expiring()?;
+                let gang = l.is_gang().then(|| (l.node_of(&m.worker).unwrap_or(0), l.members.len()));
+                (m.deadline <= self.now).then(|| (*id, m.worker, gang, j.attempt < j.spec.max_attempts))
             })
             .collect();
-        for (id, worker, retry) in expired {
-            let reason = format!("lease expired: no heartbeat from worker {worker} within {}s", self.cfg.lease_ttl.as_secs());
+        for (id, worker, gang, retry) in expired {
+            let ttl = self.cfg.lease_ttl.as_secs();
+            let reason = match gang {
+                Some((node, nodes)) => format!("lease expired: no heartbeat from worker {worker} (node {node} of a gang of {nodes}) within {ttl}s; the whole gang stops"),
+                None => format!("lease expired: no heartbeat from worker {worker} within {ttl}s"),
+            };
             warn!(job_id = %id, worker_id = %worker, retry, "lease expired");
             self.end_lease(id, Transition::AttemptFailed { retry }, "lease_expired", &reason, Some(FailureClass::Retryable), None)?;
         }
@@ -601,9 +913,14 @@ impl<'a> Ctx<'a> {
                 w.alive = false;
             }
             self.st.queue.drop_reservations_of(&id);
+            for a in self.st.assemblies.values_mut() {
+                a.members.retain(|(w, _)| *w != id);
+            }
+            self.st.pending.remove(&id);
             self.wake = true;
             warn!(worker_id = %id, "worker expired");
         }
+        self.gang_tick()?;
         // Long polls past their deadline get an empty answer.
         let mut keep = VecDeque::with_capacity(waiters.len());
         while let Some(w) = waiters.pop_front() {

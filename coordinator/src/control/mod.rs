@@ -52,6 +52,9 @@ pub struct ControlConfig {
     pub max_batch: usize,
     /// How often leases, workers and long polls are checked for expiry.
     pub tick: Duration,
+    /// How long a gang's assembly may first hold the workers it gathered (it doubles
+    /// after each round that does not complete; scheduler docs).
+    pub gang_hold: Duration,
 }
 
 impl Default for ControlConfig {
@@ -63,6 +66,7 @@ impl Default for ControlConfig {
             aging: Duration::from_secs(600),
             max_batch: 1024,
             tick: Duration::from_millis(100),
+            gang_hold: Duration::from_secs(120),
         }
     }
 }
@@ -101,10 +105,18 @@ pub(crate) enum Command {
     Register { worker: NewWorker, reply: Reply<WorkerId> },
     Heartbeat { worker: WorkerId, running: Vec<(JobId, Epoch)>, reply: Reply<Vec<pb::JobDirective>> },
     Acquire { worker: WorkerId, wait: Duration, received: Instant, reply: Reply<Option<pb::Lease>> },
-    Progress { call: WorkerCall, steps: Vec<pb::StepMetrics>, evals: Vec<pb::EvalMetrics>, logs: Vec<pb::LogLine>, reply: Reply<bool> },
+    Progress {
+        call: WorkerCall,
+        steps: Vec<pb::StepMetrics>,
+        evals: Vec<pb::EvalMetrics>,
+        logs: Vec<pb::LogLine>,
+        ranks: Vec<pb::RankStatus>,
+        reply: Reply<bool>,
+    },
     Checkpoint { call: WorkerCall, step: u64, manifest_key: String, reply: Reply<bool> },
     Complete { call: WorkerCall, adapter_manifest_key: String, final_loss: Option<f64>, reply: Reply<JobState> },
     Fail { call: WorkerCall, class: FailureClass, reason: String, reply: Reply<JobState> },
+    Rendezvous { call: WorkerCall, endpoints: Vec<String>, nccl_unique_id: Vec<u8>, reply: Reply<pb::RendezvousResponse> },
     ListWorkers { include_dead: bool, reply: Reply<Vec<pb::Worker>> },
     /// Shutting down: answer every long poll now and stop parking new ones.
     Drain { reply: Reply<()> },
@@ -126,6 +138,7 @@ impl Command {
             Command::Checkpoint { reply, .. } => drop(reply.send(Err(e()))),
             Command::Complete { reply, .. } => drop(reply.send(Err(e()))),
             Command::Fail { reply, .. } => drop(reply.send(Err(e()))),
+            Command::Rendezvous { reply, .. } => drop(reply.send(Err(e()))),
             Command::ListWorkers { reply, .. } => drop(reply.send(Err(e()))),
             Command::Drain { reply } | Command::Stop { reply } => drop(reply.send(Err(e()))),
             Command::Tick => {}
@@ -183,8 +196,9 @@ impl ControlHandle {
         steps: Vec<pb::StepMetrics>,
         evals: Vec<pb::EvalMetrics>,
         logs: Vec<pb::LogLine>,
+        ranks: Vec<pb::RankStatus>,
     ) -> Result<bool> {
-        self.call(|reply| Command::Progress { call, steps, evals, logs, reply }).await
+        self.call(|reply| Command::Progress { call, steps, evals, logs, ranks, reply }).await
     }
     pub async fn checkpoint(&self, call: WorkerCall, step: u64, manifest_key: String) -> Result<bool> {
         self.call(|reply| Command::Checkpoint { call, step, manifest_key, reply }).await
@@ -194,6 +208,9 @@ impl ControlHandle {
     }
     pub async fn fail(&self, call: WorkerCall, class: FailureClass, reason: String) -> Result<JobState> {
         self.call(|reply| Command::Fail { call, class, reason, reply }).await
+    }
+    pub async fn rendezvous(&self, call: WorkerCall, endpoints: Vec<String>, nccl_unique_id: Vec<u8>) -> Result<pb::RendezvousResponse> {
+        self.call(|reply| Command::Rendezvous { call, endpoints, nccl_unique_id, reply }).await
     }
     pub async fn list_workers(&self, include_dead: bool) -> Result<Vec<pb::Worker>> {
         self.call(|reply| Command::ListWorkers { include_dead, reply }).await

@@ -13,12 +13,56 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// One worker's part of a lease: node `i` of a gang is `members[i]`.
 #[derive(Debug, Clone)]
-pub struct LeaseInfo {
+pub struct Member {
     pub worker: WorkerId,
     pub devices: Vec<u32>,
     pub deadline: Instant,
+}
+
+/// The live lease of a job: one member, or one per node of a gang, all under the job's
+/// epoch. The attempt ends for every member when any member's lease does.
+#[derive(Debug, Clone)]
+pub struct LeaseInfo {
+    pub members: Vec<Member>,
     pub granted: Instant,
+}
+
+impl LeaseInfo {
+    pub fn single(worker: WorkerId, devices: Vec<u32>, deadline: Instant, granted: Instant) -> Self {
+        Self { members: vec![Member { worker, devices, deadline }], granted }
+    }
+    /// Node 0's worker (the one that commits checkpoints and completes the attempt).
+    pub fn leader(&self) -> WorkerId {
+        self.members.first().map(|m| m.worker).unwrap_or_default()
+    }
+    /// The node rank of `worker` in this lease.
+    pub fn node_of(&self, worker: &WorkerId) -> Option<usize> {
+        self.members.iter().position(|m| m.worker == *worker)
+    }
+    /// The member whose lease runs out first.
+    pub fn first_expiring(&self) -> Option<&Member> {
+        self.members.iter().min_by_key(|m| m.deadline)
+    }
+    pub fn is_gang(&self) -> bool {
+        self.members.len() > 1
+    }
+}
+
+/// A parked gang: until when (`None`: until enough workers that fit it are alive).
+#[derive(Debug, Clone)]
+pub struct GangWait {
+    pub until: Option<Instant>,
+    pub next_hold: Duration,
+}
+
+/// What the members of a gang told Rendezvous (in memory only: members re-send it on
+/// every poll, so a coordinator restart loses nothing).
+#[derive(Debug, Clone, Default)]
+pub struct Rendezvous {
+    pub endpoints: std::collections::BTreeMap<usize, Vec<String>>,
+    pub nccl_unique_id: Vec<u8>,
 }
 
 #[derive(Debug, Clone)]
@@ -34,6 +78,12 @@ pub struct ActiveJob {
     pub latest_checkpoint: Option<String>,
     pub event_seq: u64,
     pub log_seq: u64,
+    /// Gang members' rendezvous of the current attempt.
+    pub rendezvous: Rendezvous,
+    /// The latest progress of each rank of the current attempt (multi-rank jobs).
+    pub ranks: std::collections::BTreeMap<u32, lorafleet_proto::RankStatus>,
+    /// Why the job waits in the queue, as last stored.
+    pub waiting_reason: Option<String>,
 }
 
 impl ActiveJob {
@@ -72,6 +122,13 @@ pub struct State {
     pub workers: HashMap<WorkerId, WorkerState>,
     /// Shutting down: long polls are not parked.
     pub draining: bool,
+    /// Gangs being assembled: the workers held for each (scheduler docs).
+    pub assemblies: HashMap<JobId, crate::scheduler::Assembly>,
+    /// Gangs parked out of the queue's order, and the hold of their next assembly.
+    pub gang_waits: HashMap<JobId, GangWait>,
+    /// Leases of a dispatched gang not yet handed to their workers (by the next
+    /// AcquireJob of each; a member that never asks lets its lease expire).
+    pub pending: HashMap<WorkerId, Vec<lorafleet_proto::Lease>>,
 }
 
 impl State {
@@ -87,17 +144,25 @@ impl State {
         for row in db::load_active_jobs(conn)? {
             let (event_seq, log_seq) = db::max_seqs(conn, &row.id)?;
             let lease = if row.state.has_lease() {
-                match row.worker_id {
-                    Some(w) => {
-                        let devices = db::attempt_devices(conn, &row.id, row.epoch)?;
-                        if let Some(ws) = st.workers.get_mut(&w) {
+                let mut members = db::attempt_members(conn, &row.id, row.epoch)?;
+                if members.is_empty() {
+                    // Attempts dispatched before gangs existed: the attempt row's worker.
+                    if let Some(w) = row.worker_id {
+                        members.push((w, db::attempt_devices(conn, &row.id, row.epoch)?));
+                    }
+                }
+                if members.is_empty() {
+                    // A leased job without a worker cannot be renewed: expire it at once.
+                    Some(LeaseInfo::single(WorkerId::new(), Vec::new(), now, now))
+                } else {
+                    for (w, devices) in &members {
+                        if let Some(ws) = st.workers.get_mut(w) {
                             ws.jobs.insert(row.id);
                             ws.busy.extend(devices.iter().copied());
                         }
-                        Some(LeaseInfo { worker: w, devices, deadline: now + grace, granted: now })
                     }
-                    // A leased job without a worker cannot be renewed: expire it at once.
-                    None => Some(LeaseInfo { worker: WorkerId::new(), devices: Vec::new(), deadline: now, granted: now }),
+                    let members = members.into_iter().map(|(worker, devices)| Member { worker, devices, deadline: now + grace }).collect();
+                    Some(LeaseInfo { members, granted: now })
                 }
             } else {
                 None
@@ -113,6 +178,9 @@ impl State {
                 latest_checkpoint: row.latest_checkpoint,
                 event_seq,
                 log_seq,
+                rendezvous: Rendezvous::default(),
+                ranks: Default::default(),
+                waiting_reason: row.waiting_reason.clone(),
             };
             if job.state == JobState::Queued {
                 st.queue.push(job.queued_entry(row.id));
@@ -130,12 +198,14 @@ impl State {
         self.workers.values().filter(|w| w.alive).count()
     }
 
-    /// Give a lease's devices back to its worker.
+    /// Give a lease's devices back to its workers.
     pub fn release(&mut self, job_id: &JobId, lease: &LeaseInfo) {
-        if let Some(ws) = self.workers.get_mut(&lease.worker) {
-            ws.jobs.remove(job_id);
-            for d in &lease.devices {
-                ws.busy.remove(d);
+        for m in &lease.members {
+            if let Some(ws) = self.workers.get_mut(&m.worker) {
+                ws.jobs.remove(job_id);
+                for d in &m.devices {
+                    ws.busy.remove(d);
+                }
             }
         }
     }

@@ -68,7 +68,15 @@ impl pb::job_service_server::JobService for JobSvc {
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
         let id = parse_job_id("job_id", &req.into_inner().job_id).map_err(CoordError::from)?;
-        Ok(Response::new(job_to_pb(&self.get_row(id).await?)))
+        let (row, ranks) = self
+            .shared
+            .readers
+            .run(move |c| Ok((db::get_job(c, &id)?, db::job_ranks(c, &id)?)))
+            .await?;
+        let row = row.ok_or(CoordError::NotFound { what: "job", id: id.to_string() })?;
+        let mut job = job_to_pb(&row);
+        job.ranks = ranks;
+        Ok(Response::new(job))
     }
 
     async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {

@@ -41,6 +41,8 @@ pub fn job_to_pb(j: &JobRow) -> pb::Job {
         created_at_unix_ms: j.created_ms,
         updated_at_unix_ms: j.updated_ms,
         loss: j.loss,
+        waiting_reason: j.waiting_reason.clone().unwrap_or_default(),
+        ranks: Vec::new(),
     }
 }
 

@@ -114,7 +114,10 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
                 l
             })
             .collect();
-        let cancel = self.shared.control.progress(c, req.steps, req.evals, logs).await?;
+        if req.ranks.len() > MAX_METRICS_PER_CALL {
+            return Err(CoordError::InvalidArgument(format!("ranks: at most {MAX_METRICS_PER_CALL} per call")).into());
+        }
+        let cancel = self.shared.control.progress(c, req.steps, req.evals, logs, req.ranks).await?;
         Ok(Response::new(pb::ReportProgressResponse { cancel }))
     }
 
@@ -154,5 +157,14 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
         let reason: String = req.reason.chars().take(4096).collect();
         let state = self.shared.control.fail(c, class, reason).await?;
         Ok(Response::new(pb::FailAttemptResponse { state: state_to_pb(state) as i32 }))
+    }
+
+    async fn rendezvous(&self, req: Request<pb::RendezvousRequest>) -> Result<Response<pb::RendezvousResponse>, Status> {
+        let req = req.into_inner();
+        let c = call(&req.job_id, req.epoch, &req.worker_id)?;
+        if req.endpoints.len() > 1024 {
+            return Err(CoordError::InvalidArgument("endpoints: at most 1024".into()).into());
+        }
+        Ok(Response::new(self.shared.control.rendezvous(c, req.endpoints, req.nccl_unique_id).await?))
     }
 }

@@ -99,7 +99,7 @@ pub fn spec_with(name: &str, f: impl FnOnce(&mut pb::JobSpec)) -> pb::JobSpec {
 
 pub fn gpu_spec(name: &str, count: u32, memory_mib: u64) -> pb::JobSpec {
     spec_with(name, |s| {
-        s.resources = Some(pb::ResourceSpec { device: pb::DeviceKind::Cuda as i32, count, memory_mib });
+        s.resources = Some(pb::ResourceSpec { device: pb::DeviceKind::Cuda as i32, count, memory_mib, nodes: 1 });
     })
 }
 
