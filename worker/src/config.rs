@@ -35,7 +35,8 @@ pub struct WorkerArgs {
     /// Name shown in `lorafleet workers` (default: the host name).
     #[arg(long, env = "LORAFLEET_WORKER_NAME")]
     pub name: Option<String>,
-    /// Devices to offer: `cpu`, or `cuda:0,1` (CUDA needs a build with the `cuda` feature).
+    /// Devices to offer: `cpu`, `cpu:0,1` (two CPU slots sharing the machine's cores, each a
+    /// data-parallel rank), or `cuda:0,1` (CUDA needs a build with the `cuda` feature).
     #[arg(long, env = "LORAFLEET_DEVICES", default_value = "cpu")]
     pub devices: String,
     /// Local cache for models, datasets and scratch space.
@@ -53,12 +54,21 @@ pub struct WorkerArgs {
     /// Skip the startup check that the storage refuses a second create-only put.
     #[arg(long, env = "LORAFLEET_SKIP_CREATE_ONLY_CHECK")]
     pub skip_create_only_check: bool,
+    /// Gangs: the host or IP the other members reach this worker's collective ports at
+    /// (default: the local address this machine uses to reach the coordinator).
+    #[arg(long, env = "LORAFLEET_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
+    /// Gangs: how long a collective call (a gradient all-reduce, a barrier) waits for the
+    /// other ranks before the attempt fails; rank 0's evaluations must fit in it.
+    #[arg(long, env = "LORAFLEET_COLLECTIVE_TIMEOUT_SECS", default_value_t = 600)]
+    pub collective_timeout_secs: u64,
 }
 
-/// One device this worker offers.
+/// One device this worker offers: the CPU (or one of several CPU slots, which share the
+/// machine's cores: each is a data-parallel rank) or a CUDA device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceSel {
-    Cpu,
+    Cpu(u32),
     Cuda(u32),
 }
 
@@ -73,14 +83,15 @@ impl DeviceSel {
             0
         });
         match self {
-            DeviceSel::Cpu => pb::Device { kind: pb::DeviceKind::Cpu as i32, index: 0, name: "cpu".into(), memory_mib },
+            DeviceSel::Cpu(0) => pb::Device { kind: pb::DeviceKind::Cpu as i32, index: 0, name: "cpu".into(), memory_mib },
+            DeviceSel::Cpu(i) => pb::Device { kind: pb::DeviceKind::Cpu as i32, index: i, name: format!("cpu:{i}"), memory_mib },
             DeviceSel::Cuda(i) => pb::Device { kind: pb::DeviceKind::Cuda as i32, index: i, name: format!("cuda:{i}"), memory_mib },
         }
     }
 
     fn memory_bytes(self) -> Result<u64, String> {
         match self {
-            DeviceSel::Cpu => {
+            DeviceSel::Cpu(_) => {
                 let info = std::fs::read_to_string("/proc/meminfo").map_err(|e| format!("/proc/meminfo: {e}"))?;
                 info.lines()
                     .find_map(|l| l.strip_prefix("MemTotal:"))
@@ -101,7 +112,7 @@ impl DeviceSel {
     /// The candle device; CUDA only in builds with the `cuda` feature.
     pub fn open(self) -> Result<candle_core::Device, String> {
         match self {
-            DeviceSel::Cpu => Ok(candle_core::Device::Cpu),
+            DeviceSel::Cpu(_) => Ok(candle_core::Device::Cpu),
             #[cfg(feature = "cuda")]
             DeviceSel::Cuda(i) => candle_core::Device::new_cuda(i as usize).map_err(|e| format!("cuda:{i}: {e}")),
             #[cfg(not(feature = "cuda"))]
@@ -110,14 +121,26 @@ impl DeviceSel {
     }
 }
 
-/// Parse `cpu` or `cuda:0,1` (also `cuda:0,cuda:1`).
+/// Parse `cpu`, `cpu:0,1` or `cuda:0,1` (also `cuda:0,cuda:1`).
 pub fn parse_devices(s: &str) -> Result<Vec<DeviceSel>, String> {
     let s = s.trim();
     if s == "cpu" {
-        return Ok(vec![DeviceSel::Cpu]);
+        return Ok(vec![DeviceSel::Cpu(0)]);
+    }
+    if let Some(list) = s.strip_prefix("cpu:") {
+        let mut out = Vec::new();
+        for part in list.split(',') {
+            let part = part.trim().trim_start_matches("cpu:");
+            let i: u32 = part.parse().map_err(|_| format!("--devices: {part:?} is not a CPU slot index"))?;
+            if i >= 1024 || out.contains(&DeviceSel::Cpu(i)) {
+                return Err(format!("--devices: cpu:{i} listed twice or out of range"));
+            }
+            out.push(DeviceSel::Cpu(i));
+        }
+        return Ok(out);
     }
     let Some(list) = s.strip_prefix("cuda:") else {
-        return Err(format!("--devices: expected `cpu` or `cuda:0,1`, got {s:?}"));
+        return Err(format!("--devices: expected `cpu`, `cpu:0,1` or `cuda:0,1`, got {s:?}"));
     };
     if !CUDA_BUILT {
         return Err(format!("--devices cuda:...: {NO_CUDA}"));
@@ -146,6 +169,11 @@ pub struct WorkerConfig {
     pub storage_options: lorafleet_storage::StorageOptions,
     pub acquire_wait: Duration,
     pub check_create_only: bool,
+    /// Gangs: the host other members reach this worker's collective ports at (None: the
+    /// local address used to reach the coordinator).
+    pub advertise_host: Option<String>,
+    /// Gangs: the longest wait of one collective call.
+    pub collective_timeout: Duration,
 }
 
 impl WorkerConfig {
@@ -170,6 +198,8 @@ impl WorkerConfig {
             storage_options: Default::default(),
             acquire_wait: Duration::from_secs(a.acquire_wait_secs as u64),
             check_create_only: !a.skip_create_only_check,
+            advertise_host: a.advertise_host.clone(),
+            collective_timeout: Duration::from_secs(a.collective_timeout_secs.max(1)),
         })
     }
 }
@@ -180,7 +210,7 @@ mod tests {
 
     #[test]
     fn the_cpu_registers_the_machine_memory() {
-        let d = DeviceSel::Cpu.to_pb();
+        let d = DeviceSel::Cpu(0).to_pb();
         if cfg!(target_os = "linux") {
             let kb: u64 = std::fs::read_to_string("/proc/meminfo").unwrap().lines().find_map(|l| l.strip_prefix("MemTotal:")).unwrap().trim().trim_end_matches("kB").trim().parse().unwrap();
             assert_eq!(d.memory_mib, kb / 1024);
@@ -190,7 +220,10 @@ mod tests {
 
     #[test]
     fn devices() {
-        assert_eq!(parse_devices("cpu").unwrap(), vec![DeviceSel::Cpu]);
+        assert_eq!(parse_devices("cpu").unwrap(), vec![DeviceSel::Cpu(0)]);
+        assert_eq!(parse_devices("cpu:0,1").unwrap(), vec![DeviceSel::Cpu(0), DeviceSel::Cpu(1)]);
+        assert!(parse_devices("cpu:0,0").is_err() && parse_devices("cpu:x").is_err());
+        assert_eq!(DeviceSel::Cpu(1).to_pb().name, "cpu:1");
         assert!(parse_devices("gpu").is_err());
         let cuda = parse_devices("cuda:0,1");
         if CUDA_BUILT {
@@ -198,6 +231,6 @@ mod tests {
         } else {
             assert!(cuda.unwrap_err().contains("built without the `cuda` feature"));
         }
-        assert!(DeviceSel::Cpu.open().is_ok());
+        assert!(DeviceSel::Cpu(0).open().is_ok());
     }
 }

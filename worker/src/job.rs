@@ -25,13 +25,15 @@ pub enum Outcome {
     Abandoned,
     /// This worker is shutting down: hand the job back.
     Shutdown,
+    /// A gang member other than node 0 finished its ranks: node 0 completes the attempt.
+    MemberDone,
 }
 
 fn non_retryable(reason: impl Into<String>) -> Outcome {
     Outcome::Failed { class: pb::FailureClass::NonRetryable, reason: reason.into() }
 }
 
-fn retryable(reason: impl Into<String>) -> Outcome {
+pub(crate) fn retryable(reason: impl Into<String>) -> Outcome {
     Outcome::Failed { class: pb::FailureClass::Retryable, reason: reason.into() }
 }
 
@@ -127,7 +129,7 @@ fn lease_devices(offered: &[crate::DeviceSel], indices: &[u32]) -> Result<Vec<cr
                 .iter()
                 .copied()
                 .find(|d| match d {
-                    crate::DeviceSel::Cpu => i == 0,
+                    crate::DeviceSel::Cpu(c) => *c == i,
                     crate::DeviceSel::Cuda(c) => *c == i,
                 })
                 .ok_or_else(|| retryable(format!("lease names device index {i}, which this worker does not offer ({offered:?})")))
@@ -159,6 +161,7 @@ enum Event {
     Step(pb::StepMetrics),
     Eval(pb::EvalMetrics),
     Log(pb::LogLine),
+    Rank(pb::RankStatus),
 }
 
 fn now_ms() -> i64 {
@@ -174,6 +177,9 @@ struct Observer {
     w: Worker,
     ctl: Arc<JobControl>,
     job: Segment,
+    /// This worker's node in the job's gang (0 without one): only node 0 reports the
+    /// job's step metrics.
+    node: u32,
     rt: tokio::runtime::Handle,
     tx: mpsc::UnboundedSender<Event>,
     /// Why training was stopped by us, when it was (upload failed, ...).
@@ -190,6 +196,10 @@ impl TrainObserver for Observer {
     }
 
     fn on_step(&mut self, m: &StepMetrics) {
+        self.on_rank_step(m.rank as usize, m);
+        if self.node != 0 {
+            return;
+        }
         let _ = self.tx.send(Event::Step(pb::StepMetrics {
             step: m.step,
             total_steps: m.total_steps,
@@ -199,7 +209,20 @@ impl TrainObserver for Observer {
             tokens_per_sec: m.tokens_per_sec,
             eta_secs: m.eta_secs,
             data_epoch: m.epoch,
+            ranks: vec![],
         }));
+    }
+
+    fn on_rank_step(&mut self, rank: usize, m: &StepMetrics) {
+        if m.world_size > 1 {
+            let _ = self.tx.send(Event::Rank(pb::RankStatus {
+                rank: rank as u32,
+                step: m.step,
+                tokens_per_sec: m.rank_tokens_per_sec,
+                updated_at_unix_ms: now_ms(),
+                ..Default::default()
+            }));
+        }
     }
 
     fn on_eval(&mut self, m: &EvalMetrics) {
@@ -266,7 +289,7 @@ impl TrainObserver for Observer {
 
 /// Call the coordinator about this job, retrying transient failures for up to one lease
 /// TTL; a refused epoch (FAILED_PRECONDITION) or NOT_FOUND abandons the job.
-async fn call_with_retry<T, F, Fut>(w: &Worker, ctl: &JobControl, f: F) -> Result<T, Outcome>
+pub(crate) async fn call_with_retry<T, F, Fut>(w: &Worker, ctl: &JobControl, f: F) -> Result<T, Outcome>
 where
     F: Fn(pb::worker_service_client::WorkerServiceClient<tonic::transport::Channel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -301,11 +324,16 @@ async fn report_progress(w: Worker, ctl: Arc<JobControl>, mut rx: mpsc::Unbounde
                 Some(Event::Step(s)) => { req.steps.push(s); false }
                 Some(Event::Eval(e)) => { req.evals.push(e); false }
                 Some(Event::Log(l)) => { req.logs.push(l); false }
+                Some(Event::Rank(r)) => {
+                    req.ranks.retain(|x| x.rank != r.rank);
+                    req.ranks.push(r);
+                    false
+                }
                 None => { open = false; true }
             },
             _ = tick.tick() => true,
         };
-        let pending = !req.steps.is_empty() || !req.evals.is_empty() || !req.logs.is_empty();
+        let pending = !req.steps.is_empty() || !req.evals.is_empty() || !req.logs.is_empty() || !req.ranks.is_empty();
         if !flush || !pending {
             continue;
         }
@@ -340,7 +368,15 @@ async fn report_progress(w: Worker, ctl: Arc<JobControl>, mut rx: mpsc::Unbounde
 }
 
 fn empty_report(w: &Worker, ctl: &JobControl) -> pb::ReportProgressRequest {
-    pb::ReportProgressRequest { job_id: ctl.job_id.clone(), epoch: ctl.epoch, worker_id: w.shared.worker_id(), steps: vec![], evals: vec![], logs: vec![] }
+    pb::ReportProgressRequest {
+        job_id: ctl.job_id.clone(),
+        epoch: ctl.epoch,
+        worker_id: w.shared.worker_id(),
+        steps: vec![],
+        evals: vec![],
+        logs: vec![],
+        ranks: vec![],
+    }
 }
 
 /// Run the attempt to its outcome (the caller reports it).
@@ -354,12 +390,30 @@ pub async fn execute(w: &Worker, lease: &pb::Lease, ctl: &Arc<JobControl>) -> Ou
     if prepared.run.resume_from.is_some() {
         let _ = tx.send(log("info", format!("resuming from {}", lease.resume_checkpoint_key)));
     }
-    let mut observer = Observer { w: w.clone(), ctl: ctl.clone(), job: prepared.job.clone(), rt: tokio::runtime::Handle::current(), tx, failure: None };
+    let node = lease.gang.as_ref().map(|g| g.node_rank).unwrap_or(0);
+    let group = match &lease.gang {
+        Some(g) => match crate::gang::join(w, lease, g, prepared.run.devices.len(), ctl).await {
+            Ok(c) => {
+                let _ = tx.send(log("info", format!("gang: node {} of {}, ranks {}..{} of {}", g.node_rank, g.nodes, g.first_rank, g.first_rank as usize + c.len(), g.world_size)));
+                Some(c)
+            }
+            Err(o) => {
+                drop(tx);
+                let _ = reporter.await;
+                return o;
+            }
+        },
+        None => None,
+    };
+    let mut observer = Observer { w: w.clone(), ctl: ctl.clone(), job: prepared.job.clone(), node, rt: tokio::runtime::Handle::current(), tx, failure: None };
     let trainer = w.trainer.clone();
     let run = prepared.run;
     let (done_tx, done_rx) = oneshot::channel();
     let spawned = std::thread::Builder::new().name(format!("train-{}", lease.job_id)).spawn(move || {
-        let result = trainer.train(&run, &mut observer);
+        let result = match group {
+            Some(c) => trainer.train_ranks(&run, c, &mut observer),
+            None => trainer.train(&run, &mut observer),
+        };
         let failure = observer.failure.take();
         drop(observer); // closes the progress channel
         let _ = done_tx.send((result, failure, run.output_dir));
@@ -389,6 +443,9 @@ pub async fn execute(w: &Worker, lease: &pb::Lease, ctl: &Arc<JobControl>) -> Ou
         Err(EngineError::Cancelled) => return retryable("training stopped"),
         Err(e) => return classify(e),
     };
+    if node != 0 {
+        return Outcome::MemberDone;
+    }
     // Upload the adapter (and the run's metrics) under the attempt prefix.
     let key = layout::adapter(&prepared.job, lease.epoch);
     let mut meta = BTreeMap::new();
@@ -405,7 +462,7 @@ pub async fn execute(w: &Worker, lease: &pb::Lease, ctl: &Arc<JobControl>) -> Ou
 
 fn classify(e: EngineError) -> Outcome {
     match e {
-        EngineError::Candle(_) | EngineError::Io(_) => retryable(e.to_string()),
+        EngineError::Candle(_) | EngineError::Io(_) | EngineError::Collective(_) => retryable(e.to_string()),
         e => non_retryable(e.to_string()),
     }
 }
@@ -424,6 +481,10 @@ pub async fn finish(w: &Worker, ctl: &Arc<JobControl>, outcome: Outcome) {
     let req = match outcome {
         Outcome::Abandoned => {
             info!(job_id = %job_id, epoch, "attempt abandoned; nothing more is written for it");
+            return;
+        }
+        Outcome::MemberDone => {
+            info!(job_id = %job_id, epoch, "gang member finished its ranks; node 0 completes the attempt");
             return;
         }
         Outcome::Completed { adapter_manifest_key, final_loss } => {
@@ -468,7 +529,9 @@ mod tests {
         let gpus = [DeviceSel::Cuda(0), DeviceSel::Cuda(1), DeviceSel::Cuda(3)];
         assert_eq!(lease_devices(&gpus, &[]).unwrap(), vec![DeviceSel::Cuda(0)]);
         assert_eq!(lease_devices(&gpus, &[3, 1]).unwrap(), vec![DeviceSel::Cuda(3), DeviceSel::Cuda(1)]);
-        assert_eq!(lease_devices(&[DeviceSel::Cpu], &[0]).unwrap(), vec![DeviceSel::Cpu]);
+        assert_eq!(lease_devices(&[DeviceSel::Cpu(0)], &[0]).unwrap(), vec![DeviceSel::Cpu(0)]);
+        let slots = [DeviceSel::Cpu(0), DeviceSel::Cpu(1)];
+        assert_eq!(lease_devices(&slots, &[1]).unwrap(), vec![DeviceSel::Cpu(1)]);
         match lease_devices(&gpus, &[0, 2]) {
             Err(Outcome::Failed { class, reason }) => {
                 assert_eq!(class, pb::FailureClass::Retryable);

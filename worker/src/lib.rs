@@ -17,6 +17,7 @@
 //!    and nothing more is written for it.
 
 pub mod config;
+pub mod gang;
 pub mod heartbeat;
 pub mod job;
 pub mod trainer;
@@ -47,34 +48,64 @@ pub enum WorkerError {
 
 /// Stop flags of one running job, shared by the heartbeat task, the progress reporter
 /// and the training thread.
-#[derive(Debug)]
 pub struct JobControl {
     pub job_id: String,
     pub epoch: u64,
     cancel: AtomicBool,
     abandon: AtomicBool,
     shutdown: AtomicBool,
+    /// The gang rings of this job: stopping the job shuts them, so a rank blocked in a
+    /// collective returns at once.
+    rings: Mutex<Vec<lorafleet_engine::collective::RingAbort>>,
+}
+
+impl std::fmt::Debug for JobControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobControl").field("job_id", &self.job_id).field("epoch", &self.epoch).finish_non_exhaustive()
+    }
 }
 
 impl JobControl {
     pub fn new(job_id: String, epoch: u64) -> Self {
-        Self { job_id, epoch, cancel: AtomicBool::new(false), abandon: AtomicBool::new(false), shutdown: AtomicBool::new(false) }
+        Self {
+            job_id,
+            epoch,
+            cancel: AtomicBool::new(false),
+            abandon: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            rings: Mutex::new(Vec::new()),
+        }
+    }
+    /// Shut this ring when the job stops (at once if it already has).
+    pub fn add_ring(&self, a: lorafleet_engine::collective::RingAbort) {
+        if self.should_stop() {
+            a.abort();
+        }
+        self.rings.lock().unwrap_or_else(|e| e.into_inner()).push(a);
+    }
+    fn abort_rings(&self) {
+        for a in self.rings.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            a.abort();
+        }
     }
     /// The user cancelled the job.
     pub fn cancel(&self) {
         if !self.cancel.swap(true, Ordering::SeqCst) {
             info!(job_id = %self.job_id, epoch = self.epoch, "job cancelled; stopping");
         }
+        self.abort_rings();
     }
     /// The lease is gone (stale epoch): stop and write nothing more.
     pub fn abandon(&self, why: &str) {
         if !self.abandon.swap(true, Ordering::SeqCst) {
             warn!(job_id = %self.job_id, epoch = self.epoch, reason = why, "lease lost; abandoning job");
         }
+        self.abort_rings();
     }
     /// This worker is shutting down.
     pub fn shutdown(&self) {
         self.shutdown.store(true, Ordering::SeqCst);
+        self.abort_rings();
     }
     pub fn is_cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)

@@ -87,6 +87,9 @@ impl WorkerService for Svc {
         self.0.fails.lock().unwrap().push(r.into_inner());
         Ok(Response::new(pb::FailAttemptResponse { state: pb::JobState::Failed as i32 }))
     }
+    async fn rendezvous(&self, _r: Request<pb::RendezvousRequest>) -> Result<Response<pb::RendezvousResponse>, Status> {
+        Err(Status::unimplemented("these tests lease no gangs"))
+    }
 }
 
 /// Steps `steps` times (`step_ms` each), checkpointing every `ckpt` steps; step
@@ -155,13 +158,15 @@ async fn start(trainer: Scripted) -> Env {
     let cfg = WorkerConfig {
         coordinator: format!("http://{addr}"),
         name: "t".into(),
-        devices: vec![DeviceSel::Cpu],
+        devices: vec![DeviceSel::Cpu(0)],
         labels: vec![],
         cache: dir.path().join("cache"),
         storage_url,
         storage_options: Default::default(),
         acquire_wait: Duration::from_secs(1),
         check_create_only: true,
+        advertise_host: None,
+        collective_timeout: Duration::from_secs(60),
     };
     let w = Worker::new(cfg, Arc::new(trainer)).await.unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -187,6 +192,7 @@ fn lease(env: &Env, job: &str, epoch: u64, train: &str) -> pb::Lease {
         device_indices: vec![0],
         output_prefix: format!("jobs/{job}/attempts/{epoch}/"),
         lease_ttl_secs: 3,
+        gang: None,
     }
 }
 
