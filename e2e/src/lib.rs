@@ -150,9 +150,17 @@ impl Cluster {
     }
 
     pub fn start_worker(&mut self, name: &str) {
+        self.start_worker_with(name, &[]);
+    }
+
+    /// A worker with extra flags (e.g. `--devices cpu:0,1`). Gang collectives give up
+    /// after 30 s here (the lease TTL ends a stuck attempt well before).
+    pub fn start_worker_with(&mut self, name: &str, extra: &[&str]) {
         let log = self.log(name);
         let child = Command::new(bin("lorafleet-worker"))
             .args(["--coordinator", &self.endpoint(), "--name", name, "--storage", &self.storage_url, "--acquire-wait-secs", "2"])
+            .args(["--collective-timeout-secs", "30"])
+            .args(extra)
             .arg("--cache")
             .arg(self.dir.path().join(format!("cache-{name}")))
             .envs(self.storage_env())
@@ -252,7 +260,7 @@ impl Drop for Cluster {
         }
         self.kill_coordinator();
         if std::thread::panicking() {
-            for name in ["coordinator", "w0", "w1", "w2"] {
+            for name in ["coordinator", "w0", "w1", "w2", "w3"] {
                 let l = self.read_log(name);
                 if !l.is_empty() {
                     eprintln!("----- {name} log (tail) -----\n{}", tail(&l, 40));
@@ -260,6 +268,46 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// The command's stdout; panics with its output unless it succeeded.
+pub fn ok(out: &Output) -> String {
+    assert!(out.status.success(), "command failed ({}):\nstdout: {}\nstderr: {}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn state(j: &pb::Job) -> pb::JobState {
+    pb::JobState::try_from(j.state).unwrap_or(pb::JobState::Unspecified)
+}
+
+pub trait FinalPb {
+    fn is_final_pb(&self) -> bool;
+}
+
+impl FinalPb for pb::JobState {
+    fn is_final_pb(&self) -> bool {
+        matches!(self, pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled)
+    }
+}
+
+/// `lorafleet fetch` of a job's adapter into the cluster's directory.
+pub fn fetch(c: &Cluster, job: &str) -> PathBuf {
+    let dest = c.dir.path().join(format!("fetched-{job}"));
+    ok(&c.cli(&["fetch", job, "-o", dest.to_str().expect("utf8")]));
+    dest
+}
+
+/// Map worker ids to the names we gave the processes.
+pub async fn worker_names(c: &Cluster) -> HashMap<String, String> {
+    let r = c.client().await.expect("connect").list_workers(pb::ListWorkersRequest { include_dead: true }).await.expect("list workers").into_inner();
+    r.workers.into_iter().map(|w| (w.worker_id, w.name)).collect()
+}
+
+/// [`faq_spec`] as a gang: `nodes` workers of `count` devices, `grad_accum` micro-batches
+/// of one example per step (the batch stays global: any world size trains the same).
+pub fn gang_spec(name: &str, steps: u64, checkpoint_every: u64, output_dir: &str, nodes: u32, count: u32, grad_accum: u32) -> String {
+    faq_spec(name, steps, checkpoint_every, output_dir).replace("grad_accum: 1,", &format!("grad_accum: {grad_accum},"))
+        + &format!("resources: {{ device: cpu, nodes: {nodes}, count: {count} }}\n")
 }
 
 pub fn tail(s: &str, n: usize) -> String {

@@ -9,33 +9,12 @@ use lorafleet_storage::{layout, Storage};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-fn ok(out: &std::process::Output) -> String {
-    assert!(out.status.success(), "command failed ({}):\nstdout: {}\nstderr: {}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// `lorafleet train` of the same spec, locally; returns the output directory.
 fn local_train(c: &Cluster, name: &str, steps: u64, ckpt: u64) -> std::path::PathBuf {
     let out = c.dir.path().join(format!("local-{name}"));
     let spec = c.spec(&format!("local-{name}"), &faq_spec(name, steps, ckpt, out.to_str().unwrap()));
     ok(&c.cli(&["train", spec.to_str().unwrap()]));
     out
-}
-
-fn fetch(c: &Cluster, job: &str) -> std::path::PathBuf {
-    let dest = c.dir.path().join(format!("fetched-{job}"));
-    ok(&c.cli(&["fetch", job, "-o", dest.to_str().unwrap()]));
-    dest
-}
-
-/// Map worker ids to the names we gave the processes.
-async fn worker_names(c: &Cluster) -> HashMap<String, String> {
-    let r = c.client().await.unwrap().list_workers(pb::ListWorkersRequest { include_dead: true }).await.unwrap().into_inner();
-    r.workers.into_iter().map(|w| (w.worker_id, w.name)).collect()
-}
-
-fn state(j: &pb::Job) -> pb::JobState {
-    pb::JobState::try_from(j.state).unwrap()
 }
 
 fn storage(c: &Cluster) -> Storage {
@@ -273,14 +252,4 @@ async fn bad_input_is_refused_with_the_field() {
     assert_eq!(j.failure_class, pb::FailureClass::NonRetryable as i32);
     assert!(j.error.contains("not found") && j.error.contains(&missing), "{}", j.error);
     assert_eq!(j.attempt, 1, "a non-retryable failure is not retried");
-}
-
-trait FinalPb {
-    fn is_final_pb(&self) -> bool;
-}
-
-impl FinalPb for pb::JobState {
-    fn is_final_pb(&self) -> bool {
-        matches!(self, pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled)
-    }
 }
