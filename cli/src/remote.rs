@@ -1,6 +1,6 @@
 //! Remote commands: the gRPC client of a coordinator (`submit`, `jobs`, `status`,
 //! `watch`, `logs`, `cancel`, `checkpoints`, `fetch`, `workers`) and `dev`, which runs
-//! a coordinator, a CPU worker and file storage in this process.
+//! a coordinator, one or more CPU workers and file storage in this process.
 //!
 //! Every command takes `--coordinator URL` (or `LORAFLEET_COORDINATOR`, default
 //! `http://127.0.0.1:50051`). A server error prints one line (`error: invalid argument:
@@ -75,7 +75,12 @@ pub enum RemoteCommand {
     },
     /// Show one job.
     ///
+    /// Also shows its resources (`2 nodes x 1 cpu`), why a queued job waits (e.g. a gang
+    /// waiting for enough free workers) and, for a data-parallel job, each rank's node,
+    /// worker, step and tokens/s.
+    ///
     /// Example: lorafleet status 6f1c...  (add --json for scripts)
+    #[command(verbatim_doc_comment)]
     Status {
         job: String,
         #[arg(long)]
@@ -85,7 +90,10 @@ pub enum RemoteCommand {
     },
     /// Follow a job: progress bar with step, loss, lr, tokens/s, ETA and a loss sparkline.
     ///
+    /// A data-parallel job (a gang) also shows its ranks: `r1@5e6f7a8b 11 tok/s (step 40)`
+    /// is rank 1 on worker 5e6f7a8b..., with its step when it differs from the job's.
     /// Exits 0 when the job succeeds, 1 when it fails or is cancelled.
+    #[command(verbatim_doc_comment)]
     Watch {
         job: String,
         #[command(flatten)]
@@ -133,6 +141,10 @@ pub enum RemoteCommand {
         conn: Conn,
     },
     /// List registered workers and what they run.
+    ///
+    /// GANG shows the data-parallel jobs a worker is a member of: `6f1c2d3e[node 1/2]` is
+    /// node 1 (0-based) of a job spanning 2 workers.
+    #[command(verbatim_doc_comment)]
     Workers {
         /// Include workers whose registration expired.
         #[arg(long)]
@@ -142,13 +154,16 @@ pub enum RemoteCommand {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Run a coordinator, one CPU worker and file storage in this process.
+    /// Run a coordinator, one or more CPU workers and file storage in this process.
     ///
-    /// Everything lives under --dir (SQLite database, storage, worker cache). Then, in
+    /// Everything lives under --dir (SQLite database, storage, worker caches). Then, in
     /// another terminal:
     ///   lorafleet demo-model --out models/demo
     ///   lorafleet submit examples/faq.yaml --watch
     ///   lorafleet fetch JOB -o out/adapter
+    ///
+    /// With --workers 2, a spec with `resources: { nodes: 2 }` runs as a gang of
+    /// data-parallel ranks on both workers (see `lorafleet workers` and `status JOB`).
     #[command(verbatim_doc_comment)]
     Dev(dev::DevArgs),
 }

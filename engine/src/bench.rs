@@ -257,3 +257,70 @@ pub fn bench_matmul(secs_each: f64) -> Vec<MatmulResult> {
     }
     out
 }
+
+/// One line of [`bench_allreduce`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AllReduceResult {
+    /// LoRA rank of the adapter whose gradients are reduced.
+    pub r: usize,
+    /// f32 values per all-reduce (the adapter's parameters).
+    pub values: usize,
+    pub mib: f64,
+    /// Ranks of the ring (threads of this process on loopback).
+    pub world: usize,
+    /// Median seconds of one ordered all-reduce, over `rounds`.
+    pub median_secs: f64,
+    /// Buffer bytes / median time.
+    pub gib_per_sec: f64,
+    pub rounds: usize,
+}
+
+/// LoRA parameters of a Falcon-7B-shape model with adapters on `query_key_value` (32
+/// layers, 4544 -> 4672): `r * (4544 + 4672)` per layer.
+pub fn falcon7b_qkv_lora_params(r: usize) -> usize {
+    32 * r * (4544 + 4672)
+}
+
+/// The TCP ring's ordered all-reduce on loopback (`world` ranks as threads of this
+/// process), for the LoRA gradients of a 7B-shape model at each rank in `ranks`: the
+/// per-step communication of a data-parallel run (one all-reduce per optimizer step).
+pub fn bench_allreduce(ranks: &[usize], world: usize, rounds: usize) -> Result<Vec<AllReduceResult>> {
+    use crate::collective::{Collective, TcpRing};
+    let mut out = Vec::new();
+    for &r in ranks {
+        let n = falcon7b_qkv_lora_params(r);
+        let rings = TcpRing::local(world, std::time::Duration::from_secs(120))?;
+        let times = std::thread::scope(|s| -> Result<Vec<f64>> {
+            let hs: Vec<_> = rings
+                .into_iter()
+                .map(|mut ring| {
+                    s.spawn(move || -> Result<Vec<f64>> {
+                        let part: Vec<f32> = (0..n).map(|i| (i % 977) as f32 * 1e-3).collect();
+                        let mut outb = vec![0f32; n];
+                        let mut t = Vec::with_capacity(rounds);
+                        ring.barrier()?;
+                        for _ in 0..rounds {
+                            let t0 = Instant::now();
+                            ring.all_reduce_ordered(&[&part], &mut outb)?;
+                            ring.barrier()?;
+                            t.push(t0.elapsed().as_secs_f64());
+                        }
+                        Ok(t)
+                    })
+                })
+                .collect();
+            let mut first = None;
+            for h in hs {
+                let t = h.join().map_err(|_| crate::EngineError::Collective("bench thread panicked".into()))??;
+                first.get_or_insert(t);
+            }
+            Ok(first.unwrap_or_default())
+        })?;
+        let mut sorted = times.clone();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
+        let bytes = (n * 4) as f64;
+        out.push(AllReduceResult { r, values: n, mib: bytes / (1 << 20) as f64, world, median_secs: median, gib_per_sec: bytes / median / (1u64 << 30) as f64, rounds });
+    }
+    Ok(out)
+}

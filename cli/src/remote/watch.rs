@@ -1,6 +1,6 @@
 //! `lorafleet watch` / `submit --watch` and `lorafleet logs`.
 
-use super::output::{is_final, state_name};
+use super::output::{is_final, short, state_name};
 use super::status_err;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lorafleet_proto as pb;
@@ -36,6 +36,34 @@ fn eta(secs: f64) -> String {
     } else {
         format!("{}m{:02}s", s / 60, s % 60)
     }
+}
+
+/// Ranks shown by [`rank_summary`]; the rest are counted.
+const MAX_RANKS_SHOWN: usize = 8;
+
+/// A gang's ranks in one short line, `ranks r0@1a2b3c4d 12 tok/s, r1@5e6f7a8b 11 tok/s (step 41)`:
+/// each rank with the first 8 characters of its worker id, its tokens/s and its step when
+/// that is not the event's `step`. Empty for no ranks.
+pub fn rank_summary(ranks: &[pb::RankStatus], step: u64) -> String {
+    if ranks.is_empty() {
+        return String::new();
+    }
+    let mut sorted: Vec<&pb::RankStatus> = ranks.iter().collect();
+    sorted.sort_by_key(|r| r.rank);
+    let mut parts: Vec<String> = sorted
+        .iter()
+        .take(MAX_RANKS_SHOWN)
+        .map(|r| {
+            let worker = if r.worker_id.is_empty() { "-" } else { short(&r.worker_id) };
+            let tps = if r.tokens_per_sec.is_finite() { format!("{:.0}", r.tokens_per_sec) } else { "-".into() };
+            let at = if r.step != step { format!(" (step {})", r.step) } else { String::new() };
+            format!("r{}@{worker} {tps} tok/s{at}", r.rank)
+        })
+        .collect();
+    if sorted.len() > MAX_RANKS_SHOWN {
+        parts.push(format!("+{} more", sorted.len() - MAX_RANKS_SHOWN));
+    }
+    format!("ranks {}", parts.join(", "))
 }
 
 /// Follow a job until it ends; Ok only if it succeeded.
@@ -86,7 +114,11 @@ pub async fn watch(client: &mut JobServiceClient<Channel>, job_id: &str) -> anyh
                             losses.push(s.loss);
                             bar.set_length(s.total_steps);
                             bar.set_position(s.step);
-                            let msg = format!("loss {:.4} lr {:.2e} {:.0} tok/s ETA {} {}", s.loss, s.lr, s.tokens_per_sec, eta(s.eta_secs), sparkline(&losses, 24));
+                            let mut msg = format!("loss {:.4} lr {:.2e} {:.0} tok/s ETA {} {}", s.loss, s.lr, s.tokens_per_sec, eta(s.eta_secs), sparkline(&losses, 24));
+                            if !s.ranks.is_empty() {
+                                msg.push(' ');
+                                msg.push_str(&rank_summary(&s.ranks, s.step));
+                            }
                             // Without a terminal: about 50 lines per job, plus the last step.
                             let every = (s.total_steps / 50).max(1);
                             if !tty && (s.step % every == 0 || s.step == s.total_steps) {
@@ -190,5 +222,23 @@ mod tests {
         assert_eq!(sparkline(&[], 5), "");
         assert_eq!(eta(3725.0), "1h02m");
         assert_eq!(eta(65.0), "1m05s");
+    }
+
+    #[test]
+    fn rank_summary_is_compact() {
+        let rank = |rank, worker: &str, step, tokens_per_sec| pb::RankStatus {
+            rank,
+            node_rank: rank,
+            worker_id: worker.into(),
+            step,
+            tokens_per_sec,
+            updated_at_unix_ms: 0,
+        };
+        assert_eq!(rank_summary(&[], 3), "");
+        let ranks = [rank(1, "5e6f7a8b-0000-4000-8000-000000000002", 40, 11.4), rank(0, "1a2b3c4d-0000-4000-8000-000000000001", 41, 12.6)];
+        assert_eq!(rank_summary(&ranks, 41), "ranks r0@1a2b3c4d 13 tok/s, r1@5e6f7a8b 11 tok/s (step 40)");
+        assert_eq!(rank_summary(&[rank(0, "", 5, f64::NAN)], 5), "ranks r0@- - tok/s");
+        let many: Vec<_> = (0..10).map(|i| rank(i, "w", 1, 1.0)).collect();
+        assert!(rank_summary(&many, 1).ends_with("r7@w 1 tok/s, +2 more"), "{}", rank_summary(&many, 1));
     }
 }
