@@ -270,6 +270,10 @@ pub fn train_ranks(run: &TrainRun, collectives: Vec<Box<dyn Collective>>, observ
                 followers = Err(e);
             }
         }
+        // The other ranks' last steps may arrive after the first rank's last one.
+        while let Ok((rank, m)) = main.rx.try_recv() {
+            main.inner.on_rank_step(rank, &m);
+        }
         let summary = result?;
         followers?;
         Ok(summary)

@@ -5,6 +5,8 @@
 //! gradient accumulation and gradient checkpointing on; and a group resumed from a
 //! checkpoint continues exactly as the uninterrupted run.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -203,4 +205,11 @@ fn fewer_micro_batches_than_ranks_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let err = train(&run(tmp.path(), 1, 2, 2, None), &mut Rec::default()).unwrap_err().to_string();
     assert!(err.contains("training.grad_accum: 1 micro-batches per step cannot be shared by 2"), "{err}");
+}
+
+/// The same equivalence on the portable ops (the code path of CUDA devices, where the
+/// gradients cross the host to reach the ring).
+#[test]
+fn ranks_equal_one_device_on_the_portable_ops() {
+    common::rerun_portable("one_two_and_four", 1);
 }
