@@ -30,7 +30,8 @@ async fn a_two_node_gang_trains_the_adapter_of_a_local_run() {
     let job = c.submit(&c.spec("gang2", &spec("out/gang2")));
     let watched = ok(&c.cli(&["watch", &job]));
     assert!(watched.contains("succeeded"), "{watched}");
-    let done = c.job(&job).await;
+    // The last rank reports arrive with (or just after) node 0's completion.
+    let done = c.wait_job(&job, "every rank's last step", Duration::from_secs(10), |j| j.ranks.len() == 2 && j.ranks.iter().all(|r| r.step == 12)).await;
     assert_eq!(done.step, 12);
     assert_eq!(ranks(&done), vec![(0, 0), (1, 1)], "{:?}", done.ranks);
     assert!(done.ranks.iter().all(|r| r.step == 12 && r.tokens_per_sec > 0.0), "{:?}", done.ranks);
@@ -54,6 +55,7 @@ async fn a_two_node_gang_trains_the_adapter_of_a_local_run() {
     let job4 = c.submit(&c.spec("gang2x2", &spec4("out/gang2x2")));
     let j = c.wait_job(&job4, "success", Duration::from_secs(240), |j| state(j).is_final_pb()).await;
     assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
+    let j = c.wait_job(&job4, "every rank's last step", Duration::from_secs(10), |j| j.ranks.len() == 4 && j.ranks.iter().all(|r| r.step == 8)).await;
     assert_eq!(ranks(&j), vec![(0, 0), (1, 0), (2, 1), (3, 1)], "{:?}", j.ranks);
     let workers: serde_json::Value = serde_json::from_str(&ok(&c.cli(&["workers", "--json"]))).unwrap();
     assert!(workers.to_string().contains("gang_seats"), "{workers}");
@@ -166,7 +168,7 @@ async fn dev_with_two_workers_runs_a_two_node_spec() {
     let t = Instant::now();
     let out = loop {
         let out = Command::new(bin("lorafleet")).args(["submit", spec.to_str().unwrap(), "--watch"]).env("LORAFLEET_COORDINATOR", &endpoint).output().unwrap();
-        if out.status.success() || t.elapsed() > Duration::from_secs(30) || !String::from_utf8_lossy(&out.stderr).contains("connect") {
+        if out.status.success() || t.elapsed() > Duration::from_secs(30) || !String::from_utf8_lossy(&out.stderr).contains("cannot reach") {
             break out;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -609,6 +609,22 @@ impl<'a> Ctx<'a> {
         logs: Vec<pb::LogLine>,
         ranks: Vec<pb::RankStatus>,
     ) -> Result<bool> {
+        if !ranks.is_empty() && steps.is_empty() && evals.is_empty() && logs.is_empty() && !self.st.jobs.contains_key(&call.job_id) {
+            // A gang member's last rank progress, arriving just after node 0 completed the
+            // attempt (they finish together): kept for display, it changes nothing else.
+            if let Some(row) = db::get_job(self.conn, &call.job_id)?.filter(|r| r.epoch == call.epoch && r.state == JobState::Succeeded) {
+                let members = db::attempt_members(self.conn, &call.job_id, call.epoch)?;
+                if let Some(node) = members.iter().position(|(w, _)| *w == call.worker) {
+                    let per_node = row.spec.resources.count.max(1);
+                    for mut r in ranks.into_iter().filter(|r| r.rank / per_node == node as u32) {
+                        r.node_rank = node as u32;
+                        r.worker_id = call.worker.to_string();
+                        db::upsert_rank(self.conn, &call.job_id, call.epoch, &r)?;
+                    }
+                    return Ok(false);
+                }
+            }
+        }
         let node = self.check_lease(&call)?;
         let id = call.job_id;
         let Some(job) = self.st.jobs.get_mut(&id) else { return Err(CoordError::Internal("leased job vanished".into())) };
