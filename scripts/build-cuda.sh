@@ -8,8 +8,8 @@
 #   ./scripts/build-cuda.sh            # -> target/cuda/release/lorafleet-worker and lorafleet
 #   CUDA_COMPUTE_CAP=80 ./scripts/build-cuda.sh   # another GPU generation (default 90: H100/H200)
 #
-# Run time on the GPU machine: libcudart.so.13, libcublas.so.13, libcurand.so.10 and
-# libnvrtc.so.13 must be on LD_LIBRARY_PATH (a PyTorch environment's NVIDIA wheels have
+# Run time on the GPU machine: libcudart.so.13, libcublas.so.13, libcurand.so.10,
+# libnvrtc.so.13 and libnccl.so.2 must be on LD_LIBRARY_PATH (a PyTorch environment's NVIDIA wheels have
 # them), and the driver must accept PTX from CUDA 13.0 (driver >= 580).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -26,10 +26,12 @@ fi
 "$VENV/bin/pip" install -q \
     nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
     nvidia-cuda-runtime==13.0.96 nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35 \
-    nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-cccl==13.0.85
+    nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-cccl==13.0.85 nvidia-nccl-cu13==2.28.9
 
 CU="$("$VENV/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13"))')"
 [[ -x "$CU/bin/nvcc" ]] || { echo "error: nvcc not found under $CU/bin" >&2; exit 1; }
+
+NCCL="$("$VENV/bin/python" -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "nccl"))')"
 
 # Unversioned names for the linker, and a link-time stub of the driver library.
 LINK="$ROOT/target/cuda/link"
@@ -39,6 +41,10 @@ for lib in cublas cublasLt cudart curand nvrtc; do
     [[ -n "$real" ]] || { echo "error: lib$lib.so.* not found under $CU/lib" >&2; exit 1; }
     ln -sf "$real" "$LINK/lib$lib.so"
 done
+# NCCL (gangs on GPUs: engine/src/collective.rs, the `nccl` module).
+real="$(ls "$NCCL"/lib/libnccl.so.* 2>/dev/null | head -1)"
+[[ -n "$real" ]] || { echo "error: libnccl.so.* not found under $NCCL/lib" >&2; exit 1; }
+ln -sf "$real" "$LINK/libnccl.so"
 if [[ ! -f "$LINK/libcuda.so" ]]; then
     gcc -E -I"$CU/include" "$CU/include/cuda.h" 2>/dev/null \
         | grep -oE '\bcu[A-Za-z0-9_]+[[:space:]]*\(' | sed -E 's/[[:space:]]*\($//' | sort -u \
@@ -49,7 +55,7 @@ fi
 export CUDARC_CUDA_VERSION=13000
 export CUDA_ROOT="$CU" CUDA_PATH="$CU" CUDA_HOME="$CU"
 export PATH="$CU/bin:$PATH"
-export CPATH="$CU/include${CPATH:+:$CPATH}"
+export CPATH="$CU/include:$NCCL/include${CPATH:+:$CPATH}"
 export LIBRARY_PATH="$LINK:$CU/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 cargo build --locked --release -p lorafleet-worker -p lorafleet-cli --features lorafleet-worker/cuda,lorafleet-cli/cuda --target-dir "$ROOT/target/cuda"

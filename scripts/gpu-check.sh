@@ -12,8 +12,14 @@
 #      losses within bf16 tolerance (2% relative);
 #      2b: the same spec trained by `lorafleet train --devices cuda:0` (the CLI's own CUDA
 #      build, no coordinator), against the CPU;
-#   3. with two or more GPUs, the qlora job again on two of them (data parallel), against
-#      the one-GPU run.
+#   3. with two or more GPUs, the qlora job again on two of them (data parallel, NCCL
+#      between them), against the one-GPU run;
+#   4. with two or more GPUs, the qlora job as a gang of two workers (one GPU each, NCCL
+#      between the processes, rendezvous through the coordinator), against the one-GPU run.
+#   0. first, the collective itself: NCCL's ordered all-reduce over every GPU (up to 8)
+#      for the LoRA gradient sizes of a 7B model (r = 8..64): every rank must get the
+#      ordered sum bit for bit, and the bandwidth is printed (on one GPU: skipped, NCCL
+#      needs one GPU per rank).
 #
 # Binaries come from LORAFLEET_BIN (default target/gpu-bundle/bin, unpacked from
 # target/gpu-bundle/lorafleet-gpu.tar.xz, which scripts/gpu-bundle.sh makes on a build
@@ -49,7 +55,7 @@ if [[ "$DEVICE" == cuda ]]; then
     fi
     echo "==> GPUs"
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader || true
-    for lib in libcudart.so.13 libcublas.so.13 libcurand.so.10; do
+    for lib in libcudart.so.13 libcublas.so.13 libcurand.so.10 libnccl.so.2; do
         found=""
         for d in ${LD_LIBRARY_PATH//:/ } /usr/lib/x86_64-linux-gnu /usr/local/cuda/lib64; do
             [[ -e "$d/$lib" ]] && found="$d/$lib" && break
@@ -122,6 +128,9 @@ output: {{ dir: out/qlora-{n} }}
 resources: {{ device: {kind}, count: {n} }}
 """
     open(f"{work}/qlora-{n}.yaml", "w").write(qlora)
+    if n == 1:  # the same as a gang of two workers with one device each
+        gang = qlora.replace("gpu-check-qlora-1", "gpu-check-qlora-gang").replace("out/qlora-1", "out/qlora-gang")
+        open(f"{work}/qlora-gang.yaml", "w").write(gang.replace(f"count: 1 }}", "count: 1, nodes: 2 }"))
     if n == 1:  # the same spec for `lorafleet train` here, writing into the work folder
         open(f"{work}/qlora-1-local.yaml", "w").write(qlora.replace("dir: out/qlora-1", f"dir: {work}/out/qlora-1"))
         open(f"{work}/qlora-1-local-device.yaml", "w").write(qlora.replace("dir: out/qlora-1", f"dir: {work}/out/qlora-1-device"))
@@ -139,6 +148,17 @@ run_job() { # spec -> fetched adapter dir
 losses() { python3 -c 'import json,sys; print(json.dumps([json.loads(l)["loss"] for l in open(sys.argv[1]) if json.loads(l).get("type") == "step" and not json.loads(l).get("resumed")]))' "$1"; }
 
 FAIL=0
+if [[ "$DEVICE" == cuda && "$NGPU" -ge 2 ]]; then
+    W=$(( NGPU > 8 ? 8 : NGPU ))
+    echo "==> 0. NCCL ordered all-reduce on $W GPUs (7B-shape LoRA gradients, r = 8..64)"
+    "$BIN/lorafleet" bench allreduce --collective nccl --world "$W" --rounds 5 || FAIL=1
+elif [[ "$DEVICE" == cuda ]]; then
+    echo "==> 0. NCCL: skipped (one GPU; NCCL needs one GPU per rank)"
+else
+    echo "==> 0. TCP ring ordered all-reduce (the CPU collective; NCCL needs GPUs)"
+    "$BIN/lorafleet" bench allreduce --world 2 --rounds 2 || FAIL=1
+fi
+
 echo "==> 1. PEFT trace on $DEVICES"
 run_job "$WORK/trace.yaml" "$WORK/fetched-trace"
 python3 - "$FIX" "$WORK" <<'EOF' || FAIL=1
@@ -200,6 +220,30 @@ if [[ "$DEVICES" == *,* ]]; then
     cmp_losses "$(losses "$WORK/fetched-qlora-2/metrics.jsonl")" "$(losses "$WORK/fetched-qlora-1/metrics.jsonl")" 0.001 "2 devices vs 1" || FAIL=1
 else
     echo "==> 3. data parallel: skipped (one device)"
+fi
+
+# A gang: a second worker, and the one-device spec with `nodes: 2`.
+GANG2=""
+if [[ "$DEVICE" == cuda && "$NGPU" -ge 2 ]]; then
+    GANG2="cuda:1"
+elif [[ "$DEVICE" != cuda ]]; then
+    GANG2="cpu"
+fi
+if [[ -n "$GANG2" ]]; then
+    echo "==> 4. QLoRA recipe as a gang of two workers ($DEVICES + $GANG2) vs one device"
+    [[ "$DEVICE" == cuda ]] || export LORAFLEET_OPS=portable
+    "$BIN/lorafleet-worker" --coordinator "$LORAFLEET_COORDINATOR" --name check-worker-2 --devices "$GANG2" --storage "file://$WORK/store" --cache "$WORK/cache-2" > "$WORK/worker-2.log" 2>&1 &
+    PIDS+=($!)
+    unset LORAFLEET_OPS
+    if run_job "$WORK/qlora-gang.yaml" "$WORK/fetched-qlora-gang"; then
+        cmp_losses "$(losses "$WORK/fetched-qlora-gang/metrics.jsonl")" "$(losses "$WORK/fetched-qlora-1/metrics.jsonl")" 0.001 "gang of 2 vs 1 device" || FAIL=1
+    else
+        tail -20 "$WORK/worker-2.log"
+        FAIL=1
+    fi
+    grep -E "gang (ring connected|NCCL communicator joined)" "$WORK/worker.log" "$WORK/worker-2.log" | tail -2 || true
+else
+    echo "==> 4. gang: skipped (one GPU)"
 fi
 
 echo "==> worker log (last lines)"

@@ -157,9 +157,12 @@ pub enum BenchCommand {
     ///   lorafleet bench allreduce --world 4 --rounds 5 --json
     #[command(verbatim_doc_comment)]
     Allreduce {
-        /// Ranks in the ring.
+        /// Ranks in the ring (with --collective nccl: GPUs 0..world, one rank each).
         #[arg(long, default_value_t = 2)]
         world: usize,
+        /// `tcp` (the ring, every build) or `nccl` (builds with the `cuda` feature).
+        #[arg(long, default_value = "tcp", value_parser = ["tcp", "nccl"])]
+        collective: String,
         /// All-reduces timed per LoRA rank (the median is reported).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
@@ -352,20 +355,32 @@ pub fn run(c: LocalCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        LocalCommand::Bench(BenchCommand::Allreduce { world, rounds, json }) => {
+        LocalCommand::Bench(BenchCommand::Allreduce { world, collective, rounds, json }) => {
             if !(2..=16).contains(&world) || !(1..=100).contains(&rounds) {
                 anyhow::bail!("--world must be 2..=16 and --rounds 1..=100 (got {world} and {rounds})");
             }
-            let rows = lorafleet_engine::bench::bench_allreduce(&[8, 16, 32, 64], world, rounds)?;
+            let ranks = [8, 16, 32, 64];
+            let rows = match collective.as_str() {
+                #[cfg(feature = "cuda")]
+                "nccl" => lorafleet_engine::bench::bench_allreduce_nccl(&ranks, world, rounds)?,
+                #[cfg(not(feature = "cuda"))]
+                "nccl" => anyhow::bail!("--collective nccl: this binary was built without the `cuda` feature (scripts/build-cuda.sh builds it)"),
+                _ => lorafleet_engine::bench::bench_allreduce(&ranks, world, rounds)?,
+            };
+            let inexact = rows.iter().filter(|r| !r.exact).count();
             if json {
                 println!("{}", serde_json::to_string(&rows)?);
             } else {
                 let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()));
-                println!("TCP ring, {world} ranks on loopback, {rounds} rounds, CPU {}", cpu.unwrap_or_else(|| "unknown".into()));
-                println!("{:>4} {:>12} {:>9} {:>12} {:>9}", "r", "values", "MiB", "median s", "GiB/s");
-                for r in rows {
-                    println!("{:>4} {:>12} {:>9.1} {:>12.4} {:>9.2}", r.r, r.values, r.mib, r.median_secs, r.gib_per_sec);
+                let what = if collective == "nccl" { format!("NCCL, {world} GPUs") } else { format!("TCP ring, {world} ranks on loopback") };
+                println!("{what}, {rounds} rounds, CPU {}", cpu.unwrap_or_else(|| "unknown".into()));
+                println!("{:>4} {:>12} {:>9} {:>12} {:>9}  ORDERED SUM", "r", "values", "MiB", "median s", "GiB/s");
+                for r in &rows {
+                    println!("{:>4} {:>12} {:>9.1} {:>12.4} {:>9.2}  {}", r.r, r.values, r.mib, r.median_secs, r.gib_per_sec, if r.exact { "exact" } else { "WRONG" });
                 }
+            }
+            if inexact > 0 {
+                anyhow::bail!("{inexact} all-reduce size(s) did not give every rank the ordered sum bit for bit");
             }
             Ok(())
         }

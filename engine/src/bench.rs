@@ -261,6 +261,8 @@ pub fn bench_matmul(secs_each: f64) -> Vec<MatmulResult> {
 /// One line of [`bench_allreduce`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AllReduceResult {
+    /// `tcp` (the ring) or `nccl`.
+    pub transport: String,
     /// LoRA rank of the adapter whose gradients are reduced.
     pub r: usize,
     /// f32 values per all-reduce (the adapter's parameters).
@@ -273,6 +275,8 @@ pub struct AllReduceResult {
     /// Buffer bytes / median time.
     pub gib_per_sec: f64,
     pub rounds: usize,
+    /// Every rank got the ordered sum, bit for bit, in every round.
+    pub exact: bool,
 }
 
 /// LoRA parameters of a Falcon-7B-shape model with adapters on `query_key_value` (32
@@ -286,41 +290,85 @@ pub fn falcon7b_qkv_lora_params(r: usize) -> usize {
 /// per-step communication of a data-parallel run (one all-reduce per optimizer step).
 pub fn bench_allreduce(ranks: &[usize], world: usize, rounds: usize) -> Result<Vec<AllReduceResult>> {
     use crate::collective::{Collective, TcpRing};
+    bench_allreduce_on(ranks, rounds, "tcp", || {
+        Ok(TcpRing::local(world, std::time::Duration::from_secs(120))?.into_iter().map(|r| Box::new(r) as Box<dyn Collective>).collect())
+    })
+}
+
+/// The same over NCCL, one rank per CUDA device `0..world` of this machine.
+#[cfg(feature = "nccl")]
+pub fn bench_allreduce_nccl(ranks: &[usize], world: usize, rounds: usize) -> Result<Vec<AllReduceResult>> {
+    use crate::collective::Collective;
+    bench_allreduce_on(ranks, rounds, "nccl", || {
+        let devices = (0..world).map(Device::new_cuda).collect::<candle_core::Result<Vec<_>>>()?;
+        let comms = crate::collective::nccl::NcclCollective::local(&devices, std::time::Duration::from_secs(120))?;
+        Ok(comms.into_iter().map(|c| Box::new(c) as Box<dyn Collective>).collect())
+    })
+}
+
+/// Rank `r`'s contribution in the all-reduce benchmark (values whose sum depends on the order).
+fn bench_part(r: usize, n: usize) -> Vec<f32> {
+    (0..n).map(|i| ((i * 7 + r * 13) % 101) as f32 * 0.0137 - 0.5 + (r as f32 + 1.0) * 1e-7 * (i % 3) as f32).collect()
+}
+
+fn bench_allreduce_on(
+    ranks: &[usize],
+    rounds: usize,
+    transport: &str,
+    make: impl Fn() -> Result<Vec<Box<dyn crate::collective::Collective>>>,
+) -> Result<Vec<AllReduceResult>> {
     let mut out = Vec::new();
     for &r in ranks {
         let n = falcon7b_qkv_lora_params(r);
-        let rings = TcpRing::local(world, std::time::Duration::from_secs(120))?;
-        let times = std::thread::scope(|s| -> Result<Vec<f64>> {
-            let hs: Vec<_> = rings
+        let comms = make()?;
+        let world = comms.len();
+        // The ordered sum every rank must get, bit for bit.
+        let mut expect = vec![0f32; n];
+        for k in 0..world {
+            for (e, v) in expect.iter_mut().zip(bench_part(k, n)) {
+                *e += v;
+            }
+        }
+        let results = std::thread::scope(|s| -> Result<Vec<(Vec<f64>, bool)>> {
+            let hs: Vec<_> = comms
                 .into_iter()
-                .map(|mut ring| {
-                    s.spawn(move || -> Result<Vec<f64>> {
-                        let part: Vec<f32> = (0..n).map(|i| (i % 977) as f32 * 1e-3).collect();
+                .map(|mut c| {
+                    let expect = &expect;
+                    s.spawn(move || -> Result<(Vec<f64>, bool)> {
+                        let part = bench_part(c.rank(), n);
                         let mut outb = vec![0f32; n];
                         let mut t = Vec::with_capacity(rounds);
-                        ring.barrier()?;
+                        let mut exact = true;
+                        c.barrier()?;
                         for _ in 0..rounds {
                             let t0 = Instant::now();
-                            ring.all_reduce_ordered(&[&part], &mut outb)?;
-                            ring.barrier()?;
+                            c.all_reduce_ordered(&[&part], &mut outb)?;
+                            c.barrier()?;
                             t.push(t0.elapsed().as_secs_f64());
+                            exact &= outb.iter().zip(expect).all(|(a, b)| a.to_bits() == b.to_bits());
                         }
-                        Ok(t)
+                        Ok((t, exact))
                     })
                 })
                 .collect();
-            let mut first = None;
-            for h in hs {
-                let t = h.join().map_err(|_| crate::EngineError::Collective("bench thread panicked".into()))??;
-                first.get_or_insert(t);
-            }
-            Ok(first.unwrap_or_default())
+            hs.into_iter().map(|h| h.join().map_err(|_| crate::EngineError::Collective("bench thread panicked".into()))?).collect()
         })?;
-        let mut sorted = times.clone();
+        let exact = results.iter().all(|(_, e)| *e);
+        let mut sorted = results.first().map(|(t, _)| t.clone()).unwrap_or_default();
         sorted.sort_by(|a, b| a.total_cmp(b));
         let median = sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN);
         let bytes = (n * 4) as f64;
-        out.push(AllReduceResult { r, values: n, mib: bytes / (1 << 20) as f64, world, median_secs: median, gib_per_sec: bytes / median / (1u64 << 30) as f64, rounds });
+        out.push(AllReduceResult {
+            transport: transport.to_string(),
+            r,
+            values: n,
+            mib: bytes / (1 << 20) as f64,
+            world,
+            median_secs: median,
+            gib_per_sec: bytes / median / (1u64 << 30) as f64,
+            rounds,
+            exact,
+        });
     }
     Ok(out)
 }

@@ -143,7 +143,8 @@ pub struct RingAbort {
 }
 
 impl RingAbort {
-    fn new() -> Self {
+    /// A handle with no sockets yet (collectives that only poll [`RingAbort::is_aborted`]).
+    pub fn new() -> Self {
         Self { flag: Arc::new(AtomicBool::new(false)), streams: Arc::new(Mutex::new(Vec::new())) }
     }
     pub fn abort(&self) {
@@ -154,6 +155,12 @@ impl RingAbort {
     }
     pub fn is_aborted(&self) -> bool {
         self.flag.load(Ordering::SeqCst)
+    }
+}
+
+impl Default for RingAbort {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -433,6 +440,194 @@ impl Collective for TcpRing {
             res.map_err(|e| self.io_err("sending", right, e))?;
         }
         Ok(())
+    }
+}
+
+/// NCCL between CUDA devices (builds with the `nccl` feature): one communicator per gang,
+/// one rank per GPU, the unique id made by rank 0 ([`nccl::unique_id`]) and handed to the
+/// others by the coordinator's rendezvous.
+///
+/// The reduction keeps the fixed order of the module docs, so a gang on GPUs trains the
+/// same adapter on any number of GPUs too: the running sum travels the chain 0 -> W-1
+/// with `ncclSend`/`ncclRecv` (each rank adds its parts on the host, in f32, as the TCP
+/// ring does), then `ncclBroadcast` from rank W-1 hands the total to every rank. For
+/// LoRA-sized buffers this costs about W hops of `n / B` plus two host copies per hop
+/// (a few milliseconds at 8 GPUs for r = 8, see docs/benchmarks.md) instead of
+/// `ncclAllReduce`'s `2 n / B`, in exchange for bit-equal results. Every call waits on
+/// a CUDA event with the collective timeout and the abort flag, so a dead peer or a
+/// stopped attempt does not hang the rank (the communicator is aborted on drop).
+#[cfg(feature = "nccl")]
+pub mod nccl {
+    use super::{add_parts, check_parts, collective_err, Collective, RingAbort, Solo, MAX_BCAST};
+    use crate::Result;
+    use candle_core::cuda_backend::cudarc;
+    use cudarc::driver::CudaStream;
+    use cudarc::nccl::safe::{Comm, Id};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    /// Bytes of an NCCL unique id.
+    pub const UNIQUE_ID_BYTES: usize = 128;
+
+    fn nccl_err(what: &str, e: cudarc::nccl::result::NcclError) -> crate::EngineError {
+        collective_err(format!("nccl {what}: {:?}", e.0))
+    }
+
+    fn cuda_err(what: &str, e: cudarc::driver::DriverError) -> crate::EngineError {
+        collective_err(format!("nccl {what}: {e}"))
+    }
+
+    /// A new communicator id (rank 0 makes it once per gang attempt).
+    pub fn unique_id() -> Result<Vec<u8>> {
+        let id = Id::new().map_err(|e| nccl_err("ncclGetUniqueId", e))?;
+        Ok(id.internal().iter().map(|c| *c as u8).collect())
+    }
+
+    /// One rank of an NCCL communicator.
+    pub struct NcclCollective {
+        comm: Comm,
+        stream: Arc<CudaStream>,
+        rank: usize,
+        world: usize,
+        timeout: Duration,
+        abort: RingAbort,
+    }
+
+    // SAFETY: the communicator is used by one thread at a time (the rank's training
+    // thread; `&mut self` on every operation), which NCCL allows from any thread.
+    unsafe impl Send for NcclCollective {}
+
+    impl NcclCollective {
+        /// Join the communicator `id` as `rank` of `world` on a CUDA `device`; returns once
+        /// every rank has joined (ncclCommInitRank).
+        pub fn new(device: &candle_core::Device, rank: usize, world: usize, id: &[u8], timeout: Duration) -> Result<Self> {
+            let candle_core::Device::Cuda(d) = device else {
+                return Err(collective_err(format!("nccl needs a CUDA device, got {:?}", device.location())));
+            };
+            if id.len() != UNIQUE_ID_BYTES {
+                return Err(collective_err(format!("nccl unique id has {} bytes, expected {UNIQUE_ID_BYTES}", id.len())));
+            }
+            let mut internal = [0 as std::ffi::c_char; UNIQUE_ID_BYTES];
+            for (dst, src) in internal.iter_mut().zip(id) {
+                *dst = *src as std::ffi::c_char;
+            }
+            let stream = d.cuda_stream();
+            stream.context().bind_to_thread().map_err(|e| cuda_err("binding the device", e))?;
+            let comm = Comm::from_rank(stream.clone(), rank, world, Id::uninit(internal)).map_err(|e| nccl_err("ncclCommInitRank", e))?;
+            Ok(Self { comm, stream, rank, world, timeout, abort: RingAbort::new() })
+        }
+
+        /// A communicator over the CUDA `devices` of this process, one rank each, joined
+        /// on threads (ncclCommInitRank waits for every rank).
+        pub fn local(devices: &[candle_core::Device], timeout: Duration) -> Result<Vec<NcclCollective>> {
+            let id = unique_id()?;
+            let world = devices.len();
+            std::thread::scope(|s| {
+                let hs: Vec<_> = devices.iter().enumerate().map(|(rank, d)| {
+                    let id = &id;
+                    s.spawn(move || NcclCollective::new(d, rank, world, id, timeout))
+                }).collect();
+                hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(collective_err("nccl setup thread panicked")))).collect()
+            })
+        }
+
+        /// A handle that makes this rank's waiting calls fail at once.
+        pub fn abort_handle(&self) -> RingAbort {
+            self.abort.clone()
+        }
+
+        /// Wait for the stream's work so far, polling the abort flag, up to the timeout.
+        fn wait(&self, what: &str) -> Result<()> {
+            let ev = self.stream.record_event(None).map_err(|e| cuda_err("recording an event", e))?;
+            let deadline = Instant::now() + self.timeout;
+            loop {
+                match ev.try_is_complete() {
+                    Ok(true) => return Ok(()),
+                    Ok(false) => {}
+                    Err(e) => return Err(cuda_err(what, e)),
+                }
+                if self.abort.is_aborted() {
+                    return Err(collective_err(format!("rank {}: nccl {what} aborted (the attempt was stopped)", self.rank)));
+                }
+                if Instant::now() >= deadline {
+                    return Err(collective_err(format!("rank {}: nccl {what} timed out after {:.0}s", self.rank, self.timeout.as_secs_f64())));
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+
+        fn bind(&self) -> Result<()> {
+            if self.abort.is_aborted() {
+                return Err(collective_err(format!("rank {}: the collective was aborted (the attempt was stopped)", self.rank)));
+            }
+            self.stream.context().bind_to_thread().map_err(|e| cuda_err("binding the device", e))
+        }
+    }
+
+    impl Collective for NcclCollective {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            self.world
+        }
+
+        fn all_reduce_ordered(&mut self, parts: &[&[f32]], out: &mut [f32]) -> Result<()> {
+            check_parts(parts, out.len())?;
+            let (r, w, n) = (self.rank, self.world, out.len());
+            if w == 1 {
+                return Solo.all_reduce_ordered(parts, out);
+            }
+            if n == 0 {
+                return Ok(());
+            }
+            self.bind()?;
+            let mut dev = self.stream.alloc_zeros::<f32>(n).map_err(|e| cuda_err("allocating", e))?;
+            if r == 0 {
+                out.fill(0.0);
+            } else {
+                self.comm.recv(&mut dev, (r - 1) as i32).map_err(|e| nccl_err("ncclRecv", e))?;
+                self.wait("receiving")?;
+                self.stream.memcpy_dtoh(&dev, out).map_err(|e| cuda_err("copying to the host", e))?;
+            }
+            add_parts(out, parts, 0..n);
+            self.stream.memcpy_htod(out, &mut dev).map_err(|e| cuda_err("copying to the device", e))?;
+            if r != w - 1 {
+                self.comm.send(&dev, (r + 1) as i32).map_err(|e| nccl_err("ncclSend", e))?;
+                self.wait("sending")?;
+            }
+            self.comm.broadcast_in_place(&mut dev, (w - 1) as i32).map_err(|e| nccl_err("ncclBroadcast", e))?;
+            self.wait("broadcasting the sum")?;
+            self.stream.memcpy_dtoh(&dev, out).map_err(|e| cuda_err("copying to the host", e))?;
+            Ok(())
+        }
+
+        fn broadcast(&mut self, buf: &mut Vec<u8>) -> Result<()> {
+            if self.world == 1 {
+                return Ok(());
+            }
+            self.bind()?;
+            let mut len = self.stream.memcpy_stod(&[buf.len() as u64]).map_err(|e| cuda_err("copying to the device", e))?;
+            self.comm.broadcast_in_place(&mut len, 0).map_err(|e| nccl_err("ncclBroadcast", e))?;
+            self.wait("broadcasting a length")?;
+            let mut l = [0u64];
+            self.stream.memcpy_dtoh(&len, &mut l).map_err(|e| cuda_err("copying to the host", e))?;
+            if l[0] > MAX_BCAST {
+                return Err(collective_err(format!("rank {}: broadcast of {} bytes exceeds the {MAX_BCAST}-byte limit", self.rank, l[0])));
+            }
+            if l[0] == 0 {
+                buf.clear();
+                return Ok(());
+            }
+            if self.rank != 0 {
+                buf.resize(l[0] as usize, 0);
+            }
+            let mut d = self.stream.memcpy_stod(buf.as_slice()).map_err(|e| cuda_err("copying to the device", e))?;
+            self.comm.broadcast_in_place(&mut d, 0).map_err(|e| nccl_err("ncclBroadcast", e))?;
+            self.wait("broadcasting")?;
+            self.stream.memcpy_dtoh(&d, buf.as_mut_slice()).map_err(|e| cuda_err("copying to the host", e))?;
+            Ok(())
+        }
     }
 }
 

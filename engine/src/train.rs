@@ -217,9 +217,16 @@ fn io_err(path: &Path, e: std::io::Error) -> EngineError {
 pub const LOCAL_RING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Run training on the devices of `run` (module docs): one device, or a data-parallel
-/// group of one rank per device joined by a [`TcpRing`] on loopback.
+/// group of one rank per device joined by a [`TcpRing`] on loopback (by NCCL between
+/// CUDA devices in builds with the `nccl` feature).
 pub fn train(run: &TrainRun, observer: &mut dyn TrainObserver) -> Result<TrainSummary> {
-    let n = run.devices().len();
+    let devices = run.devices();
+    let n = devices.len();
+    #[cfg(feature = "nccl")]
+    if n > 1 && devices.iter().all(|d| d.is_cuda()) {
+        let comms = crate::collective::nccl::NcclCollective::local(&devices, LOCAL_RING_TIMEOUT)?;
+        return train_ranks(run, comms.into_iter().map(|c| Box::new(c) as Box<dyn Collective>).collect(), observer);
+    }
     let collectives: Vec<Box<dyn Collective>> = if n == 1 {
         vec![Box::new(Solo)]
     } else {

@@ -62,6 +62,11 @@ pub struct WorkerArgs {
     /// other ranks before the attempt fails; rank 0's evaluations must fit in it.
     #[arg(long, env = "LORAFLEET_COLLECTIVE_TIMEOUT_SECS", default_value_t = 600)]
     pub collective_timeout_secs: u64,
+    /// Gangs: the transport between ranks. `auto`: NCCL when this worker is node 0 of a
+    /// gang on CUDA devices in a build with the `cuda` feature (node 0 decides for the
+    /// gang), else the TCP ring; `tcp`: always the TCP ring.
+    #[arg(long, env = "LORAFLEET_COLLECTIVE", default_value = "auto", value_parser = ["auto", "tcp"])]
+    pub collective: String,
 }
 
 /// One device this worker offers: the CPU (or one of several CPU slots, which share the
@@ -174,6 +179,8 @@ pub struct WorkerConfig {
     pub advertise_host: Option<String>,
     /// Gangs: the longest wait of one collective call.
     pub collective_timeout: Duration,
+    /// Gangs: NCCL between CUDA devices when the build has it (else the TCP ring).
+    pub allow_nccl: bool,
 }
 
 impl WorkerConfig {
@@ -200,6 +207,7 @@ impl WorkerConfig {
             check_create_only: !a.skip_create_only_check,
             advertise_host: a.advertise_host.clone(),
             collective_timeout: Duration::from_secs(a.collective_timeout_secs.max(1)),
+            allow_nccl: a.collective != "tcp",
         })
     }
 }

@@ -48,8 +48,16 @@ fn stopped(ctl: &JobControl) -> Outcome {
     }
 }
 
-/// Join the gang of `lease`: returns this worker's `local` ranks' collectives, in rank order.
-pub async fn join(w: &Worker, lease: &pb::Lease, g: &pb::Gang, local: usize, ctl: &Arc<JobControl>) -> Result<Vec<Box<dyn Collective>>, Outcome> {
+/// Whether this worker, as node 0, makes the gang use NCCL: a build with it, CUDA
+/// devices, and `--collective auto`.
+fn offers_nccl(w: &Worker, devices: &[candle_core::Device]) -> bool {
+    cfg!(feature = "cuda") && w.cfg.allow_nccl && !devices.is_empty() && devices.iter().all(|d| d.is_cuda())
+}
+
+/// Join the gang of `lease` with this worker's `devices`: returns their ranks'
+/// collectives, in rank order (NCCL when node 0 chose it, else the TCP ring).
+pub async fn join(w: &Worker, lease: &pb::Lease, g: &pb::Gang, devices: &[candle_core::Device], ctl: &Arc<JobControl>) -> Result<Vec<Box<dyn Collective>>, Outcome> {
+    let local = devices.len();
     let host = advertise_host(w);
     let bind_ip: IpAddr = host.parse().unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let listeners = (0..local.max(1))
@@ -62,12 +70,13 @@ pub async fn join(w: &Worker, lease: &pb::Lease, g: &pb::Gang, local: usize, ctl
         endpoints.push(if host.contains(':') && !host.starts_with('[') { format!("[{host}]:{port}") } else { format!("{host}:{port}") });
     }
     info!(job_id = %lease.job_id, epoch = lease.epoch, node = g.node_rank, nodes = g.nodes, endpoints = ?endpoints, "gang rendezvous");
+    let nccl_unique_id = if g.node_rank == 0 && offers_nccl(w, devices) { nccl_unique_id()? } else { Vec::new() };
     let req = pb::RendezvousRequest {
         job_id: lease.job_id.clone(),
         epoch: lease.epoch,
         worker_id: w.shared.worker_id(),
         endpoints,
-        nccl_unique_id: Vec::new(),
+        nccl_unique_id,
     };
     // Every member polls until all have called; a member that never comes loses its
     // lease, which ends the attempt (our next call is refused: abandon).
@@ -87,6 +96,9 @@ pub async fn join(w: &Worker, lease: &pb::Lease, g: &pb::Gang, local: usize, ctl
     };
     if resp.endpoints.len() != g.world_size as usize {
         return Err(retryable(format!("gang: rendezvous returned {} endpoints for {} ranks", resp.endpoints.len(), g.world_size)));
+    }
+    if !resp.nccl_unique_id.is_empty() {
+        return connect_nccl(lease, g, devices, resp.nccl_unique_id, w.cfg.collective_timeout, ctl).await;
     }
     let mut peers = Vec::with_capacity(resp.endpoints.len());
     for e in &resp.endpoints {
@@ -129,4 +141,64 @@ pub async fn join(w: &Worker, lease: &pb::Lease, g: &pb::Gang, local: usize, ctl
     }
     info!(job_id = %lease.job_id, epoch = lease.epoch, node = g.node_rank, ranks = out.len(), "gang ring connected");
     Ok(out)
+}
+
+#[cfg(feature = "cuda")]
+fn nccl_unique_id() -> Result<Vec<u8>, Outcome> {
+    lorafleet_engine::collective::nccl::unique_id().map_err(|e| retryable(format!("gang: {e}")))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_unique_id() -> Result<Vec<u8>, Outcome> {
+    Ok(Vec::new())
+}
+
+/// Join node 0's NCCL communicator with one rank per local CUDA device.
+#[cfg(feature = "cuda")]
+async fn connect_nccl(
+    lease: &pb::Lease,
+    g: &pb::Gang,
+    devices: &[candle_core::Device],
+    id: Vec<u8>,
+    timeout: Duration,
+    ctl: &Arc<JobControl>,
+) -> Result<Vec<Box<dyn Collective>>, Outcome> {
+    use lorafleet_engine::collective::nccl::NcclCollective;
+    if !devices.iter().all(|d| d.is_cuda()) {
+        return Err(crate::job::non_retryable("gang: node 0 chose NCCL, but this member's devices are not CUDA devices (give every member of a CUDA gang CUDA devices)"));
+    }
+    let (first, world, devices) = (g.first_rank as usize, g.world_size as usize, devices.to_vec());
+    let comms = tokio::task::spawn_blocking(move || {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = devices.iter().enumerate().map(|(i, d)| {
+                let id = id.clone();
+                s.spawn(move || NcclCollective::new(d, first + i, world, &id, timeout))
+            }).collect();
+            hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(lorafleet_engine::EngineError::Collective("nccl setup panicked".into())))).collect::<Vec<_>>()
+        })
+    })
+    .await
+    .map_err(|e| retryable(format!("gang: {e}")))?;
+    let mut out: Vec<Box<dyn Collective>> = Vec::new();
+    for c in comms {
+        let c = c.map_err(|e| retryable(format!("gang: {e}")))?;
+        ctl.add_ring(c.abort_handle());
+        out.push(Box::new(c));
+    }
+    info!(job_id = %lease.job_id, epoch = lease.epoch, node = g.node_rank, ranks = out.len(), "gang NCCL communicator joined");
+    Ok(out)
+}
+
+#[cfg(not(feature = "cuda"))]
+async fn connect_nccl(
+    _lease: &pb::Lease,
+    _g: &pb::Gang,
+    _devices: &[candle_core::Device],
+    _id: Vec<u8>,
+    _timeout: Duration,
+    _ctl: &Arc<JobControl>,
+) -> Result<Vec<Box<dyn Collective>>, Outcome> {
+    Err(crate::job::non_retryable(
+        "gang: node 0 chose NCCL, but this worker was built without the `cuda` feature (build every member of a CUDA gang with scripts/build-cuda.sh)",
+    ))
 }

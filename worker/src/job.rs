@@ -29,7 +29,7 @@ pub enum Outcome {
     MemberDone,
 }
 
-fn non_retryable(reason: impl Into<String>) -> Outcome {
+pub(crate) fn non_retryable(reason: impl Into<String>) -> Outcome {
     Outcome::Failed { class: pb::FailureClass::NonRetryable, reason: reason.into() }
 }
 
@@ -392,7 +392,7 @@ pub async fn execute(w: &Worker, lease: &pb::Lease, ctl: &Arc<JobControl>) -> Ou
     }
     let node = lease.gang.as_ref().map(|g| g.node_rank).unwrap_or(0);
     let group = match &lease.gang {
-        Some(g) => match crate::gang::join(w, lease, g, prepared.run.devices.len(), ctl).await {
+        Some(g) => match crate::gang::join(w, lease, g, &prepared.run.devices, ctl).await {
             Ok(c) => {
                 let _ = tx.send(log("info", format!("gang: node {} of {}, ranks {}..{} of {}", g.node_rank, g.nodes, g.first_rank, g.first_rank as usize + c.len(), g.world_size)));
                 Some(c)

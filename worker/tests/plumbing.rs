@@ -167,6 +167,7 @@ async fn start(trainer: Scripted) -> Env {
         check_create_only: true,
         advertise_host: None,
         collective_timeout: Duration::from_secs(60),
+        allow_nccl: true,
     };
     let w = Worker::new(cfg, Arc::new(trainer)).await.unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();

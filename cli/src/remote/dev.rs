@@ -70,6 +70,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
             // One machine: the gang rings run on loopback.
             advertise_host: Some("127.0.0.1".into()),
             collective_timeout: Duration::from_secs(600),
+            allow_nccl: true,
         };
         let worker = match lorafleet_worker::Worker::new(wcfg, Arc::new(lorafleet_worker::EngineTrainer)).await {
             Ok(w) => w,
