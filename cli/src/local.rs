@@ -218,8 +218,9 @@ pub struct TrainArgs {
     /// Do not draw a progress bar (log lines only).
     #[arg(long)]
     pub no_progress: bool,
-    /// Train on `cpu`, or on `cuda:0` (several, `cuda:0,1`, train data parallel) in a
-    /// build with the `cuda` feature.
+    /// Train on `cpu`, on several CPU ranks of this process (`cpu:0,1`: data parallel,
+    /// the same adapter as one device), or on `cuda:0` (several, `cuda:0,1`, train data
+    /// parallel) in a build with the `cuda` feature.
     #[arg(long, env = "LORAFLEET_DEVICES", default_value = "cpu")]
     pub devices: String,
 }

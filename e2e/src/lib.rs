@@ -304,9 +304,14 @@ pub async fn worker_names(c: &Cluster) -> HashMap<String, String> {
 }
 
 /// [`faq_spec`] as a gang: `nodes` workers of `count` devices, `grad_accum` micro-batches
-/// of one example per step (the batch stays global: any world size trains the same).
+/// of one example per step (the batch stays global: any world size trains the same),
+/// with NF4, LoRA dropout and gradient checkpointing on.
 pub fn gang_spec(name: &str, steps: u64, checkpoint_every: u64, output_dir: &str, nodes: u32, count: u32, grad_accum: u32) -> String {
-    faq_spec(name, steps, checkpoint_every, output_dir).replace("grad_accum: 1,", &format!("grad_accum: {grad_accum},"))
+    faq_spec(name, steps, checkpoint_every, output_dir)
+        .replace("grad_accum: 1,", &format!("grad_accum: {grad_accum},"))
+        .replace("quantization: { method: none, compute_dtype: f32 }", "quantization: { method: nf4, double_quant: true, compute_dtype: f32 }")
+        .replace("dropout: 0.0,", "dropout: 0.05,")
+        .replace("gradient_checkpointing: false", "gradient_checkpointing: true")
         + &format!("resources: {{ device: cpu, nodes: {nodes}, count: {count} }}\n")
 }
 

@@ -1,8 +1,9 @@
 //! Gangs end to end: one job spanning several `lorafleet-worker` processes as
 //! data-parallel ranks (a TCP ring between them, rendezvous through the coordinator),
-//! on loopback with SeaweedFS, against a real coordinator: the same adapter as a local
-//! `lorafleet train` of the spec, a killed or stopped rank, a gang waiting for workers,
-//! and `lorafleet dev --workers 2`.
+//! on loopback with SeaweedFS, against a real coordinator, with NF4, LoRA dropout,
+//! gradient accumulation and checkpointing on: the same adapter, bit for bit, as a local
+//! `lorafleet train` of the spec (one device, or four ranks in one process), a killed
+//! or stopped rank, a gang waiting for workers, and `lorafleet dev --workers 2`.
 
 use lorafleet_e2e::*;
 use lorafleet_proto as pb;
@@ -12,9 +13,14 @@ use std::time::{Duration, Instant};
 
 /// `lorafleet train` of the gang spec on one device; returns the output directory.
 fn local_train(c: &Cluster, name: &str, yaml_of: impl Fn(&str) -> String) -> PathBuf {
+    local_train_on(c, name, "cpu", yaml_of)
+}
+
+/// The same on `devices` (`cpu:0,1,2,3`: one process, four ranks).
+fn local_train_on(c: &Cluster, name: &str, devices: &str, yaml_of: impl Fn(&str) -> String) -> PathBuf {
     let out = c.dir.path().join(format!("local-{name}"));
     let spec = c.spec(&format!("local-{name}"), &yaml_of(out.to_str().unwrap()));
-    ok(&c.cli(&["train", spec.to_str().unwrap()]));
+    ok(&c.cli(&["train", "--devices", devices, spec.to_str().unwrap()]));
     out
 }
 
@@ -45,8 +51,8 @@ async fn a_two_node_gang_trains_the_adapter_of_a_local_run() {
     let local = local_train(&c, "gang2", spec);
     assert_same_weights(&fetched.join("adapter_model.safetensors"), &local.join("adapter_model.safetensors"), 0.0);
 
-    // Two workers of two CPU slots each (4 ranks) train what one worker of four does,
-    // and what the local run did.
+    // Two workers of two CPU slots each (4 ranks) train what one process of four ranks
+    // does (`lorafleet train --devices cpu:0,1,2,3`).
     c.kill_worker("w0");
     c.kill_worker("w1");
     c.start_worker_with("w2", &["--devices", "cpu:0,1"]);
@@ -60,7 +66,7 @@ async fn a_two_node_gang_trains_the_adapter_of_a_local_run() {
     let workers: serde_json::Value = serde_json::from_str(&ok(&c.cli(&["workers", "--json"]))).unwrap();
     assert!(workers.to_string().contains("gang_seats"), "{workers}");
     let one_worker = |out: &str| gang_spec("gang2x2", 8, 0, out, 1, 4, 4);
-    let local4 = local_train(&c, "gang1x4", one_worker);
+    let local4 = local_train_on(&c, "gang1x4", "cpu:0,1,2,3", one_worker);
     assert_same_weights(&fetch(&c, &job4).join("adapter_model.safetensors"), &local4.join("adapter_model.safetensors"), 0.0);
 }
 
