@@ -607,7 +607,7 @@ pub mod nccl {
                 return Ok(());
             }
             self.bind()?;
-            let mut len = self.stream.memcpy_stod(&[buf.len() as u64]).map_err(|e| cuda_err("copying to the device", e))?;
+            let mut len = self.stream.clone_htod(&[buf.len() as u64]).map_err(|e| cuda_err("copying to the device", e))?;
             self.comm.broadcast_in_place(&mut len, 0).map_err(|e| nccl_err("ncclBroadcast", e))?;
             self.wait("broadcasting a length")?;
             let mut l = [0u64];
@@ -622,7 +622,7 @@ pub mod nccl {
             if self.rank != 0 {
                 buf.resize(l[0] as usize, 0);
             }
-            let mut d = self.stream.memcpy_stod(buf.as_slice()).map_err(|e| cuda_err("copying to the device", e))?;
+            let mut d = self.stream.clone_htod(buf.as_slice()).map_err(|e| cuda_err("copying to the device", e))?;
             self.comm.broadcast_in_place(&mut d, 0).map_err(|e| nccl_err("ncclBroadcast", e))?;
             self.wait("broadcasting")?;
             self.stream.memcpy_dtoh(&d, buf.as_mut_slice()).map_err(|e| cuda_err("copying to the host", e))?;

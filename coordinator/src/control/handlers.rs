@@ -459,9 +459,11 @@ impl<'a> Ctx<'a> {
         Ok(())
     }
 
-    /// Drop every trace of a gang that left the queue.
+    /// Drop every trace of a gang that left the queue (its held workers may take other jobs).
     fn forget_gang(&mut self, id: &JobId) {
-        self.st.assemblies.remove(id);
+        if self.st.assemblies.remove(id).is_some() {
+            self.wake = true;
+        }
         self.st.gang_waits.remove(id);
     }
 
@@ -600,7 +602,6 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn progress(
         &mut self,
         call: WorkerCall,
