@@ -10,6 +10,9 @@ use lorafleet_proto as pb;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
+/// The members of a dispatched attempt seen so far: node -> (worker, devices).
+type Members = BTreeMap<u32, (String, Vec<u32>)>;
+
 fn cpus(n: u32) -> Vec<pb::Device> {
     (0..n).map(|i| pb::Device { kind: pb::DeviceKind::Cpu as i32, index: i, name: format!("cpu:{i}"), memory_mib: 0 }).collect()
 }
@@ -81,7 +84,7 @@ async fn random_pools_never_see_a_partial_gang_or_a_double_lease() {
             jobs += 1;
         }
         // Live leases: (job, epoch) -> node -> (worker, devices).
-        let mut live: HashMap<(String, u64), BTreeMap<u32, (String, Vec<u32>)>> = HashMap::new();
+        let mut live: HashMap<(String, u64), Members> = HashMap::new();
         let mut nodes_of: HashMap<(String, u64), u32> = HashMap::new();
         let mut finished = 0;
         for _ in 0..400 {

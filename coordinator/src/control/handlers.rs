@@ -896,7 +896,9 @@ impl<'a> Ctx<'a> {
 
     fn tick(&mut self, waiters: &mut VecDeque<Waiter>) -> Result<()> {
         // Expired leases: the attempt is lost; retry within the budget.
-        let expired: Vec<(JobId, WorkerId, Option<(usize, usize)>, bool)> = self
+        // (job, the member whose lease ran out, its (node, nodes) in a gang, retry?)
+        type Expired = (JobId, WorkerId, Option<(usize, usize)>, bool);
+        let expired: Vec<Expired> = self
             .st
             .jobs
             .iter()
