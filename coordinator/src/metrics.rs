@@ -25,6 +25,9 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     /// Time of one fsync of the write-ahead log.
     pub fsync_seconds: Histogram,
+    /// Gangs (jobs with resources.nodes > 1) by what they do now: `running`,
+    /// `assembling` (holding free workers), `parked` (waiting out of the queue's order).
+    pub gangs: IntGaugeVec,
 }
 
 impl Metrics {
@@ -55,8 +58,14 @@ impl Metrics {
                 .buckets(vec![0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5]),
         )
         .expect("valid metric");
+        let gangs = IntGaugeVec::new(Opts::new("lorafleet_gangs", "multi-node jobs by phase (running, assembling, parked)"), &["phase"])
+            .expect("valid metric");
+        for p in ["running", "assembling", "parked"] {
+            gangs.with_label_values(&[p]).set(0);
+        }
         for c in [
             Box::new(jobs.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(gangs.clone()),
             Box::new(workers.clone()),
             Box::new(live_leases.clone()),
             Box::new(dispatch_latency.clone()),
@@ -70,7 +79,7 @@ impl Metrics {
         for s in JobState::ALL {
             jobs.with_label_values(&[s.as_str()]).set(0);
         }
-        Arc::new(Self { registry, jobs, workers, live_leases, dispatch_latency, stale_epochs, batch_size, commit_seconds, fsync_seconds })
+        Arc::new(Self { registry, jobs, workers, live_leases, dispatch_latency, stale_epochs, batch_size, commit_seconds, fsync_seconds, gangs })
     }
 
     pub fn reset_jobs(&self, counts: &[(JobState, u64)]) {

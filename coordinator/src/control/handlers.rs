@@ -842,6 +842,10 @@ impl<'a> Ctx<'a> {
             self.wake = true;
             info!(job_id = %id, "gang back in the queue");
         }
+        let running = self.st.jobs.values().filter(|j| j.lease.as_ref().is_some_and(|l| l.is_gang())).count();
+        self.metrics.gangs.with_label_values(&["running"]).set(running as i64);
+        self.metrics.gangs.with_label_values(&["assembling"]).set(self.st.assemblies.len() as i64);
+        self.metrics.gangs.with_label_values(&["parked"]).set(self.st.gang_waits.keys().filter(|id| self.st.queue.is_parked(id)).count() as i64);
         Ok(())
     }
 
