@@ -92,6 +92,13 @@ pub async fn serve_with_metrics(
             return Err(CoordError::Storage(format!("{e} (pass --allow-unsafe-store to run anyway)")));
         }
     }
+    // Workers take the storage from the registration answer, and prove they see it by
+    // reading back this token (issue: a worker on another store fails every job).
+    let storage_marker = uuid::Uuid::new_v4().simple().to_string();
+    storage
+        .put_bytes(&lorafleet_storage::layout::coordinator_marker(), bytes::Bytes::from(storage_marker.clone()))
+        .await
+        .map_err(|e| CoordError::Storage(format!("cannot write the storage marker for workers: {e}")))?;
     let metrics = metrics::Metrics::new();
     let (control, control_loop) = control::ControlLoop::start(config.db_path.clone(), config.control.clone(), metrics.clone())?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -99,6 +106,7 @@ pub async fn serve_with_metrics(
         control: control.clone(),
         readers: readers::Readers::new(config.db_path.clone()),
         storage,
+        storage_marker,
         shutdown: stop_rx.clone(),
     });
 

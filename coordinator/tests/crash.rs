@@ -56,8 +56,8 @@ async fn kill_9_loses_no_acknowledged_job_or_lease() {
         .register_worker(pb::RegisterWorkerRequest {
             name: "w".into(),
             devices: (0..1000).map(|i| pb::Device { kind: pb::DeviceKind::Cpu as i32, index: i, name: "cpu".into(), memory_mib: 0 }).collect(),
-            labels: Default::default(),
             version: "t".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -158,7 +158,8 @@ impl Cluster {
     pub fn start_worker_with(&mut self, name: &str, extra: &[&str]) {
         let log = self.log(name);
         let child = Command::new(bin("lorafleet-worker"))
-            .args(["--coordinator", &self.endpoint(), "--name", name, "--storage", &self.storage_url, "--acquire-wait-secs", "2"])
+            // No --storage: workers take the coordinator's (and prove they see it).
+            .args(["--coordinator", &self.endpoint(), "--name", name, "--acquire-wait-secs", "2"])
             .args(["--collective-timeout-secs", "30"])
             .args(extra)
             .arg("--cache")

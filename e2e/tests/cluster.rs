@@ -253,3 +253,33 @@ async fn bad_input_is_refused_with_the_field() {
     assert!(j.error.contains("not found") && j.error.contains(&missing), "{}", j.error);
     assert_eq!(j.attempt, 1, "a non-retryable failure is not retried");
 }
+
+/// One place for storage: the cluster's workers run without --storage (they take the
+/// coordinator's); a worker pointed at another store refuses to register and says
+/// where both are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_on_another_storage_is_refused_at_registration() {
+    let _g = serial().await;
+    let c = Cluster::start(1).await;
+    let other = format!("file://{}/elsewhere", c.dir.path().display());
+    let out = std::process::Command::new(bin("lorafleet-worker"))
+        .args(["--coordinator", &c.endpoint(), "--name", "stray", "--storage", &other])
+        .arg("--cache")
+        .arg(c.dir.path().join("cache-stray"))
+        .envs(c.storage_env())
+        .output()
+        .expect("run lorafleet-worker");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(&other) && stderr.contains(&c.storage_url), "the message names both stores: {stderr}");
+    let t = Instant::now();
+    let names = loop {
+        let names: Vec<String> = worker_names(&c).await.into_values().collect();
+        if names.contains(&"w0".to_string()) || t.elapsed() > Duration::from_secs(20) {
+            break names;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(names, vec!["w0".to_string()], "the stray worker never registered");
+    assert!(c.read_log("w0").contains("storage is the coordinator's"), "{}", c.read_log("w0"));
+}

@@ -177,6 +177,7 @@ impl fmt::Display for Sha256Hex {
 ///
 /// ```text
 /// _lorafleet/probe/<uuid>                                       create-only self-check
+/// _lorafleet/coordinator                                        the running coordinator's token (workers check they see it)
 /// ```
 pub mod layout {
     use super::*;
@@ -234,6 +235,12 @@ pub mod layout {
             return Err(Error::InvalidKey { key: key.to_string(), reason: "not a manifest key (…/manifest.json)".into() });
         }
         RelPath::from_segments(segs[..segs.len() - 1].to_vec())
+    }
+
+    /// Written by the coordinator at start (a fresh token): a worker reads it back through
+    /// its own storage settings to prove it sees the coordinator's store.
+    pub fn coordinator_marker() -> RelPath {
+        RelPath(vec![seg("_lorafleet"), seg("coordinator")])
     }
 
     pub fn probe(id: &str) -> Result<RelPath, Error> {

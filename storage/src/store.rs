@@ -133,6 +133,21 @@ impl Storage {
         &self.url
     }
 
+    /// The URL without anything secret (user info, query, fragment): what the
+    /// coordinator tells workers (credentials come from each process's environment).
+    pub fn public_url(&self) -> String {
+        match url::Url::parse(&self.url) {
+            Ok(mut u) => {
+                let _ = u.set_username("");
+                let _ = u.set_password(None);
+                u.set_query(None);
+                u.set_fragment(None);
+                u.to_string()
+            }
+            Err(_) => self.url.clone(),
+        }
+    }
+
     /// Files larger than this are uploaded in parts.
     pub fn multipart_threshold(&self) -> usize {
         self.multipart_threshold

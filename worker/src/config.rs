@@ -42,9 +42,11 @@ pub struct WorkerArgs {
     /// Local cache for models, datasets and scratch space.
     #[arg(long, env = "LORAFLEET_CACHE", default_value = ".lorafleet/worker-cache")]
     pub cache: PathBuf,
-    /// Object storage shared with the coordinator: `file:///dir`, `s3://bucket/prefix` or `az://container/prefix`.
-    #[arg(long, env = "LORAFLEET_STORAGE", default_value = "file:///var/lib/lorafleet/storage")]
-    pub storage: String,
+    /// Object storage: by default the coordinator's (it says where at start). Given, it
+    /// must name the same place (`file:///dir`, `s3://bucket/prefix`, `az://container/prefix`);
+    /// credentials always come from this worker's environment.
+    #[arg(long, env = "LORAFLEET_STORAGE")]
+    pub storage: Option<String>,
     /// Labels offered to job placement, `key=value` (repeatable).
     #[arg(long = "label", env = "LORAFLEET_WORKER_LABELS", value_delimiter = ',')]
     pub labels: Vec<String>,
@@ -170,7 +172,8 @@ pub struct WorkerConfig {
     pub devices: Vec<DeviceSel>,
     pub labels: Vec<(String, String)>,
     pub cache: PathBuf,
-    pub storage_url: String,
+    /// `--storage`: None takes the coordinator's.
+    pub storage_url: Option<String>,
     pub storage_options: lorafleet_storage::StorageOptions,
     pub acquire_wait: Duration,
     pub check_create_only: bool,

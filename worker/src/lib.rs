@@ -2,9 +2,12 @@
 //! embedded `lorafleet dev` mode and the tests drive [`Worker`] directly).
 //!
 //! Life of a worker:
-//! 1. open storage and check that it refuses a second create-only put (fencing relies
-//!    on create-only manifests), then `RegisterWorker` (retried until the coordinator
-//!    answers);
+//! 1. ask the coordinator where its storage is (`GetStorage`, retried until it answers;
+//!    `--storage` may only name the same place), open it, check that it refuses a second
+//!    create-only put (fencing relies on create-only manifests) and that it shows the
+//!    token the coordinator wrote there at start (else this worker sees another store and
+//!    would fail every job: it refuses to register, naming both locations), then
+//!    `RegisterWorker` with that token;
 //! 2. a heartbeat task ([`heartbeat`]) runs on its own tokio task every
 //!    `heartbeat_interval_secs`, whatever training is doing, and applies the
 //!    coordinator's directives (cancel, abandon) to the running job;
@@ -162,23 +165,75 @@ pub struct Worker {
     pub(crate) cache: Cache,
     pub(crate) trainer: Arc<dyn Trainer>,
     pub(crate) shared: Arc<Shared>,
+    /// Where the coordinator's storage marker is (None: a coordinator without one).
+    marker_key: Option<lorafleet_storage::RelPath>,
+}
+
+/// Do two storage URLs name the same place (ignoring user info, query, a trailing `/`)?
+pub fn same_storage(a: &str, b: &str) -> bool {
+    let norm = |s: &str| match url::Url::parse(s) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.set_fragment(None);
+            u.to_string().trim_end_matches('/').to_string()
+        }
+        Err(_) => s.trim_end_matches('/').to_string(),
+    };
+    norm(a) == norm(b)
 }
 
 impl Worker {
-    /// Open storage (and self-check it) and prepare a client; nothing is sent yet.
+    /// Find and check the storage (module docs, step 1) and prepare a client; the worker
+    /// registers when it runs.
     pub async fn new(cfg: WorkerConfig, trainer: Arc<dyn Trainer>) -> Result<Self, WorkerError> {
         if cfg.devices.is_empty() {
             return Err(WorkerError::Config("no devices".into()));
-        }
-        let storage = Storage::open_with(&cfg.storage_url, &cfg.storage_options)?;
-        if cfg.check_create_only {
-            storage.check_create_only().await?;
         }
         let endpoint = Endpoint::from_shared(cfg.coordinator.clone())
             .map_err(|e| WorkerError::Config(format!("--coordinator {:?}: {e}", cfg.coordinator)))?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true);
         let client = WorkerServiceClient::new(endpoint.connect_lazy());
+        let theirs = get_storage(&client).await?;
+        let url = match (&cfg.storage_url, &theirs) {
+            (Some(own), Some(t)) if !same_storage(own, &t.storage_url) => {
+                return Err(WorkerError::Config(format!(
+                    "--storage {own} is not the coordinator's storage {}: leave --storage out to use the coordinator's",
+                    t.storage_url
+                )))
+            }
+            (Some(own), _) => own.clone(),
+            (None, Some(t)) => t.storage_url.clone(),
+            (None, None) => {
+                return Err(WorkerError::Config("--storage is required: this coordinator does not say where its storage is (an older version)".into()))
+            }
+        };
+        let storage = Storage::open_with(&url, &cfg.storage_options)?;
+        if cfg.check_create_only {
+            storage.check_create_only().await?;
+        }
+        let marker_key = match &theirs {
+            Some(t) => {
+                let key = lorafleet_storage::RelPath::parse(&t.marker_key).map_err(|e| WorkerError::Register(format!("coordinator's marker key: {e}")))?;
+                let seen = read_marker(&storage, &key).await;
+                if seen.as_deref().ok() != Some(t.marker.as_str()) {
+                    let why = match seen {
+                        Ok(_) => format!("{key} holds another coordinator's token"),
+                        Err(e) => e,
+                    };
+                    return Err(WorkerError::Config(format!(
+                        "storage: this worker's storage {} does not show the coordinator's storage {} ({why}): give the worker the same location and credentials as the coordinator (or leave --storage out to use the coordinator's); not registering",
+                        storage.public_url(),
+                        t.storage_url
+                    )));
+                }
+                info!(storage = %storage.public_url(), "storage is the coordinator's");
+                Some(key)
+            }
+            None => None,
+        };
         std::fs::create_dir_all(&cfg.cache).map_err(|e| WorkerError::Config(format!("--cache {}: {e}", cfg.cache.display())))?;
         Ok(Self {
             cache: Cache::new(cfg.cache.clone()),
@@ -186,6 +241,7 @@ impl Worker {
             client,
             storage,
             trainer,
+            marker_key,
             shared: Arc::new(Shared {
                 worker_id: RwLock::new(String::new()),
                 running: Mutex::new(HashMap::new()),
@@ -201,14 +257,21 @@ impl Worker {
 
     /// Register (retrying while the coordinator is unreachable); returns the worker id.
     pub(crate) async fn register(&self) -> Result<String, WorkerError> {
-        let req = pb::RegisterWorkerRequest {
-            name: self.cfg.name.clone(),
-            devices: self.cfg.devices.iter().map(|d| d.to_pb()).collect(),
-            labels: self.cfg.labels.iter().cloned().collect(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-        };
         let mut backoff = Duration::from_millis(200);
         loop {
+            // Read fresh: a restarted coordinator writes a new token.
+            let storage_marker = match &self.marker_key {
+                Some(k) => read_marker(&self.storage, k).await.map_err(|e| WorkerError::Register(format!("storage {}: {e}", self.storage.public_url())))?,
+                None => String::new(),
+            };
+            let req = pb::RegisterWorkerRequest {
+                name: self.cfg.name.clone(),
+                devices: self.cfg.devices.iter().map(|d| d.to_pb()).collect(),
+                labels: self.cfg.labels.iter().cloned().collect(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                storage_url: self.storage.public_url(),
+                storage_marker,
+            };
             match self.client.clone().register_worker(req.clone()).await {
                 Ok(r) => {
                     let r = r.into_inner();
@@ -293,6 +356,33 @@ impl Worker {
                 error!(path = %scratch.display(), error = %e, "could not remove scratch directory");
             }
         }
+    }
+}
+
+/// The coordinator's storage (retried while it is unreachable); `None` from a
+/// coordinator that predates GetStorage.
+async fn get_storage(client: &WorkerServiceClient<Channel>) -> Result<Option<pb::GetStorageResponse>, WorkerError> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match client.clone().get_storage(pb::GetStorageRequest {}).await {
+            Ok(r) => return Ok(Some(r.into_inner())),
+            Err(s) if s.code() == tonic::Code::Unimplemented => return Ok(None),
+            Err(s) if is_transient(&s) => {
+                warn!(code = ?s.code(), error = %s.message(), "coordinator unreachable; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(s) => return Err(WorkerError::Register(s.message().to_string())),
+        }
+    }
+}
+
+/// The token at the coordinator's marker key in this storage, or why it cannot be read.
+async fn read_marker(storage: &Storage, key: &lorafleet_storage::RelPath) -> Result<String, String> {
+    match storage.get_bytes(key).await {
+        Ok(b) => Ok(String::from_utf8_lossy(&b).into_owned()),
+        Err(lorafleet_storage::Error::NotFound { .. }) => Err(format!("{key} not found")),
+        Err(e) => Err(format!("cannot read {key}: {e}")),
     }
 }
 

@@ -36,6 +36,10 @@ struct Svc(Arc<Fake>);
 
 #[tonic::async_trait]
 impl WorkerService for Svc {
+    // An older coordinator: the worker uses its own --storage.
+    async fn get_storage(&self, _r: Request<pb::GetStorageRequest>) -> Result<Response<pb::GetStorageResponse>, Status> {
+        Err(Status::unimplemented("GetStorage"))
+    }
     async fn register_worker(&self, _r: Request<pb::RegisterWorkerRequest>) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
         Ok(Response::new(pb::RegisterWorkerResponse { worker_id: uuid::Uuid::new_v4().to_string(), lease_ttl_secs: 3, heartbeat_interval_secs: 1 }))
     }
@@ -161,7 +165,7 @@ async fn start(trainer: Scripted) -> Env {
         devices: vec![DeviceSel::Cpu(0)],
         labels: vec![],
         cache: dir.path().join("cache"),
-        storage_url,
+        storage_url: Some(storage_url),
         storage_options: Default::default(),
         acquire_wait: Duration::from_secs(1),
         check_create_only: true,

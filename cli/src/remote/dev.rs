@@ -62,7 +62,8 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
             devices: devices.clone(),
             labels: vec![],
             cache,
-            storage_url: storage_url.clone(),
+            // The coordinator's (it says where).
+            storage_url: None,
             storage_options: Default::default(),
             acquire_wait: Duration::from_secs(20),
             // They all share one storage: checking it once is enough.

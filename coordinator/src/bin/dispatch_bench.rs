@@ -124,6 +124,7 @@ async fn main() -> anyhow::Result<()> {
                 devices: vec![pb::Device { kind: pb::DeviceKind::Cpu as i32, index: 0, name: "cpu".into(), memory_mib: 0 }],
                 labels: Default::default(),
                 version: "bench".into(),
+                ..Default::default()
             })
             .await?;
         ids.push(r.into_inner().worker_id);

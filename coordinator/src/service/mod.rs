@@ -19,6 +19,9 @@ pub struct Shared {
     pub control: ControlHandle,
     pub readers: Arc<Readers>,
     pub storage: Storage,
+    /// The token this coordinator wrote at `layout::coordinator_marker()` at start:
+    /// workers read it back to prove they see the same storage.
+    pub storage_marker: String,
     /// Becomes true when the server shuts down (ends watch streams).
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }

@@ -39,8 +39,26 @@ fn text(field: &str, s: &str, max: usize) -> Result<(), CoordError> {
 
 #[tonic::async_trait]
 impl pb::worker_service_server::WorkerService for WorkerSvc {
+    async fn get_storage(&self, _req: Request<pb::GetStorageRequest>) -> Result<Response<pb::GetStorageResponse>, Status> {
+        Ok(Response::new(pb::GetStorageResponse {
+            storage_url: self.shared.storage.public_url(),
+            marker_key: lorafleet_storage::layout::coordinator_marker().to_string(),
+            marker: self.shared.storage_marker.clone(),
+        }))
+    }
+
     async fn register_worker(&self, req: Request<pb::RegisterWorkerRequest>) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
         let req = req.into_inner();
+        text("storage_url", &req.storage_url, 1024)?;
+        if !req.storage_marker.is_empty() && req.storage_marker != self.shared.storage_marker {
+            let theirs = if req.storage_url.is_empty() { "its storage".to_string() } else { req.storage_url.clone() };
+            return Err(CoordError::FailedPrecondition(format!(
+                "storage: the worker's storage {theirs} is not this coordinator's {} (it shows another coordinator's marker at {}): start the worker without --storage to use the coordinator's, or give it the same location and credentials",
+                self.shared.storage.public_url(),
+                lorafleet_storage::layout::coordinator_marker()
+            ))
+            .into());
+        }
         if req.name.is_empty() {
             return Err(CoordError::InvalidArgument("name: missing".into()).into());
         }

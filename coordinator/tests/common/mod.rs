@@ -108,7 +108,7 @@ pub async fn submit(j: &mut JobServiceClient<Channel>, spec: pb::JobSpec) -> pb:
 }
 
 pub async fn register(w: &mut WorkerServiceClient<Channel>, devices: Vec<pb::Device>) -> String {
-    w.register_worker(pb::RegisterWorkerRequest { name: "w".into(), devices, labels: Default::default(), version: "test".into() })
+    w.register_worker(pb::RegisterWorkerRequest { name: "w".into(), devices, version: "test".into(), ..Default::default() })
         .await
         .unwrap()
         .into_inner()
