@@ -74,7 +74,7 @@ JSON
     setsid "$WEED" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$dir" \
         -master.port=$b -volume.port=$((b + 1)) -filer.port=$((b + 2)) \
         -s3 -s3.port=$((b + 3)) -s3.port.iceberg=0 -s3.port.lance=0 -s3.config="$dir/s3.json" \
-        -master.volumeSizeLimitMB=64 -volume.max=100 >"$dir/weed.log" 2>&1 </dev/null &
+        -master.volumeSizeLimitMB=64 -volume.max=2000 >"$dir/weed.log" 2>&1 </dev/null &
     echo $! >"$dir/weed.pid"
     local endpoint="http://127.0.0.1:$((b + 3))"
     # Ready when the S3 gateway answers (an unsigned request is refused with 403: SigV4

@@ -21,9 +21,13 @@ use tonic::transport::Channel;
 
 #[derive(Debug, Clone, Args)]
 pub struct Conn {
-    /// Coordinator gRPC URL.
+    /// Coordinator gRPC URL (`https://` for a coordinator started with --tls-cert).
     #[arg(long, env = "LORAFLEET_COORDINATOR", default_value = "http://127.0.0.1:50051")]
     pub coordinator: String,
+    /// PEM file of the CA that signed the coordinator's certificate (https:// URLs;
+    /// default: the system's trusted roots).
+    #[arg(long, env = "LORAFLEET_CA")]
+    pub ca: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -275,9 +279,8 @@ async fn run_async(c: RemoteCommand) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn connect(conn: &Conn) -> anyhow::Result<JobServiceClient<Channel>> {
-    let ep = tonic::transport::Endpoint::from_shared(conn.coordinator.clone())
-        .map_err(|e| anyhow::anyhow!("invalid --coordinator {:?}: {e}", conn.coordinator))?
-        .connect_timeout(std::time::Duration::from_secs(5));
+    let tls = lorafleet_proto::connect::ClientTls { ca: conn.ca.clone(), ..Default::default() };
+    let ep = lorafleet_proto::connect::endpoint(&conn.coordinator, &tls).map_err(|e| anyhow::anyhow!("--coordinator: {e}"))?;
     let ch = ep.connect().await.map_err(|e| {
         anyhow::anyhow!("cannot reach the coordinator at {}: {} (start one with `lorafleet dev`, or set --coordinator / LORAFLEET_COORDINATOR)", conn.coordinator, source_msg(&e))
     })?;

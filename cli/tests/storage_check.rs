@@ -21,6 +21,7 @@ async fn coordinator(storage_url: &str, dir: &std::path::Path) -> (String, tokio
 fn worker_config(coordinator: &str, storage: Option<String>, cache: &std::path::Path) -> WorkerConfig {
     WorkerConfig {
         coordinator: coordinator.into(),
+        tls: Default::default(),
         name: "w".into(),
         devices: vec![DeviceSel::Cpu(0)],
         labels: vec![],

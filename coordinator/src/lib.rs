@@ -19,6 +19,7 @@ pub mod persistence;
 pub mod readers;
 pub mod scheduler;
 pub mod service;
+pub mod tls;
 
 pub use control::ControlConfig;
 pub use error::{CoordError, Result};
@@ -46,6 +47,8 @@ pub struct CoordinatorConfig {
     pub allow_unsafe_store: bool,
     /// Where to serve `/metrics`, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// TLS for the gRPC API and `/metrics` (None: plain text).
+    pub tls: Option<tls::ServerTls>,
     pub control: ControlConfig,
 }
 
@@ -56,6 +59,7 @@ impl CoordinatorConfig {
             storage_url: storage_url.into(),
             allow_unsafe_store: false,
             metrics_listen: None,
+            tls: None,
             control: ControlConfig::default(),
         }
     }
@@ -128,9 +132,13 @@ pub async fn serve_with_metrics(
         let _ = stop_tx.send(true);
         drain.drain().await;
     });
+    let metrics_tls = match &config.tls {
+        Some(t) => Some(t.rustls_config().map_err(|e| CoordError::InvalidArgument(format!("--tls-cert/--tls-key: {e}")))?),
+        None => None,
+    };
     let metrics_task = metrics_listener.map(|l| {
         let mut rx = stop_rx.clone();
-        tokio::spawn(metrics::serve_metrics(l, metrics, async move {
+        tokio::spawn(metrics::serve_metrics(l, metrics, metrics_tls, async move {
             let _ = rx.wait_for(|s| *s).await;
         }))
     });
@@ -145,11 +153,24 @@ pub async fn serve_with_metrics(
         }
         s
     });
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(t) = &config.tls {
+        builder = builder.tls_config(t.tonic_config()).map_err(|e| CoordError::InvalidArgument(format!("--tls-cert/--tls-key: {e}")))?;
+    }
+    let mtls = config.tls.as_ref().is_some_and(|t| t.worker_ca_pem.is_some());
+    let worker_svc = WorkerServiceServer::with_interceptor(service::workers::WorkerSvc { shared: shared.clone() }, move |req| {
+        if mtls {
+            tls::require_client_cert(req)
+        } else {
+            Ok(req)
+        }
+    });
+    info!(tls = config.tls.is_some(), worker_client_certs = mtls, "transport security");
+    let server = builder
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(JobServiceServer::new(service::jobs::JobSvc { shared: shared.clone() }))
-        .add_service(WorkerServiceServer::new(service::workers::WorkerSvc { shared: shared.clone() }))
+        .add_service(worker_svc)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = rx.wait_for(|s| *s).await;
         });

@@ -36,6 +36,21 @@ struct Args {
     /// next hold is twice as long.
     #[arg(long, env = "LORAFLEET_GANG_HOLD_SECS", default_value_t = 120)]
     gang_hold_secs: u64,
+    /// PEM certificate (chain) of the gRPC API and /metrics: TLS (clients use https://
+    /// URLs and --ca). With --tls-key.
+    #[arg(long, env = "LORAFLEET_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "LORAFLEET_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA whose certificates workers must present (mutual TLS for the worker
+    /// service; users need no certificate). Needs --tls-cert.
+    #[arg(long, env = "LORAFLEET_WORKER_CA", requires = "tls_cert")]
+    worker_ca: Option<PathBuf>,
+    /// Serve plain text (no TLS): only say so explicitly; warned about unless listening
+    /// on loopback.
+    #[arg(long, env = "LORAFLEET_INSECURE", conflicts_with = "tls_cert")]
+    insecure: bool,
 }
 
 #[tokio::main]
@@ -52,7 +67,18 @@ async fn main() -> anyhow::Result<()> {
         gang_hold: Duration::from_secs(args.gang_hold_secs.max(1)),
         ..ControlConfig::default()
     };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(lorafleet_coordinator::tls::ServerTls::from_files(c, k, args.worker_ca.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?),
+        _ if args.insecure => {
+            if !args.listen.ip().is_loopback() {
+                tracing::warn!(listen = %args.listen, "serving plain text (--insecure) on a non-loopback address: tokens, datasets and adapters cross the network unencrypted");
+            }
+            None
+        }
+        _ => anyhow::bail!("refusing to serve plain text: give --tls-cert and --tls-key (TLS), or --insecure to serve without it"),
+    };
     let config = CoordinatorConfig {
+        tls,
         db_path: args.db,
         storage_url: args.storage,
         allow_unsafe_store: args.allow_unsafe_store,

@@ -108,10 +108,11 @@ impl Metrics {
     }
 }
 
-/// Serve `/metrics` until `shutdown` resolves.
+/// Serve `/metrics` until `shutdown` resolves (over TLS when `tls` is given).
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
+    tls: Option<tokio_rustls::rustls::ServerConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::routing::get;
@@ -122,6 +123,9 @@ pub async fn serve_metrics(
             async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()) }
         }),
     );
-    info!(addr = ?listener.local_addr().ok(), "metrics listening");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    info!(addr = ?listener.local_addr().ok(), tls = tls.is_some(), "metrics listening");
+    match tls {
+        Some(cfg) => axum::serve(crate::tls::TlsListener::new(listener, cfg)?, app).with_graceful_shutdown(shutdown).await,
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+    }
 }

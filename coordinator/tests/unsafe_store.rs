@@ -70,7 +70,7 @@ impl Drop for Moto {
 
 fn coordinator(moto: &Moto, dir: &std::path::Path, grpc_port: u16, extra: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_lorafleet-coordinator"));
-    c.args(["--listen", &format!("127.0.0.1:{grpc_port}")])
+    c.args(["--listen", &format!("127.0.0.1:{grpc_port}"), "--insecure"])
         .arg("--db")
         .arg(dir.join("c.db"))
         .args(["--storage", "s3://unsafe-bucket/lorafleet"])

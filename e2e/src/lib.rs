@@ -65,8 +65,58 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
 }
 
+/// A test PKI made with rcgen, as PEM files: a CA, the coordinator's certificate for
+/// 127.0.0.1 and localhost, a worker client certificate from the same CA and one from
+/// another CA.
+#[derive(Debug, Clone)]
+pub struct TestPki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub worker_cert: PathBuf,
+    pub worker_key: PathBuf,
+    pub rogue_cert: PathBuf,
+    pub rogue_key: PathBuf,
+}
+
+impl TestPki {
+    pub fn create(dir: &Path) -> TestPki {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
+        std::fs::create_dir_all(dir).expect("pki dir");
+        let ca = |name: &str| {
+            let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(DnType::CommonName, name);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::CrlSign];
+            CertifiedIssuer::self_signed(p, KeyPair::generate().expect("key")).expect("ca")
+        };
+        let leaf = |issuer: &rcgen::Issuer<'_, KeyPair>, names: &[&str], usage: ExtendedKeyUsagePurpose, file: &str| -> (PathBuf, PathBuf) {
+            let key = KeyPair::generate().expect("key");
+            let mut p = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("params");
+            p.distinguished_name.push(DnType::CommonName, file);
+            p.extended_key_usages = vec![usage];
+            let cert = p.signed_by(&key, issuer).expect("sign");
+            let (c, k) = (dir.join(format!("{file}.pem")), dir.join(format!("{file}.key")));
+            std::fs::write(&c, cert.pem()).expect("write cert");
+            std::fs::write(&k, key.serialize_pem()).expect("write key");
+            (c, k)
+        };
+        let good = ca("lorafleet test CA");
+        let rogue = ca("someone else's CA");
+        let ca_path = dir.join("ca.pem");
+        std::fs::write(&ca_path, good.pem()).expect("write ca");
+        let (server_cert, server_key) = leaf(&good, &["127.0.0.1", "localhost"], ExtendedKeyUsagePurpose::ServerAuth, "coordinator");
+        let (worker_cert, worker_key) = leaf(&good, &["worker"], ExtendedKeyUsagePurpose::ClientAuth, "worker");
+        let (rogue_cert, rogue_key) = leaf(&rogue, &["worker"], ExtendedKeyUsagePurpose::ClientAuth, "rogue");
+        TestPki { ca: ca_path, server_cert, server_key, worker_cert, worker_key, rogue_cert, rogue_key }
+    }
+}
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    /// TLS for the API (with client certificates for workers): every scenario runs
+    /// over it; only [`Cluster::start_plain`] turns it off.
+    pub pki: Option<TestPki>,
     pub s3: S3Server,
     /// Set when the cluster stores on Azure Blob Storage (Azurite) instead of S3.
     pub azurite: Option<AzuriteServer>,
@@ -77,12 +127,21 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// SeaweedFS, a coordinator and `workers` workers named w0, w1, ...
+    /// SeaweedFS, a coordinator serving TLS (workers with client certificates) and
+    /// `workers` workers named w0, w1, ...
     pub async fn start(workers: usize) -> Cluster {
         binaries();
         let s3 = S3Server::start().await.unwrap_or_else(|e| panic!("{e}"));
         let storage_url = s3.unique_url("lorafleet");
-        Self::launch(s3, None, storage_url, workers).await
+        Self::launch(s3, None, storage_url, workers, true).await
+    }
+
+    /// The same with a plain-text coordinator (`--insecure`).
+    pub async fn start_plain(workers: usize) -> Cluster {
+        binaries();
+        let s3 = S3Server::start().await.unwrap_or_else(|e| panic!("{e}"));
+        let storage_url = s3.unique_url("lorafleet");
+        Self::launch(s3, None, storage_url, workers, false).await
     }
 
     /// The same on Azure Blob Storage: an Azurite server and an `az://` storage URL.
@@ -91,12 +150,13 @@ impl Cluster {
         let s3 = S3Server::start().await.unwrap_or_else(|e| panic!("{e}"));
         let az = AzuriteServer::start().await.unwrap_or_else(|e| panic!("{e}"));
         let storage_url = az.unique_url("lorafleet").await;
-        Self::launch(s3, Some(az), storage_url, workers).await
+        Self::launch(s3, Some(az), storage_url, workers, true).await
     }
 
-    async fn launch(s3: S3Server, azurite: Option<AzuriteServer>, storage_url: String, workers: usize) -> Cluster {
-        let mut c =
-            Cluster { dir: tempfile::tempdir().expect("tempdir"), s3, azurite, storage_url, port: free_port(), coordinator: None, workers: HashMap::new() };
+    async fn launch(s3: S3Server, azurite: Option<AzuriteServer>, storage_url: String, workers: usize, tls: bool) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = tls.then(|| TestPki::create(&dir.path().join("pki")));
+        let mut c = Cluster { dir, pki, s3, azurite, storage_url, port: free_port(), coordinator: None, workers: HashMap::new() };
         c.start_coordinator().await;
         for i in 0..workers {
             c.start_worker(&format!("w{i}"));
@@ -114,7 +174,38 @@ impl Cluster {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The coordinator's transport flags.
+    pub fn coordinator_tls_args(&self) -> Vec<String> {
+        match &self.pki {
+            Some(p) => vec![
+                "--tls-cert".into(),
+                p.server_cert.display().to_string(),
+                "--tls-key".into(),
+                p.server_key.display().to_string(),
+                "--worker-ca".into(),
+                p.ca.display().to_string(),
+            ],
+            None => vec!["--insecure".into()],
+        }
+    }
+
+    /// A worker's flags to reach the coordinator (the CA, its client certificate).
+    pub fn worker_tls_args(&self) -> Vec<String> {
+        match &self.pki {
+            Some(p) => vec![
+                "--ca".into(),
+                p.ca.display().to_string(),
+                "--tls-cert".into(),
+                p.worker_cert.display().to_string(),
+                "--tls-key".into(),
+                p.worker_key.display().to_string(),
+            ],
+            None => vec![],
+        }
     }
 
     fn log(&self, name: &str) -> std::fs::File {
@@ -125,6 +216,7 @@ impl Cluster {
         let log = self.log("coordinator");
         let child = Command::new(bin("lorafleet-coordinator"))
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(self.coordinator_tls_args())
             .arg("--db")
             .arg(self.dir.path().join("coordinator.sqlite"))
             .args(["--storage", &self.storage_url, "--lease-ttl", &LEASE_TTL_SECS.to_string()])
@@ -161,6 +253,7 @@ impl Cluster {
             // No --storage: workers take the coordinator's (and prove they see it).
             .args(["--coordinator", &self.endpoint(), "--name", name, "--acquire-wait-secs", "2"])
             .args(["--collective-timeout-secs", "30"])
+            .args(self.worker_tls_args())
             .args(extra)
             .arg("--cache")
             .arg(self.dir.path().join(format!("cache-{name}")))
@@ -197,8 +290,14 @@ impl Cluster {
         }
     }
 
+    /// The TLS settings a user's client has (the CA, no client certificate).
+    pub fn client_tls(&self) -> lorafleet_proto::connect::ClientTls {
+        lorafleet_proto::connect::ClientTls { ca: self.pki.as_ref().map(|p| p.ca.clone()), ..Default::default() }
+    }
+
     pub async fn client(&self) -> Result<JobServiceClient<Channel>, tonic::transport::Error> {
-        let ch = tonic::transport::Endpoint::from_shared(self.endpoint()).expect("endpoint").connect_timeout(Duration::from_secs(2)).connect().await?;
+        let ep = lorafleet_proto::connect::endpoint(&self.endpoint(), &self.client_tls()).expect("endpoint");
+        let ch = ep.connect_timeout(Duration::from_secs(2)).connect().await?;
         Ok(JobServiceClient::new(ch).max_decoding_message_size(64 * 1024 * 1024))
     }
 
@@ -228,8 +327,11 @@ impl Cluster {
 
     /// Run the CLI against this cluster.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(bin("lorafleet"))
-            .args(args)
+        let mut cmd = Command::new(bin("lorafleet"));
+        if let Some(p) = &self.pki {
+            cmd.env("LORAFLEET_CA", &p.ca);
+        }
+        cmd.args(args)
             .env("LORAFLEET_COORDINATOR", self.endpoint())
             .current_dir(workspace_root())
             .output()

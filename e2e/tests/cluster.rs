@@ -264,6 +264,7 @@ async fn a_worker_on_another_storage_is_refused_at_registration() {
     let other = format!("file://{}/elsewhere", c.dir.path().display());
     let out = std::process::Command::new(bin("lorafleet-worker"))
         .args(["--coordinator", &c.endpoint(), "--name", "stray", "--storage", &other])
+        .args(c.worker_tls_args())
         .arg("--cache")
         .arg(c.dir.path().join("cache-stray"))
         .envs(c.storage_env())
@@ -282,4 +283,56 @@ async fn a_worker_on_another_storage_is_refused_at_registration() {
     };
     assert_eq!(names, vec!["w0".to_string()], "the stray worker never registered");
     assert!(c.read_log("w0").contains("storage is the coordinator's"), "{}", c.read_log("w0"));
+}
+
+/// TLS on the API: the whole cluster above runs over it (workers with client
+/// certificates); here the refusals. A worker without a client certificate is refused
+/// (mutual TLS for the worker service), a user's client needs none, and plain text does
+/// not reach the coordinator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_refuses_workers_without_a_client_certificate_and_plain_text() {
+    let _g = serial().await;
+    let c = Cluster::start(0).await;
+    let pki = c.pki.clone().expect("the cluster runs TLS");
+    // A worker that trusts the CA but presents no certificate: refused, and says why.
+    let out = std::process::Command::new(bin("lorafleet-worker"))
+        .args(["--coordinator", &c.endpoint(), "--name", "nocert", "--ca"])
+        .arg(&pki.ca)
+        .arg("--cache")
+        .arg(c.dir.path().join("cache-nocert"))
+        .envs(c.storage_env())
+        .output()
+        .expect("run lorafleet-worker");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("client certificate"), "{stderr}");
+    // A user's CLI with the CA only works.
+    let w = ok(&c.cli(&["workers", "--json"]));
+    assert_eq!(w.trim(), "[]");
+    // Plain text does not reach it.
+    let plain = c.endpoint().replace("https://", "http://");
+    let out = std::process::Command::new(bin("lorafleet")).args(["workers", "--coordinator", &plain]).output().expect("run lorafleet");
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    // Without the CA the coordinator's certificate is not trusted.
+    let out = std::process::Command::new(bin("lorafleet")).args(["workers", "--coordinator", &c.endpoint()]).env_remove("LORAFLEET_CA").output().expect("run lorafleet");
+    assert!(!out.status.success());
+    // A worker whose certificate another CA signed never gets in.
+    let mut rogue = std::process::Command::new(bin("lorafleet-worker"))
+        .args(["--coordinator", &c.endpoint(), "--name", "rogue", "--ca"])
+        .arg(&pki.ca)
+        .arg("--tls-cert")
+        .arg(&pki.rogue_cert)
+        .arg("--tls-key")
+        .arg(&pki.rogue_key)
+        .arg("--cache")
+        .arg(c.dir.path().join("cache-rogue"))
+        .envs(c.storage_env())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn lorafleet-worker");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _ = rogue.kill();
+    let _ = rogue.wait();
+    assert!(worker_names(&c).await.is_empty(), "nobody registered");
 }

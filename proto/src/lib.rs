@@ -14,6 +14,7 @@ pub mod v1 {
 /// Encoded `FileDescriptorSet` of `lorafleet.v1`, for `tonic-reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("lorafleet_v1_descriptor");
 
+pub mod connect;
 pub mod convert;
 
 pub use v1::*;

@@ -97,7 +97,7 @@ impl S3Server {
             .arg(format!("-s3.port={}", b + 3))
             .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
             .arg(format!("-s3.config={}", dir.join("s3.json").display()))
-            .args(["-master.volumeSizeLimitMB=64", "-volume.max=100"])
+            .args(["-master.volumeSizeLimitMB=64", "-volume.max=2000"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)

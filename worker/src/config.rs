@@ -29,9 +29,19 @@ const NO_CUDA: &str = "this binary was built without the `cuda` feature (scripts
     command(after_help = "This build has no CUDA support: only --devices cpu (rebuild with `cargo build -p lorafleet-worker --features cuda`).")
 )]
 pub struct WorkerArgs {
-    /// Coordinator gRPC URL.
+    /// Coordinator gRPC URL (`https://` for a coordinator started with --tls-cert).
     #[arg(long, env = "LORAFLEET_COORDINATOR", default_value = "http://127.0.0.1:50051")]
     pub coordinator: String,
+    /// PEM file of the CA that signed the coordinator's certificate (default: the system roots).
+    #[arg(long, env = "LORAFLEET_CA")]
+    pub ca: Option<PathBuf>,
+    /// PEM certificate this worker presents to a coordinator that requires one
+    /// (`--worker-ca` there), with --tls-key.
+    #[arg(long, env = "LORAFLEET_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "LORAFLEET_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Name shown in `lorafleet workers` (default: the host name).
     #[arg(long, env = "LORAFLEET_WORKER_NAME")]
     pub name: Option<String>,
@@ -168,6 +178,8 @@ pub fn parse_devices(s: &str) -> Result<Vec<DeviceSel>, String> {
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     pub coordinator: String,
+    /// TLS to the coordinator (https:// URLs).
+    pub tls: lorafleet_proto::connect::ClientTls,
     pub name: String,
     pub devices: Vec<DeviceSel>,
     pub labels: Vec<(String, String)>,
@@ -200,6 +212,7 @@ impl WorkerConfig {
         };
         Ok(Self {
             coordinator: a.coordinator.clone(),
+            tls: lorafleet_proto::connect::ClientTls { ca: a.ca.clone(), cert: a.tls_cert.clone(), key: a.tls_key.clone() },
             name,
             devices,
             labels,

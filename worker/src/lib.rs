@@ -36,7 +36,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::{error, info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -191,10 +191,7 @@ impl Worker {
         if cfg.devices.is_empty() {
             return Err(WorkerError::Config("no devices".into()));
         }
-        let endpoint = Endpoint::from_shared(cfg.coordinator.clone())
-            .map_err(|e| WorkerError::Config(format!("--coordinator {:?}: {e}", cfg.coordinator)))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true);
+        let endpoint = lorafleet_proto::connect::endpoint(&cfg.coordinator, &cfg.tls).map_err(|e| WorkerError::Config(format!("--coordinator: {e}")))?;
         let client = WorkerServiceClient::new(endpoint.connect_lazy());
         let theirs = get_storage(&client).await?;
         let url = match (&cfg.storage_url, &theirs) {

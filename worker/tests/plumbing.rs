@@ -161,6 +161,7 @@ async fn start(trainer: Scripted) -> Env {
     std::fs::write(model.join("config.json"), "{}").unwrap();
     let cfg = WorkerConfig {
         coordinator: format!("http://{addr}"),
+        tls: Default::default(),
         name: "t".into(),
         devices: vec![DeviceSel::Cpu(0)],
         labels: vec![],

@@ -58,6 +58,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
         };
         let wcfg = lorafleet_worker::WorkerConfig {
             coordinator: format!("http://{addr}"),
+            tls: Default::default(),
             name,
             devices: devices.clone(),
             labels: vec![],

@@ -1,0 +1,49 @@
+//! How every lorafleet client (CLI, worker) reaches a coordinator: `http://` is plain
+//! text, `https://` is TLS, trusting the CA given (`--ca`, `LORAFLEET_CA`) or else the
+//! system roots, and presenting a client certificate when given one (workers, when the
+//! coordinator requires `--worker-ca`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+/// TLS settings of a client (all optional).
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    /// PEM file of the CA that signed the coordinator's certificate (else the system roots).
+    pub ca: Option<PathBuf>,
+    /// PEM certificate and key this client presents (mutual TLS).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+fn read(flag: &str, p: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(p).map_err(|e| format!("{flag} {}: {e}", p.display()))
+}
+
+/// An endpoint for `url` with `tls` applied (`https://` only; TLS files with an
+/// `http://` URL are refused, so a setting cannot silently not apply).
+pub fn endpoint(url: &str, tls: &ClientTls) -> Result<Endpoint, String> {
+    let ep = Endpoint::from_shared(url.to_string())
+        .map_err(|e| format!("coordinator URL {url:?}: {e}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    let https = url.starts_with("https://");
+    if !https {
+        if tls.ca.is_some() || tls.cert.is_some() || tls.key.is_some() {
+            return Err(format!("coordinator URL {url:?}: TLS settings (--ca, --tls-cert, --tls-key) need an https:// URL"));
+        }
+        return Ok(ep);
+    }
+    let mut cfg = ClientTlsConfig::new();
+    cfg = match &tls.ca {
+        Some(ca) => cfg.ca_certificate(Certificate::from_pem(read("--ca", ca)?)),
+        None => cfg.with_native_roots(),
+    };
+    match (&tls.cert, &tls.key) {
+        (Some(c), Some(k)) => cfg = cfg.identity(Identity::from_pem(read("--tls-cert", c)?, read("--tls-key", k)?)),
+        (None, None) => {}
+        _ => return Err("--tls-cert and --tls-key go together".into()),
+    }
+    ep.tls_config(cfg).map_err(|e| format!("TLS settings for {url}: {e}"))
+}
