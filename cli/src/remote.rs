@@ -17,7 +17,7 @@ use clap::{Args, Subcommand};
 use lorafleet_proto as pb;
 use lorafleet_proto::job_service_client::JobServiceClient;
 use std::path::PathBuf;
-use tonic::transport::Channel;
+use lorafleet_proto::connect::AuthChannel;
 
 #[derive(Debug, Clone, Args)]
 pub struct Conn {
@@ -28,6 +28,10 @@ pub struct Conn {
     /// default: the system's trusted roots).
     #[arg(long, env = "LORAFLEET_CA")]
     pub ca: Option<std::path::PathBuf>,
+    /// Bearer token for a coordinator started with --auth (from
+    /// `lorafleet-coordinator token create`); prefer the environment variable.
+    #[arg(long, env = "LORAFLEET_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -278,13 +282,14 @@ async fn run_async(c: RemoteCommand) -> anyhow::Result<()> {
     }
 }
 
-pub(crate) async fn connect(conn: &Conn) -> anyhow::Result<JobServiceClient<Channel>> {
+pub(crate) async fn connect(conn: &Conn) -> anyhow::Result<JobServiceClient<AuthChannel>> {
     let tls = lorafleet_proto::connect::ClientTls { ca: conn.ca.clone(), ..Default::default() };
     let ep = lorafleet_proto::connect::endpoint(&conn.coordinator, &tls).map_err(|e| anyhow::anyhow!("--coordinator: {e}"))?;
     let ch = ep.connect().await.map_err(|e| {
         anyhow::anyhow!("cannot reach the coordinator at {}: {} (start one with `lorafleet dev`, or set --coordinator / LORAFLEET_COORDINATOR)", conn.coordinator, source_msg(&e))
     })?;
-    Ok(JobServiceClient::new(ch).max_decoding_message_size(64 * 1024 * 1024))
+    let token = lorafleet_proto::connect::BearerToken::new(conn.token.as_deref()).map_err(anyhow::Error::msg)?;
+    Ok(JobServiceClient::with_interceptor(ch, token).max_decoding_message_size(64 * 1024 * 1024))
 }
 
 fn source_msg(e: &dyn std::error::Error) -> String {
@@ -306,6 +311,7 @@ pub(crate) fn status_err(s: tonic::Status) -> anyhow::Error {
         tonic::Code::FailedPrecondition => "failed precondition",
         tonic::Code::Unavailable => "coordinator unavailable",
         tonic::Code::PermissionDenied => "permission denied",
+        tonic::Code::Unauthenticated => "not authenticated",
         tonic::Code::ResourceExhausted => "resource exhausted",
         tonic::Code::DeadlineExceeded => "deadline exceeded",
         _ => "server error",

@@ -22,6 +22,7 @@ fn worker_config(coordinator: &str, storage: Option<String>, cache: &std::path::
     WorkerConfig {
         coordinator: coordinator.into(),
         tls: Default::default(),
+        token: None,
         name: "w".into(),
         devices: vec![DeviceSel::Cpu(0)],
         labels: vec![],

@@ -12,6 +12,7 @@
 //! Embed it with [`serve`]: it takes a bound listener and a shutdown future, so tests
 //! and `lorafleet dev` run it in-process.
 
+pub mod auth;
 pub mod control;
 pub mod error;
 pub mod metrics;
@@ -49,6 +50,8 @@ pub struct CoordinatorConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// TLS for the gRPC API and `/metrics` (None: plain text).
     pub tls: Option<tls::ServerTls>,
+    /// Bearer tokens and roles (None: no authentication).
+    pub auth: Option<Arc<auth::Auth>>,
     pub control: ControlConfig,
 }
 
@@ -60,6 +63,7 @@ impl CoordinatorConfig {
             allow_unsafe_store: false,
             metrics_listen: None,
             tls: None,
+            auth: None,
             control: ControlConfig::default(),
         }
     }
@@ -158,18 +162,24 @@ pub async fn serve_with_metrics(
         builder = builder.tls_config(t.tonic_config()).map_err(|e| CoordError::InvalidArgument(format!("--tls-cert/--tls-key: {e}")))?;
     }
     let mtls = config.tls.as_ref().is_some_and(|t| t.worker_ca_pem.is_some());
+    let worker_auth = config.auth.clone();
     let worker_svc = WorkerServiceServer::with_interceptor(service::workers::WorkerSvc { shared: shared.clone() }, move |req| {
-        if mtls {
-            tls::require_client_cert(req)
-        } else {
-            Ok(req)
+        let req = if mtls { tls::require_client_cert(req)? } else { req };
+        match &worker_auth {
+            Some(a) => a.authorize(req, "WorkerService", &[auth::Role::Worker]),
+            None => Ok(req),
         }
     });
-    info!(tls = config.tls.is_some(), worker_client_certs = mtls, "transport security");
+    let job_auth = config.auth.clone();
+    let job_svc = JobServiceServer::with_interceptor(service::jobs::JobSvc { shared: shared.clone() }, move |req| match &job_auth {
+        Some(a) => a.authorize(req, "JobService", &[auth::Role::User]),
+        None => Ok(req),
+    });
+    info!(tls = config.tls.is_some(), worker_client_certs = mtls, tokens = config.auth.is_some(), "transport security");
     let server = builder
         .add_service(health_svc)
         .add_service(reflection)
-        .add_service(JobServiceServer::new(service::jobs::JobSvc { shared: shared.clone() }))
+        .add_service(job_svc)
         .add_service(worker_svc)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = rx.wait_for(|s| *s).await;

@@ -8,17 +8,24 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Parser)]
-#[command(name = "lorafleet-coordinator", about = "lorafleet coordinator: durable job queue, leases, scheduling (gRPC)")]
+#[command(
+    name = "lorafleet-coordinator",
+    about = "lorafleet coordinator: durable job queue, leases, scheduling (gRPC)",
+)]
 struct Args {
+    /// What else to do than serve (`token create`).
+    #[command(subcommand)]
+    command: Option<Command>,
     /// gRPC listen address.
     #[arg(long, env = "LORAFLEET_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
-    /// SQLite database file (created if missing).
+    /// SQLite database file (created if missing). Required to serve.
     #[arg(long, env = "LORAFLEET_DB")]
-    db: PathBuf,
-    /// Object storage URL: file:///dir, s3://bucket/prefix.
+    db: Option<PathBuf>,
+    /// Object storage URL: file:///dir, s3://bucket/prefix, az://container/prefix.
+    /// Required to serve.
     #[arg(long, env = "LORAFLEET_STORAGE")]
-    storage: String,
+    storage: Option<String>,
     /// Lease TTL in seconds: a worker silent this long loses its leases.
     #[arg(long, env = "LORAFLEET_LEASE_TTL", default_value_t = 30)]
     lease_ttl: u64,
@@ -51,6 +58,42 @@ struct Args {
     /// on loopback.
     #[arg(long, env = "LORAFLEET_INSECURE", conflicts_with = "tls_cert")]
     insecure: bool,
+    /// Bearer tokens with roles (admin, user, worker): a YAML file of token hashes
+    /// (`token create` makes them), read again on SIGHUP. Without it, callers are not
+    /// authenticated.
+    #[arg(long, env = "LORAFLEET_AUTH")]
+    auth: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Manage the bearer tokens of --auth.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum TokenCommand {
+    /// Make a token, print it once, and append its sha256 to the auth file (created with
+    /// mode 0600 if missing). Send SIGHUP to a running coordinator to load it.
+    ///
+    /// Examples:
+    ///   lorafleet-coordinator token create --auth /etc/lorafleet/auth.yaml --id alice --role user --tenant acme
+    ///   lorafleet-coordinator token create --auth auth.yaml --id gpu-pool --role worker
+    #[command(verbatim_doc_comment)]
+    Create {
+        #[arg(long, env = "LORAFLEET_AUTH")]
+        auth: PathBuf,
+        /// What logs and errors call this token (1-63 letters, digits, - _ .).
+        #[arg(long)]
+        id: String,
+        /// admin (everything), user (jobs of its tenant), worker (the worker service).
+        #[arg(long)]
+        role: lorafleet_coordinator::auth::Role,
+        /// The tenant of a user token (optional for the others).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
 }
 
 #[tokio::main]
@@ -59,7 +102,40 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
+    if let Some(Command::Token(TokenCommand::Create { auth, id, role, tenant })) = &args.command {
+        let token = lorafleet_coordinator::auth::create_token(auth, id, *role, tenant.as_deref()).map_err(anyhow::Error::msg)?;
+        eprintln!("token {id:?} ({}) added to {}; it is shown only now:", role.as_str(), auth.display());
+        println!("{token}");
+        return Ok(());
+    }
     anyhow::ensure!(args.lease_ttl >= 2, "--lease-ttl must be at least 2 seconds");
+    let (Some(db_path), Some(storage_url)) = (args.db.clone(), args.storage.clone()) else {
+        anyhow::bail!("--db and --storage are required to serve (see --help)");
+    };
+    let auth = match &args.auth {
+        Some(p) => {
+            let a = lorafleet_coordinator::auth::Auth::load(p).map_err(|e| anyhow::anyhow!("--auth: {e}"))?;
+            #[cfg(unix)]
+            {
+                let a2 = a.clone();
+                let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("SIGHUP handler")?;
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        if let Err(e) = a2.reload() {
+                            tracing::error!(error = %e, "auth file not reloaded; the tokens in force stay");
+                        }
+                    }
+                });
+            }
+            Some(a)
+        }
+        None => {
+            if !args.listen.ip().is_loopback() {
+                tracing::warn!(listen = %args.listen, "no --auth: anyone who reaches this port may submit, read and cancel jobs and lease them as a worker");
+            }
+            None
+        }
+    };
     let control = ControlConfig {
         lease_ttl: Duration::from_secs(args.lease_ttl),
         heartbeat_interval: Duration::from_secs((args.lease_ttl / 6).max(1)),
@@ -79,8 +155,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let config = CoordinatorConfig {
         tls,
-        db_path: args.db,
-        storage_url: args.storage,
+        auth,
+        db_path,
+        storage_url,
         allow_unsafe_store: args.allow_unsafe_store,
         metrics_listen: args.metrics_listen,
         control,

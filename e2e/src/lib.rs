@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
+use lorafleet_proto::connect::AuthChannel;
 
 pub const LEASE_TTL_SECS: u64 = 3;
 
@@ -112,11 +112,43 @@ impl TestPki {
     }
 }
 
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    pub file: PathBuf,
+    pub user: String,
+    pub worker: String,
+    pub admin: String,
+}
+
+impl Tokens {
+    /// Make tokens with the real `lorafleet-coordinator token create`.
+    pub fn create(dir: &Path) -> Tokens {
+        let file = dir.join("auth.yaml");
+        let make = |id: &str, role: &str, tenant: Option<&str>| {
+            let mut cmd = Command::new(bin("lorafleet-coordinator"));
+            cmd.args(["token", "create", "--auth"]).arg(&file).args(["--id", id, "--role", role]);
+            if let Some(t) = tenant {
+                cmd.args(["--tenant", t]);
+            }
+            let out = cmd.output().expect("token create");
+            assert!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        let user = make("e2e-user", "user", Some("e2e"));
+        let worker = make("e2e-workers", "worker", None);
+        let admin = make("e2e-admin", "admin", None);
+        Tokens { file, user, worker, admin }
+    }
+}
+
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     /// TLS for the API (with client certificates for workers): every scenario runs
     /// over it; only [`Cluster::start_plain`] turns it off.
     pub pki: Option<TestPki>,
+    /// Bearer tokens (`--auth`, made by `lorafleet-coordinator token create`): the
+    /// user's (the CLI and [`Cluster::client`]) and the workers'.
+    pub tokens: Option<Tokens>,
     pub s3: S3Server,
     /// Set when the cluster stores on Azure Blob Storage (Azurite) instead of S3.
     pub azurite: Option<AzuriteServer>,
@@ -156,7 +188,8 @@ impl Cluster {
     async fn launch(s3: S3Server, azurite: Option<AzuriteServer>, storage_url: String, workers: usize, tls: bool) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = tls.then(|| TestPki::create(&dir.path().join("pki")));
-        let mut c = Cluster { dir, pki, s3, azurite, storage_url, port: free_port(), coordinator: None, workers: HashMap::new() };
+        let tokens = tls.then(|| Tokens::create(dir.path()));
+        let mut c = Cluster { dir, pki, tokens, s3, azurite, storage_url, port: free_port(), coordinator: None, workers: HashMap::new() };
         c.start_coordinator().await;
         for i in 0..workers {
             c.start_worker(&format!("w{i}"));
@@ -178,8 +211,17 @@ impl Cluster {
         format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
-    /// The coordinator's transport flags.
+    /// The coordinator's transport and authentication flags.
     pub fn coordinator_tls_args(&self) -> Vec<String> {
+        let mut args = match &self.tokens {
+            Some(t) => vec!["--auth".to_string(), t.file.display().to_string()],
+            None => vec![],
+        };
+        args.extend(self.transport_args());
+        args
+    }
+
+    fn transport_args(&self) -> Vec<String> {
         match &self.pki {
             Some(p) => vec![
                 "--tls-cert".into(),
@@ -254,6 +296,7 @@ impl Cluster {
             .args(["--coordinator", &self.endpoint(), "--name", name, "--acquire-wait-secs", "2"])
             .args(["--collective-timeout-secs", "30"])
             .args(self.worker_tls_args())
+            .envs(self.tokens.as_ref().map(|t| ("LORAFLEET_TOKEN", t.worker.clone())))
             .args(extra)
             .arg("--cache")
             .arg(self.dir.path().join(format!("cache-{name}")))
@@ -295,10 +338,12 @@ impl Cluster {
         lorafleet_proto::connect::ClientTls { ca: self.pki.as_ref().map(|p| p.ca.clone()), ..Default::default() }
     }
 
-    pub async fn client(&self) -> Result<JobServiceClient<Channel>, tonic::transport::Error> {
+    /// A user's client (the CA, the user's token).
+    pub async fn client(&self) -> Result<JobServiceClient<AuthChannel>, tonic::transport::Error> {
         let ep = lorafleet_proto::connect::endpoint(&self.endpoint(), &self.client_tls()).expect("endpoint");
         let ch = ep.connect_timeout(Duration::from_secs(2)).connect().await?;
-        Ok(JobServiceClient::new(ch).max_decoding_message_size(64 * 1024 * 1024))
+        let token = lorafleet_proto::connect::BearerToken::new(self.tokens.as_ref().map(|t| t.user.as_str())).expect("token");
+        Ok(JobServiceClient::with_interceptor(ch, token).max_decoding_message_size(64 * 1024 * 1024))
     }
 
     pub async fn job(&self, id: &str) -> pb::Job {
@@ -330,6 +375,9 @@ impl Cluster {
         let mut cmd = Command::new(bin("lorafleet"));
         if let Some(p) = &self.pki {
             cmd.env("LORAFLEET_CA", &p.ca);
+        }
+        if let Some(t) = &self.tokens {
+            cmd.env("LORAFLEET_TOKEN", &t.user);
         }
         cmd.args(args)
             .env("LORAFLEET_COORDINATOR", self.endpoint())

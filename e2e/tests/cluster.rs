@@ -265,6 +265,7 @@ async fn a_worker_on_another_storage_is_refused_at_registration() {
     let out = std::process::Command::new(bin("lorafleet-worker"))
         .args(["--coordinator", &c.endpoint(), "--name", "stray", "--storage", &other])
         .args(c.worker_tls_args())
+        .envs(c.tokens.as_ref().map(|t| ("LORAFLEET_TOKEN", t.worker.clone())))
         .arg("--cache")
         .arg(c.dir.path().join("cache-stray"))
         .envs(c.storage_env())
@@ -285,12 +286,13 @@ async fn a_worker_on_another_storage_is_refused_at_registration() {
     assert!(c.read_log("w0").contains("storage is the coordinator's"), "{}", c.read_log("w0"));
 }
 
-/// TLS on the API: the whole cluster above runs over it (workers with client
-/// certificates); here the refusals. A worker without a client certificate is refused
-/// (mutual TLS for the worker service), a user's client needs none, and plain text does
-/// not reach the coordinator.
+/// TLS and tokens on the API: the whole cluster above runs with them (workers with
+/// client certificates and a worker token, the CLI with a user token); here the
+/// refusals. A worker without a client certificate is refused (mutual TLS for the worker
+/// service), a user's client needs none, plain text does not reach the coordinator, and
+/// each role reaches only its service.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_refuses_workers_without_a_client_certificate_and_plain_text() {
+async fn tls_and_tokens_refuse_what_they_should() {
     let _g = serial().await;
     let c = Cluster::start(0).await;
     let pki = c.pki.clone().expect("the cluster runs TLS");
@@ -316,6 +318,39 @@ async fn tls_refuses_workers_without_a_client_certificate_and_plain_text() {
     // Without the CA the coordinator's certificate is not trusted.
     let out = std::process::Command::new(bin("lorafleet")).args(["workers", "--coordinator", &c.endpoint()]).env_remove("LORAFLEET_CA").output().expect("run lorafleet");
     assert!(!out.status.success());
+    // Tokens and roles (the real binaries): a worker's token cannot submit, a user's
+    // token cannot run a worker, no token gets nothing.
+    let tokens = c.tokens.clone().expect("the cluster runs with --auth");
+    let spec = c.spec("denied", &faq_spec("denied", 2, 0, "out/denied"));
+    let out = std::process::Command::new(bin("lorafleet"))
+        .args(["submit", spec.to_str().unwrap(), "--coordinator", &c.endpoint()])
+        .env("LORAFLEET_CA", &pki.ca)
+        .env("LORAFLEET_TOKEN", &tokens.worker)
+        .current_dir(workspace_root())
+        .output()
+        .expect("run lorafleet");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.to_lowercase().contains("permission denied") && stderr.contains("e2e-workers"), "{stderr}");
+    assert!(!stderr.contains(&tokens.worker), "the token is never echoed: {stderr}");
+    let out = std::process::Command::new(bin("lorafleet")).args(["jobs", "--coordinator", &c.endpoint()]).env("LORAFLEET_CA", &pki.ca).env_remove("LORAFLEET_TOKEN").output().expect("run lorafleet");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("missing token"), "{stderr}");
+    let out = std::process::Command::new(bin("lorafleet-worker"))
+        .args(["--coordinator", &c.endpoint(), "--name", "user-as-worker"])
+        .args(c.worker_tls_args())
+        .arg("--cache")
+        .arg(c.dir.path().join("cache-user"))
+        .env("LORAFLEET_TOKEN", &tokens.user)
+        .envs(c.storage_env())
+        .output()
+        .expect("run lorafleet-worker");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("may not call the WorkerService"), "{stderr}");
+    // An admin token reaches both.
+    let out = std::process::Command::new(bin("lorafleet")).args(["workers", "--coordinator", &c.endpoint()]).env("LORAFLEET_CA", &pki.ca).env("LORAFLEET_TOKEN", &tokens.admin).output().expect("run lorafleet");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!c.read_log("coordinator").contains(&tokens.user) && !c.read_log("coordinator").contains(&tokens.worker), "tokens never reach the log");
+
     // A worker whose certificate another CA signed never gets in.
     let mut rogue = std::process::Command::new(bin("lorafleet-worker"))
         .args(["--coordinator", &c.endpoint(), "--name", "rogue", "--ca"])

@@ -47,3 +47,51 @@ pub fn endpoint(url: &str, tls: &ClientTls) -> Result<Endpoint, String> {
     }
     ep.tls_config(cfg).map_err(|e| format!("TLS settings for {url}: {e}"))
 }
+
+/// Adds `authorization: Bearer <token>` to every call (`--token`, `LORAFLEET_TOKEN`).
+#[derive(Clone, Default)]
+pub struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself.
+        f.write_str(if self.0.is_some() { "BearerToken(set)" } else { "BearerToken(none)" })
+    }
+}
+
+impl BearerToken {
+    /// `None` or an empty token: calls carry no token.
+    pub fn new(token: Option<&str>) -> Result<Self, String> {
+        match token.map(str::trim).filter(|t| !t.is_empty()) {
+            None => Ok(Self(None)),
+            Some(t) => {
+                let mut v: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+                    format!("Bearer {t}").parse().map_err(|_| "--token: only printable ASCII characters".to_string())?;
+                v.set_sensitive(true);
+                Ok(Self(Some(v)))
+            }
+        }
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel whose calls carry the bearer token.
+pub type AuthChannel = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>;
+
+/// A secret (a bearer token) whose Debug output is redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}

@@ -42,6 +42,10 @@ pub struct WorkerArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, env = "LORAFLEET_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Bearer token (role worker) for a coordinator started with --auth; prefer the
+    /// environment variable.
+    #[arg(long, env = "LORAFLEET_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Name shown in `lorafleet workers` (default: the host name).
     #[arg(long, env = "LORAFLEET_WORKER_NAME")]
     pub name: Option<String>,
@@ -180,6 +184,8 @@ pub struct WorkerConfig {
     pub coordinator: String,
     /// TLS to the coordinator (https:// URLs).
     pub tls: lorafleet_proto::connect::ClientTls,
+    /// Bearer token (a coordinator with --auth).
+    pub token: Option<lorafleet_proto::connect::Secret>,
     pub name: String,
     pub devices: Vec<DeviceSel>,
     pub labels: Vec<(String, String)>,
@@ -213,6 +219,7 @@ impl WorkerConfig {
         Ok(Self {
             coordinator: a.coordinator.clone(),
             tls: lorafleet_proto::connect::ClientTls { ca: a.ca.clone(), cert: a.tls_cert.clone(), key: a.tls_key.clone() },
+            token: a.token.clone().map(lorafleet_proto::connect::Secret),
             name,
             devices,
             labels,

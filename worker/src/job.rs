@@ -291,7 +291,7 @@ impl TrainObserver for Observer {
 /// TTL; a refused epoch (FAILED_PRECONDITION) or NOT_FOUND abandons the job.
 pub(crate) async fn call_with_retry<T, F, Fut>(w: &Worker, ctl: &JobControl, f: F) -> Result<T, Outcome>
 where
-    F: Fn(pb::worker_service_client::WorkerServiceClient<tonic::transport::Channel>) -> Fut,
+    F: Fn(pb::worker_service_client::WorkerServiceClient<lorafleet_proto::connect::AuthChannel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let deadline = Instant::now() + w.shared.lease_ttl().max(Duration::from_secs(10));

@@ -36,7 +36,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use tonic::transport::Channel;
+use lorafleet_proto::connect::AuthChannel as Channel;
 use tracing::{error, info, warn};
 
 #[derive(Debug, thiserror::Error)]
@@ -192,7 +192,8 @@ impl Worker {
             return Err(WorkerError::Config("no devices".into()));
         }
         let endpoint = lorafleet_proto::connect::endpoint(&cfg.coordinator, &cfg.tls).map_err(|e| WorkerError::Config(format!("--coordinator: {e}")))?;
-        let client = WorkerServiceClient::new(endpoint.connect_lazy());
+        let token = lorafleet_proto::connect::BearerToken::new(cfg.token.as_ref().map(|t| t.0.as_str())).map_err(WorkerError::Config)?;
+        let client = WorkerServiceClient::with_interceptor(endpoint.connect_lazy(), token);
         let theirs = get_storage(&client).await?;
         let url = match (&cfg.storage_url, &theirs) {
             (Some(own), Some(t)) if !same_storage(own, &t.storage_url) => {

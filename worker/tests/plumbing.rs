@@ -162,6 +162,7 @@ async fn start(trainer: Scripted) -> Env {
     let cfg = WorkerConfig {
         coordinator: format!("http://{addr}"),
         tls: Default::default(),
+        token: None,
         name: "t".into(),
         devices: vec![DeviceSel::Cpu(0)],
         labels: vec![],

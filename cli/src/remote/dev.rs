@@ -59,6 +59,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
         let wcfg = lorafleet_worker::WorkerConfig {
             coordinator: format!("http://{addr}"),
             tls: Default::default(),
+        token: None,
             name,
             devices: devices.clone(),
             labels: vec![],

@@ -9,7 +9,7 @@ use lorafleet_storage::RelPath;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use tokio::io::AsyncWriteExt;
-use tonic::transport::Channel;
+use lorafleet_proto::connect::AuthChannel;
 
 struct Partial {
     tmp: PathBuf,
@@ -30,7 +30,7 @@ impl Drop for Cleanup {
     }
 }
 
-pub async fn fetch(client: &mut JobServiceClient<Channel>, job: &str, out: &Path) -> anyhow::Result<Vec<(String, u64)>> {
+pub async fn fetch(client: &mut JobServiceClient<AuthChannel>, job: &str, out: &Path) -> anyhow::Result<Vec<(String, u64)>> {
     let mut stream = client.download_adapter(pb::DownloadAdapterRequest { job_id: job.to_string() }).await.map_err(status_err)?.into_inner();
     let first = stream.message().await.map_err(status_err)?.context("empty download stream")?;
     let manifest = match first.part {

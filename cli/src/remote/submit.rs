@@ -8,7 +8,7 @@ use lorafleet_shared::spec::{JobSpec, SpecContext};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use tokio::io::AsyncReadExt;
-use tonic::transport::Channel;
+use lorafleet_proto::connect::AuthChannel;
 
 const CHUNK: usize = 1024 * 1024;
 
@@ -41,7 +41,7 @@ fn spec_path(spec_dir: &Path, p: &str) -> PathBuf {
     }
 }
 
-pub async fn submit(client: &mut JobServiceClient<Channel>, path: &Path, idempotency_key: Option<String>) -> anyhow::Result<pb::Job> {
+pub async fn submit(client: &mut JobServiceClient<AuthChannel>, path: &Path, idempotency_key: Option<String>) -> anyhow::Result<pb::Job> {
     let mut spec = load_remote_spec(path)?;
     let spec_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
 
@@ -64,7 +64,7 @@ pub async fn submit(client: &mut JobServiceClient<Channel>, path: &Path, idempot
     Ok(job)
 }
 
-async fn upload_if_local(client: &mut JobServiceClient<Channel>, spec_dir: &Path, field: &str, value: &str) -> anyhow::Result<String> {
+async fn upload_if_local(client: &mut JobServiceClient<AuthChannel>, spec_dir: &Path, field: &str, value: &str) -> anyhow::Result<String> {
     if value.contains("://") {
         return Ok(value.to_string());
     }
@@ -76,7 +76,7 @@ async fn upload_if_local(client: &mut JobServiceClient<Channel>, spec_dir: &Path
 }
 
 /// Stream a file through UploadDataset; returns its `dataset://sha256/...` ref.
-pub async fn upload_dataset(client: &mut JobServiceClient<Channel>, path: &Path) -> anyhow::Result<String> {
+pub async fn upload_dataset(client: &mut JobServiceClient<AuthChannel>, path: &Path) -> anyhow::Result<String> {
     let (size, sha) = {
         let mut f = tokio::fs::File::open(path).await?;
         let mut h = Sha256::new();

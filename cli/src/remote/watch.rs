@@ -7,7 +7,7 @@ use lorafleet_proto as pb;
 use lorafleet_proto::job_service_client::JobServiceClient;
 use std::io::IsTerminal;
 use std::time::Duration;
-use tonic::transport::Channel;
+use lorafleet_proto::connect::AuthChannel;
 
 const SPARKS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
 
@@ -67,7 +67,7 @@ pub fn rank_summary(ranks: &[pb::RankStatus], step: u64) -> String {
 }
 
 /// Follow a job until it ends; Ok only if it succeeded.
-pub async fn watch(client: &mut JobServiceClient<Channel>, job_id: &str) -> anyhow::Result<()> {
+pub async fn watch(client: &mut JobServiceClient<AuthChannel>, job_id: &str) -> anyhow::Result<()> {
     let tty = std::io::stderr().is_terminal();
     let bar = ProgressBar::with_draw_target(None, if tty { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() });
     bar.set_style(ProgressStyle::with_template("{bar:30.cyan/blue} {pos}/{len} {msg}").expect("valid template").progress_chars("█▉▊▋▌▍▎▏ "));
@@ -182,7 +182,7 @@ pub async fn watch(client: &mut JobServiceClient<Channel>, job_id: &str) -> anyh
     }
 }
 
-pub async fn logs(client: &mut JobServiceClient<Channel>, job_id: &str, follow: bool) -> anyhow::Result<()> {
+pub async fn logs(client: &mut JobServiceClient<AuthChannel>, job_id: &str, follow: bool) -> anyhow::Result<()> {
     let mut after = 0u64;
     loop {
         let r = client.get_job_logs(pb::GetJobLogsRequest { job_id: job_id.to_string(), after_seq: after, limit: 1000 }).await.map_err(status_err)?.into_inner();
