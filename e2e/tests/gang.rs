@@ -134,7 +134,8 @@ async fn a_gang_larger_than_the_cluster_waits_visibly_until_a_worker_registers()
     let _g = serial().await;
     let mut c = Cluster::start(2).await;
     let job = c.submit(&c.spec("g3", &gang_spec("g3", 6, 0, "out/g3", 3, 1, 3)));
-    let j = c.wait_job(&job, "the waiting reason", Duration::from_secs(30), |j| !j.waiting_reason.is_empty()).await;
+    // (Once both workers are up: the reason follows the workers as they register.)
+    let j = c.wait_job(&job, "the waiting reason", Duration::from_secs(30), |j| j.waiting_reason.contains("1 more worker")).await;
     assert_eq!(state(&j), pb::JobState::Queued);
     assert!(j.waiting_reason.contains("gang of 3 nodes") && j.waiting_reason.contains("1 more worker"), "{}", j.waiting_reason);
     let status = ok(&c.cli(&["status", &job]));

@@ -403,13 +403,7 @@ impl<'a> Ctx<'a> {
         let nodes = res.nodes as usize;
         let capable = self.capable_workers(&res);
         if capable < nodes {
-            let reason = format!(
-                "gang of {nodes} nodes: {capable} registered worker(s) can run a node ({} {:?} device(s) each); waiting for {} more worker(s) to register",
-                res.count,
-                res.device,
-                nodes - capable
-            )
-            .to_lowercase();
+            let reason = Self::missing_workers_reason(&res, capable);
             let hold = self.st.gang_waits.get(&q.id).map(|g| g.next_hold).unwrap_or(self.cfg.gang_hold);
             self.park_gang(q.id, GangWait { until: None, next_hold: hold }, reason)?;
             return Ok(None);
@@ -447,6 +441,17 @@ impl<'a> Ctx<'a> {
             }
         }
         Ok(Some(mine))
+    }
+
+    fn missing_workers_reason(res: &lorafleet_shared::spec::ResourceSpec, capable: usize) -> String {
+        let nodes = res.nodes as usize;
+        format!(
+            "gang of {nodes} nodes: {capable} registered worker(s) can run a node ({} {:?} device(s) each); waiting for {} more worker(s) to register",
+            res.count,
+            res.device,
+            nodes.saturating_sub(capable)
+        )
+        .to_lowercase()
     }
 
     /// Take a gang out of the order for a while (`wait`), with the reason shown.
@@ -841,6 +846,18 @@ impl<'a> Ctx<'a> {
             self.st.queue.unpark(&id);
             self.wake = true;
             info!(job_id = %id, "gang back in the queue");
+        }
+        // Gangs waiting for workers: keep the reason current as workers come and go.
+        let waiting: Vec<(JobId, lorafleet_shared::spec::ResourceSpec)> = self
+            .st
+            .gang_waits
+            .iter()
+            .filter(|(id, g)| g.until.is_none() && self.st.queue.is_parked(id))
+            .filter_map(|(id, _)| Some((*id, self.st.queue.get(id)?.resources.clone())))
+            .collect();
+        for (id, res) in waiting {
+            let reason = Self::missing_workers_reason(&res, self.capable_workers(&res));
+            self.set_waiting_reason(id, Some(reason))?;
         }
         let running = self.st.jobs.values().filter(|j| j.lease.as_ref().is_some_and(|l| l.is_gang())).count();
         self.metrics.gangs.with_label_values(&["running"]).set(running as i64);
