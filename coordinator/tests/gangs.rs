@@ -188,7 +188,7 @@ async fn random_pools_never_see_a_partial_gang_or_a_double_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gang_holds_briefly_lets_small_jobs_run_and_still_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let control = lorafleet_coordinator::ControlConfig { gang_hold: Duration::from_millis(1000), ..fast_control() };
+    let control = lorafleet_coordinator::ControlConfig { gang_hold: Duration::from_millis(2000), ..fast_control() };
     let c = Coord::start(dir.path().to_path_buf(), control).await;
     let (mut j, mut w) = (c.jobs().await, c.workers().await);
     let (a, b) = (register(&mut w, cpu()).await, register(&mut w, cpu()).await);
@@ -205,8 +205,8 @@ async fn a_gang_holds_briefly_lets_small_jobs_run_and_still_runs() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let m = scrape(&c).await;
     assert!(m.contains("lorafleet_gangs{phase=\"assembling\"} 1") && m.contains("lorafleet_gangs{phase=\"running\"} 0"), "{m}");
-    // After the hold (1 s), the gang parks (for 1 s) and b runs the small job.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // After the hold (2 s), the gang parks (for 2 s) and b runs the small job.
+    tokio::time::sleep(Duration::from_millis(2300)).await;
     let lb = acquire(&mut w, &b, 0).await.expect("the held worker is let go");
     assert_eq!(lb.job_id, small.job_id);
     let job = get(&mut j, &g.job_id).await;
