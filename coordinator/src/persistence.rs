@@ -186,6 +186,8 @@ pub struct JobRow {
     pub updated_ms: i64,
     /// Why a queued job is not running yet (gangs), when the scheduler said.
     pub waiting_reason: Option<String>,
+    /// The tenant of the token that submitted it (None: no tenant).
+    pub tenant: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -237,6 +239,11 @@ pub fn open_writer(path: &Path) -> Result<Connection> {
     if !has_reason {
         conn.execute_batch("ALTER TABLE jobs ADD COLUMN waiting_reason TEXT")?;
     }
+    // Added with tokens: the tenant that submitted a job (NULL: submitted without one).
+    let has_tenant: bool = conn.query_row("SELECT COUNT(*) FROM pragma_table_info('jobs') WHERE name = 'tenant'", [], |r| r.get::<_, i64>(0))? > 0;
+    if !has_tenant {
+        conn.execute_batch("ALTER TABLE jobs ADD COLUMN tenant TEXT; CREATE INDEX IF NOT EXISTS jobs_by_tenant ON jobs(tenant, seq);")?;
+    }
     let version: Option<String> =
         conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).optional()?;
     match version {
@@ -257,7 +264,7 @@ pub fn open_reader(path: &Path) -> Result<Connection> {
 }
 
 const JOB_COLUMNS: &str = "seq, id, spec_json, spec_hash, idempotency_key, state, attempt, epoch, worker_id, step, total_steps, loss, \
-     latest_checkpoint, adapter_manifest, error, failure_class, created_ms, updated_ms, waiting_reason";
+     latest_checkpoint, adapter_manifest, error, failure_class, created_ms, updated_ms, waiting_reason, tenant";
 
 fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Result<JobRow>> {
     let id: String = r.get(1)?;
@@ -279,6 +286,7 @@ fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Result<JobRow>> {
     let created_ms: i64 = r.get(16)?;
     let updated_ms: i64 = r.get(17)?;
     let waiting_reason: Option<String> = r.get(18)?;
+    let tenant: Option<String> = r.get(19)?;
     Ok((|| {
         Ok(JobRow {
             seq,
@@ -305,6 +313,7 @@ fn job_from_row(r: &Row<'_>) -> rusqlite::Result<Result<JobRow>> {
             created_ms,
             updated_ms,
             waiting_reason,
+            tenant,
         })
     })())
 }
@@ -343,9 +352,14 @@ pub fn list_jobs(
     labels: &BTreeMap<String, String>,
     before_seq: Option<i64>,
     limit: u32,
+    tenant: Option<&str>,
 ) -> Result<Vec<JobRow>> {
     let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs j WHERE 1=1");
     let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
+    if let Some(t) = tenant {
+        args.push(Box::new(t.to_string()));
+        sql.push_str(&format!(" AND tenant = ?{}", args.len()));
+    }
     if !states.is_empty() {
         let marks: Vec<String> = states
             .iter()
@@ -389,7 +403,7 @@ pub fn insert_job(conn: &Connection, j: &JobRow) -> Result<i64> {
     let spec_json = serde_json::to_string(&j.spec).expect("a JobSpec always serializes");
     conn.prepare_cached(
         "INSERT INTO jobs (id, name, spec_json, spec_hash, idempotency_key, state, priority, attempt, epoch, max_attempts, \
-         created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+         created_ms, updated_ms, tenant) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
     )?
     .execute(params![
         j.id.to_string(),
@@ -403,7 +417,8 @@ pub fn insert_job(conn: &Connection, j: &JobRow) -> Result<i64> {
         j.epoch.get() as i64,
         j.spec.max_attempts,
         j.created_ms,
-        j.updated_ms
+        j.updated_ms,
+        j.tenant
     ])?;
     let seq = conn.last_insert_rowid();
     let mut stmt = conn.prepare_cached("INSERT INTO job_labels (job_seq, key, value) VALUES (?1, ?2, ?3)")?;
@@ -759,6 +774,7 @@ mod tests {
             created_ms: 1,
             updated_ms: 1,
             waiting_reason: None,
+            tenant: None,
         }
     }
 
@@ -815,14 +831,14 @@ mod tests {
             ids.push(j.id);
         }
         update_state(&conn, &ids[4], JobState::Cancelled, None, Some("user"), None, None, 2).unwrap();
-        let all = list_jobs(&conn, &[], &BTreeMap::new(), None, 100).unwrap();
+        let all = list_jobs(&conn, &[], &BTreeMap::new(), None, 100, None).unwrap();
         assert_eq!(all.iter().map(|j| j.id).collect::<Vec<_>>(), ids.iter().rev().copied().collect::<Vec<_>>());
-        let queued = list_jobs(&conn, &[JobState::Queued], &BTreeMap::new(), None, 100).unwrap();
+        let queued = list_jobs(&conn, &[JobState::Queued], &BTreeMap::new(), None, 100, None).unwrap();
         assert_eq!(queued.len(), 4);
-        let team_b = list_jobs(&conn, &[], &BTreeMap::from([("team".into(), "b".into())]), None, 100).unwrap();
+        let team_b = list_jobs(&conn, &[], &BTreeMap::from([("team".into(), "b".into())]), None, 100, None).unwrap();
         assert_eq!(team_b.iter().map(|j| j.id).collect::<Vec<_>>(), vec![ids[4], ids[2], ids[0]]);
-        let page1 = list_jobs(&conn, &[], &BTreeMap::new(), None, 2).unwrap();
-        let page2 = list_jobs(&conn, &[], &BTreeMap::new(), Some(page1[1].seq), 2).unwrap();
+        let page1 = list_jobs(&conn, &[], &BTreeMap::new(), None, 2, None).unwrap();
+        let page2 = list_jobs(&conn, &[], &BTreeMap::new(), Some(page1[1].seq), 2, None).unwrap();
         assert_eq!(page2.iter().map(|j| j.id).collect::<Vec<_>>(), vec![ids[2], ids[1]]);
         let counts = count_by_state(&conn).unwrap();
         assert!(counts.contains(&(JobState::Queued, 4)) && counts.contains(&(JobState::Cancelled, 1)));

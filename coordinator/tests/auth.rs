@@ -116,3 +116,94 @@ async fn every_rpc_checks_the_token_and_the_role() {
     let _ = tx.send(());
     let _ = tokio::time::timeout(std::time::Duration::from_secs(20), task).await;
 }
+
+/// Tenants: a user token reaches only its tenant's jobs; another tenant's job is
+/// NOT_FOUND on every call (its existence is not revealed), lists show only one's own,
+/// idempotency keys of different tenants never meet, an admin sees everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_see_only_their_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("auth.yaml");
+    let alice = create_token(&file, "alice", Role::User, Some("acme")).unwrap();
+    let bob = create_token(&file, "bob", Role::User, Some("globex")).unwrap();
+    let admin = create_token(&file, "root", Role::Admin, None).unwrap();
+    let worker = create_token(&file, "pool", Role::Worker, None).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let store = dir.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let mut config = CoordinatorConfig::new(dir.path().join("c.db"), format!("file://{}", store.display()));
+    config.auth = Some(Auth::load(&file).unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(lorafleet_coordinator::serve(listener, config, async move {
+        let _ = rx.await;
+    }));
+    let ch = loop {
+        if let Ok(ch) = tonic::transport::Endpoint::from_shared(url.clone()).unwrap().connect().await {
+            break ch;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let (mut j, mut w) = (JobServiceClient::new(ch.clone()), WorkerServiceClient::new(ch.clone()));
+    let spec = || {
+        let y = format!("name: t\nmodel: {{ source: hf://org/m }}\ndata: {{ train: dataset://sha256/{} }}\noutput: {{ dir: o }}\n", "ab".repeat(32));
+        pb::JobSpec::from(&lorafleet_shared::JobSpec::from_yaml(&y, lorafleet_shared::SpecContext::Remote).unwrap())
+    };
+    let submit = |key: &str| pb::SubmitJobRequest { spec: Some(spec()), idempotency_key: key.into() };
+    let a_job = j.submit_job(req(submit("nightly"), Some(&alice))).await.unwrap().into_inner().job.unwrap();
+    // The same key from another tenant is another job, not a conflict naming alice's.
+    let b_sub = j.submit_job(req(submit("nightly"), Some(&bob))).await.unwrap().into_inner();
+    assert!(b_sub.created);
+    let b_job = b_sub.job.unwrap();
+    assert_ne!(a_job.job_id, b_job.job_id);
+    assert_eq!(b_job.idempotency_key, "nightly");
+    let again = j.submit_job(req(submit("nightly"), Some(&alice))).await.unwrap().into_inner();
+    assert!(!again.created && again.job.unwrap().job_id == a_job.job_id);
+
+    // Bob cannot reach alice's job by any call.
+    let id = a_job.job_id.clone();
+    let nf = |r: Result<(), tonic::Status>| r.err().map(|s| s.code());
+    assert_eq!(nf(j.get_job(req(pb::GetJobRequest { job_id: id.clone() }, Some(&bob))).await.map(drop)), Some(Code::NotFound));
+    assert_eq!(nf(j.watch_job(req(pb::WatchJobRequest { job_id: id.clone(), after_seq: 0 }, Some(&bob))).await.map(drop)), Some(Code::NotFound));
+    assert_eq!(nf(j.cancel_job(req(pb::CancelJobRequest { job_id: id.clone(), reason: String::new() }, Some(&bob))).await.map(drop)), Some(Code::NotFound));
+    assert_eq!(nf(j.list_checkpoints(req(pb::ListCheckpointsRequest { job_id: id.clone() }, Some(&bob))).await.map(drop)), Some(Code::NotFound));
+    assert_eq!(nf(j.get_job_logs(req(pb::GetJobLogsRequest { job_id: id.clone(), ..Default::default() }, Some(&bob))).await.map(drop)), Some(Code::NotFound));
+    assert_eq!(nf(j.download_adapter(req(pb::DownloadAdapterRequest { job_id: id.clone() }, Some(&bob))).await.map(drop)), Some(Code::NotFound));
+    // An id that exists nowhere gets the very same answer.
+    let ghost = uuid_like();
+    let e = j.get_job(req(pb::GetJobRequest { job_id: ghost.clone() }, Some(&bob))).await.unwrap_err();
+    let e2 = j.get_job(req(pb::GetJobRequest { job_id: id.clone() }, Some(&bob))).await.unwrap_err();
+    assert_eq!(e.message().replace(&ghost, "ID"), e2.message().replace(&id, "ID"));
+    assert_eq!(j.get_job(req(pb::GetJobRequest { job_id: id.clone() }, Some(&alice))).await.unwrap().into_inner().job_id, id);
+
+    let list = || pb::ListJobsRequest { page_size: 100, ..Default::default() };
+    let ids = |r: pb::ListJobsResponse| r.jobs.into_iter().map(|j| j.job_id).collect::<Vec<_>>();
+    assert_eq!(ids(j.list_jobs(req(list(), Some(&alice))).await.unwrap().into_inner()), vec![a_job.job_id.clone()]);
+    assert_eq!(ids(j.list_jobs(req(list(), Some(&bob))).await.unwrap().into_inner()), vec![b_job.job_id.clone()]);
+    assert_eq!(ids(j.list_jobs(req(list(), Some(&admin))).await.unwrap().into_inner()).len(), 2);
+
+    // A worker runs alice's job: bob does not see its id on the worker.
+    let wid = w
+        .register_worker(req(
+            pb::RegisterWorkerRequest { name: "w".into(), devices: vec![pb::Device { kind: pb::DeviceKind::Cpu as i32, index: 0, name: "cpu".into(), memory_mib: 0 }], ..Default::default() },
+            Some(&worker),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    let lease = w.acquire_job(req(pb::AcquireJobRequest { worker_id: wid, wait_secs: 0 }, Some(&worker))).await.unwrap().into_inner().lease.unwrap();
+    let running = |t: &str| {
+        let t = t.to_string();
+        let mut j = j.clone();
+        async move { j.list_workers(req(pb::ListWorkersRequest::default(), Some(&t))).await.unwrap().into_inner().workers[0].running_job_ids.clone() }
+    };
+    let owner = if lease.job_id == a_job.job_id { &alice } else { &bob };
+    let other = if lease.job_id == a_job.job_id { &bob } else { &alice };
+    assert_eq!(running(owner).await, vec![lease.job_id.clone()]);
+    assert!(running(other).await.is_empty());
+    assert_eq!(running(&admin).await, vec![lease.job_id.clone()]);
+
+    let _ = tx.send(());
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(20), task).await;
+}

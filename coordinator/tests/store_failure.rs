@@ -18,20 +18,20 @@ async fn failed_batch_rolls_back_and_state_is_reloaded() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("c.db");
     let (ctl, lp) = ControlLoop::start(db.clone(), ControlConfig::default(), Metrics::new()).unwrap();
-    let a = ctl.submit(spec("a"), None).await.unwrap().job;
+    let a = ctl.submit(spec("a"), None, None).await.unwrap().job;
 
     // Break the store under the loop: the next submission cannot write its event.
     let other = rusqlite::Connection::open(&db).unwrap();
     other.execute_batch("DROP TABLE events").unwrap();
-    let err = ctl.submit(spec("b"), Some("key-b".into())).await.unwrap_err();
+    let err = ctl.submit(spec("b"), Some("key-b".into()), None).await.unwrap_err();
     assert!(matches!(err, CoordError::Unavailable(_)), "{err:?}");
     let n: i64 = other.query_row("SELECT COUNT(*) FROM jobs WHERE name = 'b'", [], |r| r.get(0)).unwrap();
     assert_eq!(n, 0, "the failed batch was rolled back");
 
     // Repair; the loop carries on from what the store holds.
     drop(persistence::open_writer(&db).unwrap());
-    let c = ctl.submit(spec("c"), None).await.unwrap().job;
-    let again = ctl.submit(spec("b"), Some("key-b".into())).await.unwrap();
+    let c = ctl.submit(spec("c"), None, None).await.unwrap().job;
+    let again = ctl.submit(spec("b"), Some("key-b".into()), None).await.unwrap();
     assert!(again.created, "the refused submission left no trace");
     let w = ctl
         .register(NewWorker {

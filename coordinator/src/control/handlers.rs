@@ -121,8 +121,8 @@ impl<'a> Ctx<'a> {
 
     pub fn handle(&mut self, cmd: Command, waiters: &mut VecDeque<Waiter>) -> Result<()> {
         match cmd {
-            Command::Submit { spec, key, reply } => {
-                let r = self.submit(*spec, key);
+            Command::Submit { spec, key, tenant, reply } => {
+                let r = self.submit(*spec, key, tenant);
                 self.answer(reply, r)
             }
             Command::Cancel { job_id, reason, reply } => {
@@ -199,14 +199,20 @@ impl<'a> Ctx<'a> {
 
     // ---- jobs ------------------------------------------------------------------------
 
-    fn submit(&mut self, spec: JobSpec, key: Option<String>) -> Result<SubmitOutcome> {
+    fn submit(&mut self, spec: JobSpec, key: Option<String>, tenant: Option<String>) -> Result<SubmitOutcome> {
         let hash = db::spec_hash(&spec);
+        // Stored keys are scoped by tenant (a control character no user key contains).
+        let key = key.map(|k| match &tenant {
+            Some(t) => format!("{t}\u{1f}{k}"),
+            None => k,
+        });
         if let Some(k) = &key {
             if let Some(existing) = db::find_by_idempotency_key(self.conn, k)? {
                 if existing.spec_hash == hash {
                     return Ok(SubmitOutcome { job: existing, created: false });
                 }
-                return Err(CoordError::IdempotencyConflict { key: k.clone(), job_id: existing.id });
+                let shown = k.rsplit_once('\u{1f}').map(|(_, k)| k).unwrap_or(k).to_string();
+                return Err(CoordError::IdempotencyConflict { key: shown, job_id: existing.id });
             }
         }
         let mut row = JobRow {
@@ -229,6 +235,7 @@ impl<'a> Ctx<'a> {
             created_ms: self.now_ms,
             updated_ms: self.now_ms,
             waiting_reason: None,
+            tenant,
         };
         row.seq = db::insert_job(self.conn, &row)?;
         let mut job = ActiveJob {

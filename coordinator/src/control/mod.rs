@@ -100,7 +100,7 @@ pub struct NewWorker {
 }
 
 pub(crate) enum Command {
-    Submit { spec: Box<JobSpec>, key: Option<String>, reply: Reply<SubmitOutcome> },
+    Submit { spec: Box<JobSpec>, key: Option<String>, tenant: Option<String>, reply: Reply<SubmitOutcome> },
     Cancel { job_id: JobId, reason: String, reply: Reply<JobRow> },
     Register { worker: NewWorker, reply: Reply<WorkerId> },
     Heartbeat { worker: WorkerId, running: Vec<(JobId, Epoch)>, reply: Reply<Vec<pb::JobDirective>> },
@@ -173,8 +173,10 @@ impl ControlHandle {
         self.events.subscribe()
     }
 
-    pub async fn submit(&self, spec: JobSpec, key: Option<String>) -> Result<SubmitOutcome> {
-        self.call(|reply| Command::Submit { spec: Box::new(spec), key, reply }).await
+    /// Submit a job for `tenant` (None: no tenant). The idempotency key is the caller's:
+    /// keys of different tenants never meet.
+    pub async fn submit(&self, spec: JobSpec, key: Option<String>, tenant: Option<String>) -> Result<SubmitOutcome> {
+        self.call(|reply| Command::Submit { spec: Box::new(spec), key, tenant, reply }).await
     }
     pub async fn cancel(&self, job_id: JobId, reason: String) -> Result<JobRow> {
         self.call(|reply| Command::Cancel { job_id, reason, reply }).await

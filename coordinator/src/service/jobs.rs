@@ -37,12 +37,33 @@ fn is_final_event(e: &pb::JobEvent) -> bool {
     }
 }
 
+/// The tenant a caller is confined to: a user token's tenant; `None` (everything) for an
+/// admin token or when the coordinator runs without --auth.
+fn scope<T>(req: &Request<T>) -> Option<String> {
+    let who = req.extensions().get::<Arc<crate::auth::Identity>>()?;
+    match who.role {
+        crate::auth::Role::Admin => None,
+        _ => Some(who.tenant.clone().unwrap_or_default()),
+    }
+}
+
+/// The tenant a caller's submissions belong to (its token's, admins' included).
+fn tenant_of<T>(req: &Request<T>) -> Option<String> {
+    req.extensions().get::<Arc<crate::auth::Identity>>().and_then(|w| w.tenant.clone())
+}
+
+/// Another tenant's job is not found (its existence is not revealed).
+fn visible(row: &db::JobRow, scope: &Option<String>) -> bool {
+    scope.as_ref().is_none_or(|t| row.tenant.as_deref() == Some(t.as_str()))
+}
+
 impl JobSvc {
-    async fn get_row(&self, id: lorafleet_shared::ids::JobId) -> Result<db::JobRow> {
+    async fn get_row(&self, id: lorafleet_shared::ids::JobId, scope: &Option<String>) -> Result<db::JobRow> {
         self.shared
             .readers
             .run(move |c| db::get_job(c, &id))
             .await?
+            .filter(|r| visible(r, scope))
             .ok_or(CoordError::NotFound { what: "job", id: id.to_string() })
     }
 }
@@ -50,6 +71,7 @@ impl JobSvc {
 #[tonic::async_trait]
 impl pb::job_service_server::JobService for JobSvc {
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let tenant = tenant_of(&req);
         let req = req.into_inner();
         let spec = req.spec.ok_or_else(|| CoordError::InvalidArgument("spec: missing".into()))?;
         let spec = spec_from_pb(spec).map_err(CoordError::from)?;
@@ -62,24 +84,26 @@ impl pb::job_service_server::JobService for JobSvc {
             }
             k => Some(k.to_string()),
         };
-        let out = self.shared.control.submit(spec, key).await?;
+        let out = self.shared.control.submit(spec, key, tenant).await?;
         Ok(Response::new(pb::SubmitJobResponse { job: Some(job_to_pb(&out.job)), created: out.created }))
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let scope = scope(&req);
         let id = parse_job_id("job_id", &req.into_inner().job_id).map_err(CoordError::from)?;
         let (row, ranks) = self
             .shared
             .readers
             .run(move |c| Ok((db::get_job(c, &id)?, db::job_ranks(c, &id)?)))
             .await?;
-        let row = row.ok_or(CoordError::NotFound { what: "job", id: id.to_string() })?;
+        let row = row.filter(|r| visible(r, &scope)).ok_or(CoordError::NotFound { what: "job", id: id.to_string() })?;
         let mut job = job_to_pb(&row);
         job.ranks = ranks;
         Ok(Response::new(job))
     }
 
     async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let scope = scope(&req);
         let req = req.into_inner();
         let states = req
             .states
@@ -98,7 +122,7 @@ impl pb::job_service_server::JobService for JobSvc {
             t => Some(t.parse::<i64>().map_err(|_| CoordError::InvalidArgument("page_token: invalid".into()))?),
         };
         let labels = req.labels.into_iter().collect();
-        let mut rows = self.shared.readers.run(move |c| db::list_jobs(c, &states, &labels, before, size + 1)).await?;
+        let mut rows = self.shared.readers.run(move |c| db::list_jobs(c, &states, &labels, before, size + 1, scope.as_deref())).await?;
         let next = if rows.len() > size as usize {
             rows.truncate(size as usize);
             rows.last().map(|r| r.seq.to_string()).unwrap_or_default()
@@ -111,11 +135,12 @@ impl pb::job_service_server::JobService for JobSvc {
     type WatchJobStream = Stream<pb::JobEvent>;
 
     async fn watch_job(&self, req: Request<pb::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        let scope = scope(&req);
         let req = req.into_inner();
         let id = parse_job_id("job_id", &req.job_id).map_err(CoordError::from)?;
         // Subscribe before reading the store so no committed event falls in between.
         let mut live = self.shared.control.subscribe();
-        self.get_row(id).await?;
+        self.get_row(id, &scope).await?;
         let readers = self.shared.readers.clone();
         let mut stop = self.shared.shutdown.clone();
         let (tx, rx) = mpsc::channel::<Result<pb::JobEvent, Status>>(256);
@@ -190,16 +215,19 @@ impl pb::job_service_server::JobService for JobSvc {
     }
 
     async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let scope = scope(&req);
         let req = req.into_inner();
         let id = parse_job_id("job_id", &req.job_id).map_err(CoordError::from)?;
+        self.get_row(id, &scope).await?;
         let reason: String = req.reason.chars().take(1024).collect();
         let row = self.shared.control.cancel(id, reason).await?;
         Ok(Response::new(pb::CancelJobResponse { job: Some(job_to_pb(&row)) }))
     }
 
     async fn list_checkpoints(&self, req: Request<pb::ListCheckpointsRequest>) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
+        let scope = scope(&req);
         let id = parse_job_id("job_id", &req.into_inner().job_id).map_err(CoordError::from)?;
-        self.get_row(id).await?;
+        self.get_row(id, &scope).await?;
         let rows = self.shared.readers.run(move |c| db::list_checkpoints(c, &id)).await?;
         Ok(Response::new(pb::ListCheckpointsResponse {
             checkpoints: rows
@@ -216,9 +244,10 @@ impl pb::job_service_server::JobService for JobSvc {
     }
 
     async fn get_job_logs(&self, req: Request<pb::GetJobLogsRequest>) -> Result<Response<pb::GetJobLogsResponse>, Status> {
+        let scope = scope(&req);
         let req = req.into_inner();
         let id = parse_job_id("job_id", &req.job_id).map_err(CoordError::from)?;
-        self.get_row(id).await?;
+        self.get_row(id, &scope).await?;
         let limit = match req.limit {
             0 => 1000,
             n => n.min(10_000),
@@ -304,8 +333,9 @@ impl pb::job_service_server::JobService for JobSvc {
 
     async fn download_adapter(&self, req: Request<pb::DownloadAdapterRequest>) -> Result<Response<Self::DownloadAdapterStream>, Status> {
         use pb::download_adapter_response::Part;
+        let scope = scope(&req);
         let id = parse_job_id("job_id", &req.into_inner().job_id).map_err(CoordError::from)?;
-        let row = self.get_row(id).await?;
+        let row = self.get_row(id, &scope).await?;
         let key = match (row.state, row.adapter_manifest) {
             (JobState::Succeeded, Some(k)) => k,
             (s, _) => return Err(CoordError::FailedPrecondition(format!("job {id} has no adapter: it is {s}")).into()),
@@ -349,7 +379,30 @@ impl pb::job_service_server::JobService for JobSvc {
     }
 
     async fn list_workers(&self, req: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
-        let workers = self.shared.control.list_workers(req.into_inner().include_dead).await?;
+        let scope = scope(&req);
+        let mut workers = self.shared.control.list_workers(req.into_inner().include_dead).await?;
+        if let Some(t) = scope {
+            // Workers are shared; other tenants' job ids on them are not shown.
+            let ids: Vec<String> = workers.iter().flat_map(|w| w.running_job_ids.iter().chain(w.gang_seats.iter().map(|g| &g.job_id)).cloned()).collect();
+            let mine: std::collections::HashSet<String> = self
+                .shared
+                .readers
+                .run(move |c| {
+                    let mut mine = std::collections::HashSet::new();
+                    for id in ids {
+                        let Ok(jid) = id.parse() else { continue };
+                        if db::get_job(c, &jid)?.is_some_and(|r| r.tenant.as_deref() == Some(t.as_str())) {
+                            mine.insert(id);
+                        }
+                    }
+                    Ok(mine)
+                })
+                .await?;
+            for w in &mut workers {
+                w.running_job_ids.retain(|j| mine.contains(j));
+                w.gang_seats.retain(|g| mine.contains(&g.job_id));
+            }
+        }
         Ok(Response::new(pb::ListWorkersResponse { workers }))
     }
 }

@@ -40,7 +40,8 @@ pub fn job_to_pb(j: &JobRow) -> pb::Job {
         adapter_manifest_key: j.adapter_manifest.clone().unwrap_or_default(),
         error: j.error.clone().unwrap_or_default(),
         failure_class: j.failure_class.map(failure_class_to_pb).unwrap_or(pb::FailureClass::Unspecified) as i32,
-        idempotency_key: j.idempotency_key.clone().unwrap_or_default(),
+        // Stored scoped by tenant (`<tenant>\u{1f}<key>`): the caller's key is shown.
+        idempotency_key: j.idempotency_key.as_deref().map(|k| k.rsplit_once('\u{1f}').map(|(_, k)| k).unwrap_or(k)).unwrap_or_default().to_string(),
         created_at_unix_ms: j.created_ms,
         updated_at_unix_ms: j.updated_ms,
         loss: j.loss,
