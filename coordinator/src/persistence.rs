@@ -109,6 +109,12 @@ CREATE TABLE IF NOT EXISTS job_ranks (
     updated_ms INTEGER NOT NULL,
     PRIMARY KEY (job_id, rank)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tenant_datasets (
+    tenant TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (tenant, sha256)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS workers (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -482,6 +488,23 @@ pub fn attempt_members(conn: &Connection, id: &JobId, epoch: Epoch) -> Result<Ve
         out.push((w.parse().map_err(corrupt)?, serde_json::from_str(&d).map_err(|e| corrupt(format!("attempt member devices of {id}: {e}")))?));
     }
     Ok(out)
+}
+
+/// Record that `tenant` uploaded dataset `sha256`; returns whether it had before.
+pub fn record_tenant_dataset(conn: &Connection, tenant: &str, sha256: &str, now_ms: i64) -> Result<bool> {
+    let n = conn
+        .prepare_cached("INSERT OR IGNORE INTO tenant_datasets (tenant, sha256, created_ms) VALUES (?1, ?2, ?3)")?
+        .execute(params![tenant, sha256, now_ms])?;
+    Ok(n == 0)
+}
+
+/// Has `tenant` uploaded dataset `sha256`?
+pub fn tenant_has_dataset(conn: &Connection, tenant: &str, sha256: &str) -> Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM tenant_datasets WHERE tenant = ?1 AND sha256 = ?2")?
+        .query_row(params![tenant, sha256], |_| Ok(()))
+        .optional()?
+        .is_some())
 }
 
 /// Record why a queued job waits (None: it no longer does).

@@ -145,11 +145,34 @@ async fn tenants_see_only_their_jobs() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
     let (mut j, mut w) = (JobServiceClient::new(ch.clone()), WorkerServiceClient::new(ch.clone()));
-    let spec = || {
-        let y = format!("name: t\nmodel: {{ source: hf://org/m }}\ndata: {{ train: dataset://sha256/{} }}\noutput: {{ dir: o }}\n", "ab".repeat(32));
+    // Datasets: stored once, but each tenant may only use what it uploaded itself, and an
+    // upload does not reveal whether another tenant has the same data.
+    let uploader = j.clone();
+    let upload = |token: String| {
+        let mut j = uploader.clone();
+        async move {
+            let data = b"[{\"question\": \"q\", \"answer\": \"a\"}]".to_vec();
+            let msgs = vec![
+                pb::UploadDatasetRequest { part: Some(pb::upload_dataset_request::Part::Header(pb::UploadDatasetHeader { file_name: "d.json".into(), size: data.len() as u64, sha256: String::new() })) },
+                pb::UploadDatasetRequest { part: Some(pb::upload_dataset_request::Part::Data(data)) },
+            ];
+            j.upload_dataset(req(tokio_stream::iter(msgs), Some(&token))).await.unwrap().into_inner()
+        }
+    };
+    let up_a = upload(alice.clone()).await;
+    assert!(!up_a.already_existed);
+    let spec = |dataset: &str| {
+        let y = format!("name: t\nmodel: {{ source: hf://org/m }}\ndata: {{ train: {dataset:?} }}\noutput: {{ dir: o }}\n");
         pb::JobSpec::from(&lorafleet_shared::JobSpec::from_yaml(&y, lorafleet_shared::SpecContext::Remote).unwrap())
     };
-    let submit = |key: &str| pb::SubmitJobRequest { spec: Some(spec()), idempotency_key: key.into() };
+    let submit = |key: &str| pb::SubmitJobRequest { spec: Some(spec(&up_a.dataset_ref)), idempotency_key: key.into() };
+    let e = j.submit_job(req(submit("nightly"), Some(&bob))).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("data.train") && e.message().contains("not uploaded by this tenant"), "{}", e.message());
+    let up_b = upload(bob.clone()).await;
+    assert!(!up_b.already_existed, "bob does not learn that alice has the same data");
+    assert_eq!(up_b.dataset_ref, up_a.dataset_ref);
+    assert!(upload(bob.clone()).await.already_existed, "his own second upload");
     let a_job = j.submit_job(req(submit("nightly"), Some(&alice))).await.unwrap().into_inner().job.unwrap();
     // The same key from another tenant is another job, not a conflict naming alice's.
     let b_sub = j.submit_job(req(submit("nightly"), Some(&bob))).await.unwrap().into_inner();

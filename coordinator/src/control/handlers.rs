@@ -164,6 +164,10 @@ impl<'a> Ctx<'a> {
                 let r = self.rendezvous(call, endpoints, nccl_unique_id);
                 self.answer(reply, r)
             }
+            Command::TenantDataset { tenant, sha256, reply } => {
+                let r = db::record_tenant_dataset(self.conn, &tenant, &sha256, self.now_ms);
+                self.answer(reply, r)
+            }
             Command::ListWorkers { include_dead, reply } => {
                 let r = self.list_workers(include_dead);
                 self.answer(reply, r)

@@ -118,6 +118,8 @@ pub(crate) enum Command {
     Fail { call: WorkerCall, class: FailureClass, reason: String, reply: Reply<JobState> },
     Rendezvous { call: WorkerCall, endpoints: Vec<String>, nccl_unique_id: Vec<u8>, reply: Reply<pb::RendezvousResponse> },
     ListWorkers { include_dead: bool, reply: Reply<Vec<pb::Worker>> },
+    /// A tenant uploaded a dataset (answers whether it had before).
+    TenantDataset { tenant: String, sha256: String, reply: Reply<bool> },
     /// Shutting down: answer every long poll now and stop parking new ones.
     Drain { reply: Reply<()> },
     /// Stop the loop once the commands before it are applied (after the server is down).
@@ -140,6 +142,7 @@ impl Command {
             Command::Fail { reply, .. } => drop(reply.send(Err(e()))),
             Command::Rendezvous { reply, .. } => drop(reply.send(Err(e()))),
             Command::ListWorkers { reply, .. } => drop(reply.send(Err(e()))),
+            Command::TenantDataset { reply, .. } => drop(reply.send(Err(e()))),
             Command::Drain { reply } | Command::Stop { reply } => drop(reply.send(Err(e()))),
             Command::Tick => {}
         }
@@ -213,6 +216,10 @@ impl ControlHandle {
     }
     pub async fn rendezvous(&self, call: WorkerCall, endpoints: Vec<String>, nccl_unique_id: Vec<u8>) -> Result<pb::RendezvousResponse> {
         self.call(|reply| Command::Rendezvous { call, endpoints, nccl_unique_id, reply }).await
+    }
+    /// Record that `tenant` uploaded dataset `sha256` (durably); whether it had before.
+    pub async fn tenant_dataset(&self, tenant: String, sha256: String) -> Result<bool> {
+        self.call(|reply| Command::TenantDataset { tenant, sha256, reply }).await
     }
     pub async fn list_workers(&self, include_dead: bool) -> Result<Vec<pb::Worker>> {
         self.call(|reply| Command::ListWorkers { include_dead, reply }).await

@@ -72,11 +72,23 @@ impl JobSvc {
 impl pb::job_service_server::JobService for JobSvc {
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let tenant = tenant_of(&req);
+        let scope = scope(&req);
         let req = req.into_inner();
         let spec = req.spec.ok_or_else(|| CoordError::InvalidArgument("spec: missing".into()))?;
         let spec = spec_from_pb(spec).map_err(CoordError::from)?;
         spec.validate(lorafleet_shared::SpecContext::Remote).map_err(|e| CoordError::InvalidArgument(e.to_string()))?;
         check_remote_spec(&spec)?;
+        if let Some(t) = scope {
+            let refs: Vec<(&'static str, String)> =
+                [("data.train", Some(spec.data.train.clone())), ("data.eval", spec.data.eval.clone())].into_iter().filter_map(|(f, v)| Some((f, v?))).collect();
+            for (field, r) in refs {
+                let Some(Ok(sha)) = lorafleet_storage::parse_dataset_ref(&r) else { continue };
+                let (t2, sha_s) = (t.clone(), sha.to_string());
+                if !self.shared.readers.run(move |c| db::tenant_has_dataset(c, &t2, &sha_s)).await? {
+                    return Err(CoordError::InvalidArgument(format!("{field}: dataset {r} was not uploaded by this tenant (upload it with `lorafleet submit`)")).into());
+                }
+            }
+        }
         let key = match req.idempotency_key.as_str() {
             "" => None,
             k if k.len() > 256 || k.chars().any(|c| c.is_control()) => {
@@ -268,6 +280,7 @@ impl pb::job_service_server::JobService for JobSvc {
 
     async fn upload_dataset(&self, req: Request<Streaming<pb::UploadDatasetRequest>>) -> Result<Response<pb::UploadDatasetResponse>, Status> {
         use pb::upload_dataset_request::Part;
+        let scope = scope(&req);
         let mut stream = req.into_inner();
         let header = match stream.next().await {
             Some(Ok(pb::UploadDatasetRequest { part: Some(Part::Header(h)) })) => h,
@@ -324,6 +337,12 @@ impl pb::job_service_server::JobService for JobSvc {
         if stored_sha != sha {
             return Err(CoordError::Internal("dataset changed while uploading".into()).into());
         }
+        // Datasets are stored once, but a tenant may only name the ones it uploaded itself
+        // (so one tenant cannot train on, or probe for, another's data by its hash).
+        let existed = match scope {
+            Some(t) => self.shared.control.tenant_dataset(t, sha.to_string()).await?,
+            None => existed,
+        };
         let dataset_ref = lorafleet_storage::cache::dataset_ref(&sha);
         info!(dataset = %dataset_ref, bytes = size, file_name = %header.file_name, already_existed = existed, "dataset uploaded");
         Ok(Response::new(pb::UploadDatasetResponse { dataset_ref, sha256: sha.to_string(), size, already_existed: existed }))
