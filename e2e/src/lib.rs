@@ -338,11 +338,12 @@ impl Cluster {
         lorafleet_proto::connect::ClientTls { ca: self.pki.as_ref().map(|p| p.ca.clone()), ..Default::default() }
     }
 
-    /// A user's client (the CA, the user's token).
+    /// The tests' own client (the CA and the admin token, which sees every tenant's jobs;
+    /// the CLI runs as the user).
     pub async fn client(&self) -> Result<JobServiceClient<AuthChannel>, tonic::transport::Error> {
         let ep = lorafleet_proto::connect::endpoint(&self.endpoint(), &self.client_tls()).expect("endpoint");
         let ch = ep.connect_timeout(Duration::from_secs(2)).connect().await?;
-        let token = lorafleet_proto::connect::BearerToken::new(self.tokens.as_ref().map(|t| t.user.as_str())).expect("token");
+        let token = lorafleet_proto::connect::BearerToken::new(self.tokens.as_ref().map(|t| t.admin.as_str())).expect("token");
         Ok(JobServiceClient::with_interceptor(ch, token).max_decoding_message_size(64 * 1024 * 1024))
     }
 
@@ -370,7 +371,21 @@ impl Cluster {
         }
     }
 
-    /// Run the CLI against this cluster.
+    /// Run the CLI against this cluster with another token (e.g. the admin's).
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
+        let mut cmd = Command::new(bin("lorafleet"));
+        if let Some(p) = &self.pki {
+            cmd.env("LORAFLEET_CA", &p.ca);
+        }
+        cmd.args(args)
+            .env("LORAFLEET_TOKEN", token)
+            .env("LORAFLEET_COORDINATOR", self.endpoint())
+            .current_dir(workspace_root())
+            .output()
+            .expect("running lorafleet")
+    }
+
+    /// Run the CLI against this cluster (as the user).
     pub fn cli(&self, args: &[&str]) -> Output {
         let mut cmd = Command::new(bin("lorafleet"));
         if let Some(p) = &self.pki {

@@ -241,12 +241,21 @@ async fn bad_input_is_refused_with_the_field() {
         assert!(err.contains(field), "case {i}: error does not name {field}: {err}");
         assert_eq!(err.trim().lines().filter(|l| l.starts_with("error:")).count(), 1, "one error line: {err}");
     }
-    // A dataset ref that does not exist: the job fails, non-retryable, with the reason.
+    // A dataset ref this tenant never uploaded: refused at submit, naming the field.
     let missing = format!("dataset://sha256/{}", "0".repeat(64));
     let data = workspace_root().join("examples/faq.json").display().to_string();
     let yaml = good.replace(&format!("{data:?}"), &format!("{missing:?}"));
     assert_ne!(yaml, good);
-    let job = c.submit(&c.spec("missing", &yaml));
+    let spec = c.spec("missing", &yaml);
+    let out = c.cli(&["submit", spec.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("data.train") && err.contains("not uploaded by this tenant"), "{err}");
+    // An admin (no tenant scope) may submit it: the job fails, non-retryable, with the reason.
+    let admin = c.tokens.as_ref().expect("tokens").admin.clone();
+    let out = c.cli_as(&admin, &["submit", spec.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let job = v["id"].as_str().expect("id").to_string();
     let j = c.wait_job(&job, "failure", Duration::from_secs(60), |j| state(j).is_final_pb()).await;
     assert_eq!(state(&j), pb::JobState::Failed, "{j:?}");
     assert_eq!(j.failure_class, pb::FailureClass::NonRetryable as i32);
