@@ -52,6 +52,30 @@ async fn worker_calls(c: &mut WorkerServiceClient<Channel>, t: Option<&str>) -> 
     ]
 }
 
+type Stop = tokio::sync::oneshot::Sender<()>;
+type Task = tokio::task::JoinHandle<lorafleet_coordinator::Result<()>>;
+
+/// A coordinator with `auth` on loopback (file storage in `dir`), and a channel to it.
+async fn start(dir: &std::path::Path, auth: std::sync::Arc<Auth>) -> (Channel, Stop, Task) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let store = dir.join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let mut config = CoordinatorConfig::new(dir.join("c.db"), format!("file://{}", store.display()));
+    config.auth = Some(auth);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(lorafleet_coordinator::serve(listener, config, async move {
+        let _ = rx.await;
+    }));
+    let ch = loop {
+        if let Ok(ch) = tonic::transport::Endpoint::from_shared(url.clone()).unwrap().connect().await {
+            break ch;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    (ch, tx, task)
+}
+
 fn uuid_like() -> String {
     uuid::Uuid::new_v4().to_string()
 }
@@ -64,22 +88,7 @@ async fn every_rpc_checks_the_token_and_the_role() {
     let worker = create_token(&file, "pool", Role::Worker, None).unwrap();
     let admin = create_token(&file, "root", Role::Admin, None).unwrap();
     let auth = Auth::load(&file).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let store = dir.path().join("store");
-    std::fs::create_dir_all(&store).unwrap();
-    let mut config = CoordinatorConfig::new(dir.path().join("c.db"), format!("file://{}", store.display()));
-    config.auth = Some(auth.clone());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(lorafleet_coordinator::serve(listener, config, async move {
-        let _ = rx.await;
-    }));
-    let ch = loop {
-        if let Ok(ch) = tonic::transport::Endpoint::from_shared(url.clone()).unwrap().connect().await {
-            break ch;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    let (ch, tx, task) = start(dir.path(), auth.clone()).await;
     let (mut j, mut w) = (JobServiceClient::new(ch.clone()), WorkerServiceClient::new(ch.clone()));
 
     let denied = |calls: Vec<(&'static str, Code)>, want: Code, who: &str| {
@@ -128,22 +137,7 @@ async fn tenants_see_only_their_jobs() {
     let bob = create_token(&file, "bob", Role::User, Some("globex")).unwrap();
     let admin = create_token(&file, "root", Role::Admin, None).unwrap();
     let worker = create_token(&file, "pool", Role::Worker, None).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let store = dir.path().join("store");
-    std::fs::create_dir_all(&store).unwrap();
-    let mut config = CoordinatorConfig::new(dir.path().join("c.db"), format!("file://{}", store.display()));
-    config.auth = Some(Auth::load(&file).unwrap());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(lorafleet_coordinator::serve(listener, config, async move {
-        let _ = rx.await;
-    }));
-    let ch = loop {
-        if let Ok(ch) = tonic::transport::Endpoint::from_shared(url.clone()).unwrap().connect().await {
-            break ch;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    let (ch, tx, task) = start(dir.path(), Auth::load(&file).unwrap()).await;
     let (mut j, mut w) = (JobServiceClient::new(ch.clone()), WorkerServiceClient::new(ch.clone()));
     // Datasets: stored once, but each tenant may only use what it uploaded itself, and an
     // upload does not reveal whether another tenant has the same data.

@@ -373,26 +373,21 @@ impl Cluster {
 
     /// Run the CLI against this cluster with another token (e.g. the admin's).
     pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
-        let mut cmd = Command::new(bin("lorafleet"));
-        if let Some(p) = &self.pki {
-            cmd.env("LORAFLEET_CA", &p.ca);
-        }
-        cmd.args(args)
-            .env("LORAFLEET_TOKEN", token)
-            .env("LORAFLEET_COORDINATOR", self.endpoint())
-            .current_dir(workspace_root())
-            .output()
-            .expect("running lorafleet")
+        self.run_cli(Some(token), args)
     }
 
     /// Run the CLI against this cluster (as the user).
     pub fn cli(&self, args: &[&str]) -> Output {
+        self.run_cli(self.tokens.as_ref().map(|t| t.user.as_str()), args)
+    }
+
+    fn run_cli(&self, token: Option<&str>, args: &[&str]) -> Output {
         let mut cmd = Command::new(bin("lorafleet"));
         if let Some(p) = &self.pki {
             cmd.env("LORAFLEET_CA", &p.ca);
         }
-        if let Some(t) = &self.tokens {
-            cmd.env("LORAFLEET_TOKEN", &t.user);
+        if let Some(t) = token {
+            cmd.env("LORAFLEET_TOKEN", t);
         }
         cmd.args(args)
             .env("LORAFLEET_COORDINATOR", self.endpoint())
