@@ -62,7 +62,7 @@ fn collective_err(m: impl Into<String>) -> EngineError {
 }
 
 /// Add the parts into `acc` in order (the per-rank half of the reduction order).
-fn add_parts(acc: &mut [f32], parts: &[&[f32]], range: std::ops::Range<usize>) {
+pub(crate) fn add_parts(acc: &mut [f32], parts: &[&[f32]], range: std::ops::Range<usize>) {
     for p in parts {
         for (a, v) in acc.iter_mut().zip(&p[range.clone()]) {
             *a += *v;
@@ -219,15 +219,14 @@ impl TcpRing {
         static GROUPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
         let token = (std::process::id() as u64) << 32 ^ nanos ^ GROUPS.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        Self::connect_all(listeners.into_iter().enumerate().map(|(rank, l)| (l, RingConfig { rank, peers: peers.clone(), token, timeout })).collect())
+    }
+
+    /// Connect several ranks of this process at once (each [`TcpRing::connect`] waits
+    /// for its neighbour, so they run on threads of their own).
+    pub fn connect_all(members: Vec<(RingListener, RingConfig)>) -> Result<Vec<TcpRing>> {
         std::thread::scope(|s| {
-            let handles: Vec<_> = listeners
-                .into_iter()
-                .enumerate()
-                .map(|(rank, l)| {
-                    let cfg = RingConfig { rank, peers: peers.clone(), token, timeout };
-                    s.spawn(move || TcpRing::connect(l, cfg))
-                })
-                .collect();
+            let handles: Vec<_> = members.into_iter().map(|(l, cfg)| s.spawn(move || TcpRing::connect(l, cfg))).collect();
             handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(collective_err("ring setup thread panicked")))).collect()
         })
     }
@@ -520,13 +519,13 @@ pub mod nccl {
         /// A communicator over the CUDA `devices` of this process, one rank each, joined
         /// on threads (ncclCommInitRank waits for every rank).
         pub fn local(devices: &[candle_core::Device], timeout: Duration) -> Result<Vec<NcclCollective>> {
-            let id = unique_id()?;
-            let world = devices.len();
+            Self::join_all(devices, 0, devices.len(), &unique_id()?, timeout)
+        }
+
+        /// Join communicator `id` with ranks `first_rank..` on `devices`, on threads.
+        pub fn join_all(devices: &[candle_core::Device], first_rank: usize, world: usize, id: &[u8], timeout: Duration) -> Result<Vec<NcclCollective>> {
             std::thread::scope(|s| {
-                let hs: Vec<_> = devices.iter().enumerate().map(|(rank, d)| {
-                    let id = &id;
-                    s.spawn(move || NcclCollective::new(d, rank, world, id, timeout))
-                }).collect();
+                let hs: Vec<_> = devices.iter().enumerate().map(|(i, d)| s.spawn(move || NcclCollective::new(d, first_rank + i, world, id, timeout))).collect();
                 hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(collective_err("nccl setup thread panicked")))).collect()
             })
         }

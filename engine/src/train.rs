@@ -592,9 +592,7 @@ fn train_rank(run: &TrainRun, device: &Device, mut comm: Box<dyn Collective>, ob
             if let Some((loss, g)) = micro_step(model, device, &batches[j], t.seed, state.step, j as u64, ga as u64)? {
                 let p = layout.pack(&g, j, loss)?;
                 if world == 1 {
-                    for (a, v) in reduced.iter_mut().zip(&p) {
-                        *a += *v;
-                    }
+                    crate::collective::add_parts(&mut reduced, &[&p], 0..p.len());
                 } else {
                     parts.push(p);
                 }

@@ -31,4 +31,4 @@ pub use cache::{parse_dataset_ref, Cache, DATASET_SCHEME};
 pub use error::{Error, Result};
 pub use key::{layout, RelPath, Segment, Sha256Hex};
 pub use manifest::{FileEntry, Manifest};
-pub use store::{Storage, StorageOptions};
+pub use store::{public_url, Storage, StorageOptions};

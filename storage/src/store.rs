@@ -133,19 +133,10 @@ impl Storage {
         &self.url
     }
 
-    /// The URL without anything secret (user info, query, fragment): what the
-    /// coordinator tells workers (credentials come from each process's environment).
+    /// The URL without anything secret ([`public_url`]): what the coordinator tells
+    /// workers (credentials come from each process's environment).
     pub fn public_url(&self) -> String {
-        match url::Url::parse(&self.url) {
-            Ok(mut u) => {
-                let _ = u.set_username("");
-                let _ = u.set_password(None);
-                u.set_query(None);
-                u.set_fragment(None);
-                u.to_string()
-            }
-            Err(_) => self.url.clone(),
-        }
+        public_url(&self.url)
     }
 
     /// Files larger than this are uploaded in parts.
@@ -365,6 +356,20 @@ impl Drop for TempGuard {
         if let Some(p) = self.0.take() {
             let _ = std::fs::remove_file(&p).or_else(|_| std::fs::remove_dir_all(&p));
         }
+    }
+}
+
+/// A storage URL without user info, query or fragment (what may be shown or sent).
+pub fn public_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.set_fragment(None);
+            u.to_string()
+        }
+        Err(_) => url.to_string(),
     }
 }
 

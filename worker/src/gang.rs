@@ -110,34 +110,19 @@ pub async fn join(w: &Worker, lease: &pb::Lease, g: &pb::Gang, devices: &[candle
         peers.push(addr);
     }
     let (first, token, timeout) = (g.first_rank as usize, resp.group_token, w.cfg.collective_timeout);
-    let rings = tokio::task::spawn_blocking(move || {
-        std::thread::scope(|s| {
-            let hs: Vec<_> = listeners
-                .into_iter()
-                .enumerate()
-                .map(|(i, l)| {
-                    let cfg = RingConfig { rank: first + i, peers: peers.clone(), token, timeout };
-                    s.spawn(move || TcpRing::connect(l, cfg))
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(lorafleet_engine::EngineError::Collective("ring setup panicked".into())))).collect::<Vec<_>>()
-        })
-    })
-    .await
-    .map_err(|e| retryable(format!("gang: {e}")))?;
-    let mut out: Vec<Box<dyn Collective>> = Vec::new();
-    for r in rings {
-        match r {
-            Ok(ring) => {
-                ctl.add_ring(ring.abort_handle());
-                out.push(Box::new(ring));
-            }
-            Err(e) if ctl.should_stop() => {
-                warn!(job_id = %lease.job_id, error = %e, "gang ring not connected: the attempt was stopped");
-                return Err(stopped(ctl));
-            }
-            Err(e) => return Err(retryable(format!("gang: {e}"))),
+    let members = listeners.into_iter().enumerate().map(|(i, l)| (l, RingConfig { rank: first + i, peers: peers.clone(), token, timeout })).collect();
+    let rings = match tokio::task::spawn_blocking(move || TcpRing::connect_all(members)).await.map_err(|e| retryable(format!("gang: {e}")))? {
+        Ok(r) => r,
+        Err(e) if ctl.should_stop() => {
+            warn!(job_id = %lease.job_id, error = %e, "gang ring not connected: the attempt was stopped");
+            return Err(stopped(ctl));
         }
+        Err(e) => return Err(retryable(format!("gang: {e}"))),
+    };
+    let mut out: Vec<Box<dyn Collective>> = Vec::new();
+    for ring in rings {
+        ctl.add_ring(ring.abort_handle());
+        out.push(Box::new(ring));
     }
     info!(job_id = %lease.job_id, epoch = lease.epoch, node = g.node_rank, ranks = out.len(), "gang ring connected");
     Ok(out)
@@ -168,20 +153,12 @@ async fn connect_nccl(
         return Err(crate::job::non_retryable("gang: node 0 chose NCCL, but this member's devices are not CUDA devices (give every member of a CUDA gang CUDA devices)"));
     }
     let (first, world, devices) = (g.first_rank as usize, g.world_size as usize, devices.to_vec());
-    let comms = tokio::task::spawn_blocking(move || {
-        std::thread::scope(|s| {
-            let hs: Vec<_> = devices.iter().enumerate().map(|(i, d)| {
-                let id = id.clone();
-                s.spawn(move || NcclCollective::new(d, first + i, world, &id, timeout))
-            }).collect();
-            hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(lorafleet_engine::EngineError::Collective("nccl setup panicked".into())))).collect::<Vec<_>>()
-        })
-    })
-    .await
-    .map_err(|e| retryable(format!("gang: {e}")))?;
+    let comms = tokio::task::spawn_blocking(move || NcclCollective::join_all(&devices, first, world, &id, timeout))
+        .await
+        .map_err(|e| retryable(format!("gang: {e}")))?
+        .map_err(|e| retryable(format!("gang: {e}")))?;
     let mut out: Vec<Box<dyn Collective>> = Vec::new();
     for c in comms {
-        let c = c.map_err(|e| retryable(format!("gang: {e}")))?;
         ctl.add_ring(c.abort_handle());
         out.push(Box::new(c));
     }

@@ -171,16 +171,7 @@ pub struct Worker {
 
 /// Do two storage URLs name the same place (ignoring user info, query, a trailing `/`)?
 pub fn same_storage(a: &str, b: &str) -> bool {
-    let norm = |s: &str| match url::Url::parse(s) {
-        Ok(mut u) => {
-            let _ = u.set_username("");
-            let _ = u.set_password(None);
-            u.set_query(None);
-            u.set_fragment(None);
-            u.to_string().trim_end_matches('/').to_string()
-        }
-        Err(_) => s.trim_end_matches('/').to_string(),
-    };
+    let norm = |s: &str| lorafleet_storage::public_url(s).trim_end_matches('/').to_string();
     norm(a) == norm(b)
 }
 

@@ -413,21 +413,18 @@ impl<'a> Ctx<'a> {
         let res = q.resources.clone();
         let nodes = res.nodes as usize;
         let capable = self.capable_workers(&res);
+        let hold = self.st.gang_waits.get(&q.id).map(|g| g.next_hold).unwrap_or(self.cfg.gang_hold);
         if capable < nodes {
             let reason = Self::missing_workers_reason(&res, capable);
-            let hold = self.st.gang_waits.get(&q.id).map(|g| g.next_hold).unwrap_or(self.cfg.gang_hold);
             self.park_gang(q.id, GangWait { until: None, next_hold: hold }, reason)?;
             return Ok(None);
         }
-        let hold = self.st.gang_waits.get(&q.id).map(|g| g.next_hold).unwrap_or(self.cfg.gang_hold);
         let now = self.now;
+        // (Members that die leave every assembly when the tick declares them dead.)
         let a = self.st.assemblies.entry(q.id).or_insert_with(|| Assembly { members: Vec::new(), started: now, hold });
         if !a.members.iter().any(|(w, _)| *w == worker) {
             a.members.push((worker, devices));
         }
-        // Members that died meanwhile drop out.
-        let alive: Vec<WorkerId> = self.st.workers.iter().filter(|(_, w)| w.alive).map(|(id, _)| *id).collect();
-        a.members.retain(|(w, _)| alive.contains(w));
         if a.members.len() < nodes {
             let reason = format!(
                 "gang of {nodes} nodes: {} worker(s) held, waiting for {} more to be free (holding them for up to {}s)",
