@@ -3,7 +3,7 @@
 //! as sha256 hashes, each with an id (what logs name), a role and a tenant:
 //!
 //! - `admin`: every service;
-//! - `user`: the JobService (a tenant is required; tenant scoping of jobs is not done yet);
+//! - `user`: the JobService, for the jobs and datasets of its tenant (required);
 //! - `worker`: the WorkerService only.
 //!
 //! A missing or unknown token is `UNAUTHENTICATED`, a known token of the wrong role is
@@ -17,13 +17,15 @@
 //!   - { id: gpu-pool, role: worker, sha256: fcde2b2e... }
 //! ```
 //! `lorafleet-coordinator token create --auth FILE --id alice --role user --tenant acme`
-//! prints a new token once and appends its hash.
+//! prints a new token once and appends its hash. The same file may hold the tenants'
+//! quotas (`quotas:`, see [`crate::quota`]).
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use crate::quota::Quotas;
 use tonic::Status;
 use tracing::{info, warn};
 
@@ -80,18 +82,28 @@ struct Entry {
 struct AuthFile {
     #[serde(default)]
     tokens: Vec<Entry>,
+    /// Per-tenant quotas ([`crate::quota`]).
+    #[serde(default, skip_serializing_if = "is_default")]
+    quotas: Quotas,
 }
 
-fn name_ok(s: &str) -> bool {
+fn is_default(q: &Quotas) -> bool {
+    *q == Quotas::default()
+}
+
+/// A token id or tenant name: 1-63 letters, digits, `-`, `_`, `.`.
+pub(crate) fn name_ok(s: &str) -> bool {
     !s.is_empty() && s.len() <= 63 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
-fn parse(path: &Path) -> Result<HashMap<String, Arc<Identity>>, String> {
+type Table = HashMap<String, Arc<Identity>>;
+
+fn parse(path: &Path) -> Result<(Table, Quotas), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let file: AuthFile = serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut file: AuthFile = serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut out = HashMap::new();
     let mut ids = std::collections::HashSet::new();
-    for (i, e) in file.tokens.into_iter().enumerate() {
+    for (i, e) in std::mem::take(&mut file.tokens).into_iter().enumerate() {
         let at = |m: String| format!("{}: tokens[{i}]: {m}", path.display());
         if !name_ok(&e.id) {
             return Err(at(format!("id {:?}: 1-63 letters, digits, - _ .", e.id)));
@@ -111,13 +123,15 @@ fn parse(path: &Path) -> Result<HashMap<String, Arc<Identity>>, String> {
             return Err(at("the same token hash appears twice".into()));
         }
     }
-    Ok(out)
+    file.quotas.check().map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((out, file.quotas))
 }
 
 /// The token table, reloadable.
 pub struct Auth {
     path: PathBuf,
-    table: RwLock<HashMap<String, Arc<Identity>>>,
+    table: RwLock<Table>,
+    quotas: Arc<RwLock<Quotas>>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -129,16 +143,22 @@ impl std::fmt::Debug for Auth {
 impl Auth {
     /// Read the token file (refused with the entry and what is wrong).
     pub fn load(path: &Path) -> Result<Arc<Self>, String> {
-        let table = parse(path)?;
-        info!(file = %path.display(), tokens = table.len(), "auth tokens loaded");
-        Ok(Arc::new(Self { path: path.to_path_buf(), table: RwLock::new(table) }))
+        let (table, quotas) = parse(path)?;
+        info!(file = %path.display(), tokens = table.len(), quota_tenants = quotas.tenants.len(), "auth tokens loaded");
+        Ok(Arc::new(Self { path: path.to_path_buf(), table: RwLock::new(table), quotas: Arc::new(RwLock::new(quotas)) }))
+    }
+
+    /// The quotas of the file, as reloaded (the control loop reads them).
+    pub fn quotas(&self) -> Arc<RwLock<Quotas>> {
+        self.quotas.clone()
     }
 
     /// Read the file again (SIGHUP); a bad file keeps the tokens in force.
     pub fn reload(&self) -> Result<usize, String> {
-        let table = parse(&self.path)?;
+        let (table, quotas) = parse(&self.path)?;
         let n = table.len();
         *self.table.write().unwrap_or_else(|e| e.into_inner()) = table;
+        *self.quotas.write().unwrap_or_else(|e| e.into_inner()) = quotas;
         info!(file = %self.path.display(), tokens = n, "auth tokens reloaded");
         Ok(n)
     }

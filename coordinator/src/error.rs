@@ -28,6 +28,9 @@ pub enum CoordError {
     Storage(String),
     #[error("coordinator is shutting down")]
     ShuttingDown,
+    /// A quota or limit refuses the call (nothing was changed).
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// Nothing was changed; the same call may succeed if retried.
     #[error("{0}")]
     Unavailable(String),
@@ -50,6 +53,7 @@ impl From<CoordError> for tonic::Status {
             CoordError::IdempotencyConflict { .. } => Code::AlreadyExists,
             CoordError::StaleEpoch { .. } | CoordError::FailedPrecondition(_) => Code::FailedPrecondition,
             CoordError::Store(_) | CoordError::Storage(_) | CoordError::ShuttingDown | CoordError::Unavailable(_) => Code::Unavailable,
+            CoordError::ResourceExhausted(_) => Code::ResourceExhausted,
             CoordError::Internal(_) => Code::Internal,
         };
         tonic::Status::new(code, e.to_string())

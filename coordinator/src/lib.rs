@@ -17,6 +17,7 @@ pub mod control;
 pub mod error;
 pub mod metrics;
 pub mod persistence;
+pub mod quota;
 pub mod readers;
 pub mod scheduler;
 pub mod service;
@@ -108,7 +109,11 @@ pub async fn serve_with_metrics(
         .await
         .map_err(|e| CoordError::Storage(format!("cannot write the storage marker for workers: {e}")))?;
     let metrics = metrics::Metrics::new();
-    let (control, control_loop) = control::ControlLoop::start(config.db_path.clone(), config.control.clone(), metrics.clone())?;
+    let mut control_config = config.control.clone();
+    if let Some(a) = &config.auth {
+        control_config.quotas = a.quotas();
+    }
+    let (control, control_loop) = control::ControlLoop::start(config.db_path.clone(), control_config, metrics.clone())?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let shared = Arc::new(service::Shared {
         control: control.clone(),

@@ -2,10 +2,13 @@
 //! coordinator has its own registry (tests run several in one process).
 
 use lorafleet_shared::job::JobState;
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use std::future::Future;
 use std::sync::Arc;
 use tracing::{info, warn};
+
+/// The reasons of `lorafleet_refused_calls_total`.
+pub const REFUSALS: [&str; 6] = ["unauthenticated", "permission_denied", "quota", "rate_limit", "streams", "model_policy"];
 
 pub struct Metrics {
     pub registry: Registry,
@@ -28,6 +31,9 @@ pub struct Metrics {
     /// Gangs (jobs with resources.nodes > 1) by what they do now: `running`,
     /// `assembling` (holding free workers), `parked` (waiting out of the queue's order).
     pub gangs: IntGaugeVec,
+    /// Calls refused by a security or fairness rule, by `reason`: `unauthenticated`,
+    /// `permission_denied`, `quota`, `rate_limit`, `streams`, `model_policy`.
+    pub refusals: IntCounterVec,
 }
 
 impl Metrics {
@@ -63,8 +69,14 @@ impl Metrics {
         for p in ["running", "assembling", "parked"] {
             gangs.with_label_values(&[p]).set(0);
         }
+        let refusals = IntCounterVec::new(Opts::new("lorafleet_refused_calls_total", "calls refused by authentication, roles, quotas, limits or policy"), &["reason"])
+            .expect("valid metric");
+        for r in REFUSALS {
+            refusals.with_label_values(&[r]).reset();
+        }
         for c in [
             Box::new(jobs.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(refusals.clone()),
             Box::new(gangs.clone()),
             Box::new(workers.clone()),
             Box::new(live_leases.clone()),
@@ -79,7 +91,12 @@ impl Metrics {
         for s in JobState::ALL {
             jobs.with_label_values(&[s.as_str()]).set(0);
         }
-        Arc::new(Self { registry, jobs, workers, live_leases, dispatch_latency, stale_epochs, batch_size, commit_seconds, fsync_seconds, gangs })
+        Arc::new(Self { registry, jobs, workers, live_leases, dispatch_latency, stale_epochs, batch_size, commit_seconds, fsync_seconds, gangs, refusals })
+    }
+
+    /// Count a refused call (`reason`: one of [`REFUSALS`]).
+    pub fn refused(&self, reason: &str) {
+        self.refusals.with_label_values(&[reason]).inc();
     }
 
     pub fn reset_jobs(&self, counts: &[(JobState, u64)]) {

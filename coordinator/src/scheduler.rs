@@ -25,12 +25,26 @@
 //! round), then lets them go and the gang is *parked* ([`Queue::park`]: out of the order,
 //! still queued) for as long as it held them, so that smaller jobs run meanwhile; a gang
 //! that more workers than are registered could fit is parked until enough register.
+//!
+//! Tenants (fair share and quotas, [`Queue::pick_fair`]): each tenant has its own order
+//! (the one above), and a worker looks at the tenants in fair-share order: the tenant
+//! whose running jobs hold the fewest devices first (then the fewest running jobs, then
+//! whose first job comes first in the order above). So one tenant's 10,000 queued jobs do
+//! not starve another's one: as soon as a device frees up, the tenant using less gets it.
+//! Priorities order jobs within a tenant only (any tenant could set any priority). A
+//! tenant at its quota of running jobs or devices ([`crate::quota`]) is passed over, and
+//! its job is reported as held with the reason. Jobs without a tenant form one tenant.
 
 use crate::persistence::DeviceInfo;
+use crate::quota::{Quotas, TenantLoad};
 use lorafleet_shared::ids::{JobId, WorkerId};
 use lorafleet_shared::spec::{DeviceKind, ResourceSpec};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+/// A tenant's name (`""`: jobs without a tenant).
+pub type Tenant = Arc<str>;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueuedJob {
@@ -40,6 +54,22 @@ pub struct QueuedJob {
     pub priority: i32,
     pub created_ms: i64,
     pub resources: ResourceSpec,
+    pub tenant: Tenant,
+}
+
+impl QueuedJob {
+    /// Devices the whole job holds (every node's).
+    pub fn devices(&self) -> u32 {
+        self.resources.count.max(1).saturating_mul(self.resources.nodes.max(1))
+    }
+}
+
+/// What fair share and quotas look at in a pick: the devices and running jobs of each
+/// tenant, and the tenants' quotas.
+#[derive(Debug, Clone, Copy)]
+pub struct Fairness<'a> {
+    pub load: &'a HashMap<Tenant, TenantLoad>,
+    pub quotas: &'a Quotas,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -75,9 +105,12 @@ pub struct Assembly {
 
 #[derive(Debug, Default)]
 pub struct Queue {
-    /// One ordered queue per device kind, so a worker never scans jobs for devices it lacks.
-    by_kind: [BTreeMap<Key, QueuedJob>; 2],
-    keys: HashMap<JobId, (usize, Key)>,
+    /// One ordered queue per device kind and tenant, so a worker never scans jobs for
+    /// devices it lacks.
+    by_kind: [HashMap<Tenant, BTreeMap<Key, QueuedJob>>; 2],
+    keys: HashMap<JobId, (usize, Tenant, Key)>,
+    /// Queued jobs of each tenant, parked ones included.
+    counts: HashMap<Tenant, usize>,
     reservations: HashMap<JobId, WorkerId>,
     /// Gang jobs out of the order for now (still queued).
     parked: HashMap<JobId, QueuedJob>,
@@ -136,25 +169,46 @@ impl Queue {
         }
         let k = self.key(&j);
         let q = kind_index(j.resources.device);
-        self.keys.insert(j.id, (q, k));
-        self.by_kind[q].insert(k, j);
+        *self.counts.entry(j.tenant.clone()).or_default() += 1;
+        self.keys.insert(j.id, (q, j.tenant.clone(), k));
+        self.by_kind[q].entry(j.tenant.clone()).or_default().insert(k, j);
+    }
+
+    /// Take `id` out of its tenant's order (not out of the counts).
+    fn unlink(&mut self, id: &JobId) -> Option<QueuedJob> {
+        let (q, t, k) = self.keys.remove(id)?;
+        let m = self.by_kind[q].get_mut(&t)?;
+        let j = m.remove(&k);
+        if m.is_empty() {
+            self.by_kind[q].remove(&t);
+        }
+        j
+    }
+
+    fn uncount(&mut self, t: &Tenant) {
+        if let Some(n) = self.counts.get_mut(t) {
+            *n -= 1;
+            if *n == 0 {
+                self.counts.remove(t);
+            }
+        }
     }
 
     pub fn remove(&mut self, id: &JobId) -> Option<QueuedJob> {
         self.reservations.remove(id);
-        if let Some(j) = self.parked.remove(id) {
-            return Some(j);
-        }
-        let (q, k) = self.keys.remove(id)?;
-        self.by_kind[q].remove(&k)
+        let j = match self.parked.remove(id) {
+            Some(j) => Some(j),
+            None => self.unlink(id),
+        }?;
+        self.uncount(&j.tenant);
+        Some(j)
     }
 
     /// Take a queued job out of the order (it stays queued: [`Queue::unpark`] puts it
     /// back in its place).
     pub fn park(&mut self, id: &JobId) -> bool {
-        let Some((q, k)) = self.keys.remove(id) else { return false };
         self.reservations.remove(id);
-        match self.by_kind[q].remove(&k) {
+        match self.unlink(id) {
             Some(j) => {
                 self.parked.insert(*id, j);
                 true
@@ -165,6 +219,7 @@ impl Queue {
 
     pub fn unpark(&mut self, id: &JobId) {
         if let Some(j) = self.parked.remove(id) {
+            self.uncount(&j.tenant);
             self.push(j);
         }
     }
@@ -178,8 +233,8 @@ impl Queue {
         if let Some(j) = self.parked.get(id) {
             return Some(j);
         }
-        let (q, k) = self.keys.get(id)?;
-        self.by_kind[*q].get(k)
+        let (q, t, k) = self.keys.get(id)?;
+        self.by_kind[*q].get(t)?.get(k)
     }
 
     pub fn contains(&self, id: &JobId) -> bool {
@@ -194,6 +249,11 @@ impl Queue {
         self.keys.is_empty() && self.parked.is_empty()
     }
 
+    /// Queued jobs of `tenant`, parked ones included.
+    pub fn queued_of(&self, tenant: &str) -> usize {
+        self.counts.get(tenant).copied().unwrap_or(0)
+    }
+
     pub fn reserved_for(&self, id: &JobId) -> Option<WorkerId> {
         self.reservations.get(id).copied()
     }
@@ -203,58 +263,102 @@ impl Queue {
         self.reservations.retain(|_, w| w != worker);
     }
 
+    /// [`Queue::pick_fair`] with every tenant idle and no quotas.
+    pub fn pick(&mut self, worker: WorkerId, devices: &[DeviceInfo], busy: &HashSet<u32>) -> Option<Pick> {
+        let (load, quotas) = (HashMap::new(), Quotas::default());
+        self.pick_fair(worker, devices, busy, Fairness { load: &load, quotas: &quotas }, &mut Vec::new())
+    }
+
     /// The job this worker should run next on its free devices, removed from the
     /// queue, with the devices to use; `None` when nothing fits now (possibly because
-    /// the worker was just reserved for a larger job).
-    pub fn pick(&mut self, worker: WorkerId, devices: &[DeviceInfo], busy: &HashSet<u32>) -> Option<Pick> {
-        let mut best: Option<Candidate> = None;
+    /// the worker was just reserved for a larger job). Tenants are looked at in
+    /// fair-share order (module docs); the first job of each tenant a quota holds back is
+    /// added to `held` with the reason.
+    pub fn pick_fair(
+        &mut self,
+        worker: WorkerId,
+        devices: &[DeviceInfo],
+        busy: &HashSet<u32>,
+        fair: Fairness<'_>,
+        held: &mut Vec<(JobId, String)>,
+    ) -> Option<Pick> {
         let mut kinds: Vec<usize> = devices.iter().map(|d| kind_index(d.kind)).collect();
         kinds.sort_unstable();
         kinds.dedup();
-        for q in kinds {
-            for (k, j) in &self.by_kind[q] {
-                if best.as_ref().is_some_and(|b| b.key() < *k) {
-                    break;
-                }
-                if !could_fit(&j.resources, devices) {
-                    continue;
-                }
-                let gang = j.resources.nodes > 1;
-                match fit_now(&j.resources, devices, busy) {
-                    Some(devs) if gang => {
-                        best = Some(Candidate::Join(*k, q, devs));
-                        break;
-                    }
-                    Some(devs) => {
-                        best = Some(Candidate::Take(*k, q, devs));
-                        break;
-                    }
-                    // A gang is assembled from free workers; a busy one looks further.
-                    None if gang => continue,
-                    None => {}
-                }
-                match self.reservations.get(&j.id) {
-                    Some(w) if *w != worker => continue,
-                    _ => {
-                        best = Some(Candidate::Hold(*k, j.id));
-                        break;
-                    }
+        // The tenants with jobs of these kinds, each with its first job in order.
+        let mut heads: HashMap<&Tenant, (Key, JobId)> = HashMap::new();
+        for &q in &kinds {
+            for (t, m) in &self.by_kind[q] {
+                let Some((k, j)) = m.first_key_value() else { continue };
+                let e = heads.entry(t).or_insert((*k, j.id));
+                if *k < e.0 {
+                    *e = (*k, j.id);
                 }
             }
         }
-        match best? {
-            Candidate::Take(k, q, devs) => {
-                let j = self.by_kind[q].remove(&k).expect("candidate is queued");
-                self.keys.remove(&j.id);
-                self.reservations.remove(&j.id);
-                Some(Pick::Take(j, devs))
+        let mut order: Vec<(TenantLoad, Key, JobId, Tenant)> =
+            heads.into_iter().map(|(t, (k, id))| (fair.load.get(t).copied().unwrap_or_default(), k, id, t.clone())).collect();
+        order.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        for (load, _, head, t) in order {
+            if let Some(reason) = fair.quotas.hold(&t, load, 0) {
+                held.push((head, reason));
+                continue;
             }
-            Candidate::Join(k, q, devs) => Some(Pick::Join(self.by_kind[q].get(&k).expect("candidate is queued").clone(), devs)),
-            Candidate::Hold(_, id) => {
-                self.reservations.insert(id, worker);
-                None
+            let mut best: Option<Candidate> = None;
+            let mut reported = false;
+            for &q in &kinds {
+                let Some(m) = self.by_kind[q].get(&t) else { continue };
+                for (k, j) in m {
+                    if best.as_ref().is_some_and(|b| b.key() < *k) {
+                        break;
+                    }
+                    if !could_fit(&j.resources, devices) {
+                        continue;
+                    }
+                    if let Some(reason) = fair.quotas.hold(&t, load, j.devices()) {
+                        if !std::mem::replace(&mut reported, true) {
+                            held.push((j.id, reason));
+                        }
+                        continue;
+                    }
+                    let gang = j.resources.nodes > 1;
+                    match fit_now(&j.resources, devices, busy) {
+                        Some(devs) if gang => {
+                            best = Some(Candidate::Join(*k, q, devs));
+                            break;
+                        }
+                        Some(devs) => {
+                            best = Some(Candidate::Take(*k, q, devs));
+                            break;
+                        }
+                        // A gang is assembled from free workers; a busy one looks further.
+                        None if gang => continue,
+                        None => {}
+                    }
+                    match self.reservations.get(&j.id) {
+                        Some(w) if *w != worker => continue,
+                        _ => {
+                            best = Some(Candidate::Hold(*k, j.id));
+                            break;
+                        }
+                    }
+                }
             }
+            let Some(best) = best else { continue };
+            return match best {
+                Candidate::Take(k, q, devs) => {
+                    let id = self.by_kind[q][&t][&k].id;
+                    let j = self.remove(&id).expect("candidate is queued");
+                    Some(Pick::Take(j, devs))
+                }
+                Candidate::Join(k, q, devs) => Some(Pick::Join(self.by_kind[q][&t][&k].clone(), devs)),
+                Candidate::Hold(_, id) => {
+                    self.reservations.insert(id, worker);
+                    None
+                }
+            };
         }
+        None
     }
 }
 
@@ -267,7 +371,7 @@ mod tests {
     }
 
     fn job(seq: i64, priority: i32, device: DeviceKind, count: u32, memory_mib: u64) -> QueuedJob {
-        QueuedJob { id: JobId::new(), seq, priority, created_ms: seq * 1000, resources: ResourceSpec { device, count, memory_mib, nodes: 1 } }
+        QueuedJob { id: JobId::new(), seq, priority, created_ms: seq * 1000, resources: ResourceSpec { device, count, memory_mib, nodes: 1 }, tenant: "".into() }
     }
 
     /// A pick of a queue without gangs.
@@ -424,6 +528,66 @@ mod tests {
         assert!(matches!(q.pick(w, &cpu(), &HashSet::new()), Some(Pick::Join(j, _)) if j.id == gang.id));
         assert_eq!(q.remove(&gang.id).map(|j| j.id), Some(gang.id));
         assert!(q.is_empty());
+    }
+
+    fn of(tenant: &str, j: QueuedJob) -> QueuedJob {
+        QueuedJob { tenant: tenant.into(), ..j }
+    }
+
+    #[test]
+    fn fair_share_puts_the_tenant_using_less_first() {
+        let mut q = Queue::new(0);
+        let many: Vec<QueuedJob> = (1..=1000).map(|s| of("a", job(s, 9, DeviceKind::Cpu, 1, 0))).collect();
+        for j in &many {
+            q.push(j.clone());
+        }
+        let lone = of("b", job(5000, 0, DeviceKind::Cpu, 1, 0));
+        q.push(lone.clone());
+        assert_eq!((q.queued_of("a"), q.queued_of("b"), q.queued_of("c")), (1000, 1, 0));
+        let quotas = Quotas::default();
+        let mut load: HashMap<Tenant, TenantLoad> = HashMap::new();
+        let w = WorkerId::new();
+        // Both idle: the first job in order (a's, higher priority) goes first.
+        let mut held = Vec::new();
+        let first = q.pick_fair(w, &cpu(), &HashSet::new(), Fairness { load: &load, quotas: &quotas }, &mut held);
+        assert!(matches!(first, Some(Pick::Take(j, _)) if j.id == many[0].id));
+        // a now holds a device: b's one job comes before a's 999 others, whatever their priority.
+        load.insert("a".into(), TenantLoad { devices: 1, running_jobs: 1 });
+        let next = q.pick_fair(w, &cpu(), &HashSet::new(), Fairness { load: &load, quotas: &quotas }, &mut held);
+        assert!(matches!(next, Some(Pick::Take(j, _)) if j.id == lone.id));
+        assert!(held.is_empty());
+        assert_eq!(q.queued_of("b"), 0);
+    }
+
+    #[test]
+    fn quotas_hold_jobs_back_with_the_reason() {
+        let mut q = Queue::new(0);
+        let quotas: Quotas = serde_yaml::from_str("tenants: { a: { max_running_jobs: 1 }, b: { max_devices: 2 } }").unwrap();
+        let a1 = of("a", job(1, 0, DeviceKind::Cpu, 1, 0));
+        let b_big = of("b", job(2, 5, DeviceKind::Cpu, 2, 0));
+        let b_small = of("b", job(3, 0, DeviceKind::Cpu, 1, 0));
+        for j in [&a1, &b_big, &b_small] {
+            q.push(j.clone());
+        }
+        let load: HashMap<Tenant, TenantLoad> =
+            [("a".into(), TenantLoad { devices: 1, running_jobs: 1 }), ("b".into(), TenantLoad { devices: 1, running_jobs: 1 })].into();
+        let two = vec![dev(DeviceKind::Cpu, 0, 0), dev(DeviceKind::Cpu, 1, 0)];
+        let mut held = Vec::new();
+        // a is at its running-jobs quota; b's big job would pass b's device quota: b's small one runs.
+        let got = q.pick_fair(WorkerId::new(), &two, &HashSet::new(), Fairness { load: &load, quotas: &quotas }, &mut held);
+        assert!(matches!(&got, Some(Pick::Take(j, _)) if j.id == b_small.id), "{got:?}");
+        assert!(held.iter().any(|(id, r)| *id == b_big.id && r.contains("max_devices")), "{held:?}");
+        // Nothing else may start; the jobs stay queued, each tenant's held job reported.
+        let mut held = Vec::new();
+        assert_eq!(q.pick_fair(WorkerId::new(), &two, &HashSet::new(), Fairness { load: &load, quotas: &quotas }, &mut held), None);
+        let reasons: HashMap<JobId, String> = held.into_iter().collect();
+        assert!(reasons[&a1.id].contains("max_running_jobs"), "{reasons:?}");
+        assert!(reasons[&b_big.id].contains("max_devices"), "{reasons:?}");
+        assert_eq!(q.len(), 2);
+        // Once a's job ends, a's next one may start.
+        let load: HashMap<Tenant, TenantLoad> = [("b".into(), TenantLoad { devices: 1, running_jobs: 1 })].into();
+        let got = q.pick_fair(WorkerId::new(), &two, &HashSet::new(), Fairness { load: &load, quotas: &quotas }, &mut Vec::new());
+        assert!(matches!(got, Some(Pick::Take(j, _)) if j.id == a1.id));
     }
 
     #[test]

@@ -325,8 +325,12 @@ pub enum SpecContext {
 }
 
 impl JobSpec {
-    /// Parse YAML (or JSON, a subset of YAML) strictly, then validate.
+    /// Parse YAML (or JSON, a subset of YAML) strictly, then validate. At most
+    /// [`MAX_SPEC_BYTES`] of text.
     pub fn from_yaml(text: &str, ctx: SpecContext) -> Result<Self, SpecError> {
+        if text.len() > MAX_SPEC_BYTES {
+            return Err(SpecError::one("spec", format!("is {} bytes; a job spec is at most {MAX_SPEC_BYTES} bytes", text.len())));
+        }
         let de = serde_yaml::Deserializer::from_str(text);
         let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
@@ -439,9 +443,46 @@ impl JobSpec {
             let ok = !k.is_empty() && k.len() <= 63 && k.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
             v.check(&format!("labels.{k}"), ok, || "label keys are 1-63 characters of letters, digits, - _ . /".into());
         }
+        for (k, val) in &self.labels {
+            v.max_len(&format!("labels.{k}"), val, MAX_SHORT_LEN);
+            v.no_control(&format!("labels.{k}"), val);
+        }
+        v.max_entries("labels", self.labels.len());
+        // Lengths: every string the spec carries is bounded.
+        for (path, s) in [("model.source", Some(&self.model.source)), ("lora.init_adapter", l.init_adapter.as_ref()), ("data.train", Some(&d.train)), ("data.eval", d.eval.as_ref()), ("output.dir", Some(&self.output.dir))] {
+            if let Some(s) = s {
+                v.max_len(path, s, MAX_LOCATION_LEN);
+                v.no_control(path, s);
+            }
+        }
+        v.max_len("data.question_field", &d.question_field, MAX_SHORT_LEN);
+        v.max_len("data.answer_field", &d.answer_field, MAX_SHORT_LEN);
+        v.max_len("data.template", &d.template, MAX_TEXT_LEN);
+        if let Some(TargetModules::List(list)) = &l.target_modules {
+            v.max_entries("lora.target_modules", list.len());
+            for (i, m) in list.iter().enumerate() {
+                v.max_len(&format!("lora.target_modules[{i}]"), m, MAX_SHORT_LEN);
+            }
+        }
+        v.max_entries("training.sample_prompts", t.sample_prompts.len());
+        for (i, p) in t.sample_prompts.iter().enumerate() {
+            v.max_len(&format!("training.sample_prompts[{i}]"), p, MAX_TEXT_LEN);
+            v.no_nul(&format!("training.sample_prompts[{i}]"), p);
+        }
         v.finish()
     }
 }
+
+/// Largest job spec text accepted (YAML or JSON).
+pub const MAX_SPEC_BYTES: usize = 64 * 1024;
+/// Longest location (model source, adapter, dataset, output directory).
+pub const MAX_LOCATION_LEN: usize = 1024;
+/// Longest prompt template or sample prompt.
+pub const MAX_TEXT_LEN: usize = 8192;
+/// Longest short string (field names, module names, label values).
+pub const MAX_SHORT_LEN: usize = 256;
+/// Most entries in a list or map of the spec (labels, target modules, sample prompts).
+pub const MAX_ENTRIES: usize = 64;
 
 /// Is `p` a safe relative path: not absolute, no `..` component, no NUL, no backslash?
 pub fn is_safe_relative_path(p: &str) -> bool {
@@ -472,6 +513,16 @@ impl Validator {
     }
     fn no_nul(&mut self, path: &str, s: &str) {
         self.check(path, !s.contains('\0'), || "must not contain NUL".into());
+    }
+    fn max_len(&mut self, path: &str, s: &str, max: usize) {
+        self.check(path, s.len() <= max, || format!("is {} bytes long; at most {max}", s.len()));
+    }
+    fn max_entries(&mut self, path: &str, n: usize) {
+        self.check(path, n <= MAX_ENTRIES, || format!("has {n} entries; at most {MAX_ENTRIES}"));
+    }
+    /// No control characters (a location or a label value is one printable line).
+    fn no_control(&mut self, path: &str, s: &str) {
+        self.check(path, !s.chars().any(|c| c.is_control() && c != '\0'), || "must not contain control characters".into());
     }
     fn range_u(&mut self, path: &str, x: u64, lo: u64, hi: u64) {
         self.check(path, (lo..=hi).contains(&x), || format!("must be between {lo} and {hi}, got {x}"));
@@ -517,6 +568,23 @@ mod tests {
         assert_eq!(s.training.optimizer, Optimizer::AdamW);
         assert_eq!(s.data.template, DEFAULT_TEMPLATE);
         assert_eq!(s.max_attempts, 3);
+    }
+
+    #[test]
+    fn sizes_and_lengths_are_bounded() {
+        let big = format!("{MINIMAL}# {}\n", "x".repeat(MAX_SPEC_BYTES));
+        let e = JobSpec::from_yaml(&big, SpecContext::Remote).unwrap_err();
+        assert_eq!(e.errors[0].path, "spec");
+        let mut s = JobSpec::from_yaml(MINIMAL, SpecContext::Remote).unwrap();
+        s.model.source = "m".repeat(MAX_LOCATION_LEN + 1);
+        s.data.train = "a\nb".into();
+        s.labels = (0..=MAX_ENTRIES).map(|i| (format!("k{i}"), "v".into())).collect();
+        s.training.sample_prompts = vec!["p".repeat(MAX_TEXT_LEN + 1)];
+        let e = s.validate(SpecContext::Remote).unwrap_err();
+        let paths: Vec<&str> = e.errors.iter().map(|f| f.path.as_str()).collect();
+        for want in ["model.source", "data.train", "labels", "training.sample_prompts[0]"] {
+            assert!(paths.contains(&want), "{want} not in {paths:?}");
+        }
     }
 
     #[test]

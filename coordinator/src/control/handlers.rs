@@ -3,7 +3,7 @@
 //! queued and released only after the batch commits.
 
 use super::state::{ActiveJob, GangWait, LeaseInfo, Member, State, WorkerState};
-use super::{Command, ControlConfig, NewWorker, Reply, SubmitOutcome, Waiter, WorkerCall};
+use super::{Command, ControlConfig, NewJob, NewWorker, Reply, SubmitOutcome, Waiter, WorkerCall};
 use crate::error::{CoordError, Result};
 use crate::metrics::Metrics;
 use crate::persistence::{self as db, CheckpointRow, JobRow, LogRow, WorkerRow};
@@ -12,7 +12,6 @@ use lorafleet_proto as pb;
 use lorafleet_proto::convert::{device_kind_to_pb, spec_to_pb, state_to_pb};
 use lorafleet_shared::ids::{Epoch, JobId, WorkerId};
 use lorafleet_shared::job::{FailureClass, JobState, Transition};
-use lorafleet_shared::spec::JobSpec;
 use pb::job_event::Event;
 use prost::Message;
 use rusqlite::Connection;
@@ -121,8 +120,8 @@ impl<'a> Ctx<'a> {
 
     pub fn handle(&mut self, cmd: Command, waiters: &mut VecDeque<Waiter>) -> Result<()> {
         match cmd {
-            Command::Submit { spec, key, tenant, reply } => {
-                let r = self.submit(*spec, key, tenant);
+            Command::Submit { job, reply } => {
+                let r = self.submit(*job);
                 self.answer(reply, r)
             }
             Command::Cancel { job_id, reason, reply } => {
@@ -203,8 +202,10 @@ impl<'a> Ctx<'a> {
 
     // ---- jobs ------------------------------------------------------------------------
 
-    fn submit(&mut self, spec: JobSpec, key: Option<String>, tenant: Option<String>) -> Result<SubmitOutcome> {
-        let hash = db::spec_hash(&spec);
+    fn submit(&mut self, new: NewJob) -> Result<SubmitOutcome> {
+        let NewJob { spec, key, tenant, submitted_hash, note } = new;
+        let hash = submitted_hash.unwrap_or_else(|| db::spec_hash(&spec));
+        let note = if note.is_empty() { "submitted".to_string() } else { note };
         // Stored keys are scoped by tenant (a control character no user key contains).
         let key = key.map(|k| match &tenant {
             Some(t) => format!("{t}\u{1f}{k}"),
@@ -218,6 +219,13 @@ impl<'a> Ctx<'a> {
                 let shown = k.rsplit_once('\u{1f}').map(|(_, k)| k).unwrap_or(k).to_string();
                 return Err(CoordError::IdempotencyConflict { key: shown, job_id: existing.id });
             }
+        }
+        let tenant_name: crate::scheduler::Tenant = tenant.as_deref().unwrap_or("").into();
+        let devices = spec.resources.count.max(1).saturating_mul(spec.resources.nodes.max(1));
+        let refusal = self.cfg.quotas.read().unwrap_or_else(|e| e.into_inner()).refuse_submit(&tenant_name, self.st.queue.queued_of(&tenant_name), devices);
+        if let Some(why) = refusal {
+            self.metrics.refused("quota");
+            return Err(CoordError::ResourceExhausted(why));
         }
         let mut row = JobRow {
             seq: 0,
@@ -256,8 +264,9 @@ impl<'a> Ctx<'a> {
             rendezvous: Default::default(),
             ranks: Default::default(),
             waiting_reason: None,
+            tenant: tenant_name,
         };
-        let ev = state_change(None, JobState::Queued, &job, None, "submitted");
+        let ev = state_change(None, JobState::Queued, &job, None, &note);
         emit(self.conn, &mut self.events, self.now_ms, &row.id, &mut job, ev)?;
         self.st.queue.push(job.queued_entry(row.id));
         self.st.jobs.insert(row.id, job);
@@ -383,9 +392,18 @@ impl<'a> Ctx<'a> {
         if self.st.assemblies.values().any(|a| a.members.iter().any(|(w, _)| *w == worker)) {
             return Ok(None);
         }
+        let load = self.st.tenant_loads();
+        let quotas = self.cfg.quotas.clone();
+        let quotas = quotas.read().unwrap_or_else(|e| e.into_inner());
+        let fair = crate::scheduler::Fairness { load: &load, quotas: &quotas };
         // A gang parked for lack of workers leaves the order; look again.
         for _ in 0..16 {
-            match self.st.queue.pick(worker, &devices, &busy) {
+            let mut held = Vec::new();
+            let pick = self.st.queue.pick_fair(worker, &devices, &busy, fair, &mut held);
+            for (id, reason) in held {
+                self.set_waiting_reason(id, Some(reason))?;
+            }
+            match pick {
                 None => return Ok(None),
                 Some(Pick::Take(q, assigned)) => {
                     let mut leases = self.dispatch(q, vec![(worker, assigned)])?;

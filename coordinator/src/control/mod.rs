@@ -55,6 +55,8 @@ pub struct ControlConfig {
     /// How long a gang's assembly may first hold the workers it gathered (it doubles
     /// after each round that does not complete; scheduler docs).
     pub gang_hold: Duration,
+    /// Per-tenant quotas (the auth file's, reloaded with it).
+    pub quotas: Arc<std::sync::RwLock<crate::quota::Quotas>>,
 }
 
 impl Default for ControlConfig {
@@ -67,6 +69,7 @@ impl Default for ControlConfig {
             max_batch: 1024,
             tick: Duration::from_millis(100),
             gang_hold: Duration::from_secs(120),
+            quotas: Default::default(),
         }
     }
 }
@@ -85,6 +88,27 @@ pub struct WorkerCall {
     pub worker: WorkerId,
 }
 
+/// A submission.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub spec: JobSpec,
+    /// The caller's idempotency key.
+    pub key: Option<String>,
+    /// Its tenant (None: no tenant).
+    pub tenant: Option<String>,
+    /// The spec hash idempotency compares: of the spec as the caller sent it, before the
+    /// coordinator rewrote anything in it (a resolved model revision). None: `spec`'s.
+    pub submitted_hash: Option<String>,
+    /// The reason of the job's first event (`submitted` when empty).
+    pub note: String,
+}
+
+impl NewJob {
+    pub fn new(spec: JobSpec, key: Option<String>, tenant: Option<String>) -> Self {
+        Self { spec, key, tenant, submitted_hash: None, note: String::new() }
+    }
+}
+
 #[derive(Debug)]
 pub struct SubmitOutcome {
     pub job: JobRow,
@@ -100,7 +124,7 @@ pub struct NewWorker {
 }
 
 pub(crate) enum Command {
-    Submit { spec: Box<JobSpec>, key: Option<String>, tenant: Option<String>, reply: Reply<SubmitOutcome> },
+    Submit { job: Box<NewJob>, reply: Reply<SubmitOutcome> },
     Cancel { job_id: JobId, reason: String, reply: Reply<JobRow> },
     Register { worker: NewWorker, reply: Reply<WorkerId> },
     Heartbeat { worker: WorkerId, running: Vec<(JobId, Epoch)>, reply: Reply<Vec<pb::JobDirective>> },
@@ -179,7 +203,10 @@ impl ControlHandle {
     /// Submit a job for `tenant` (None: no tenant). The idempotency key is the caller's:
     /// keys of different tenants never meet.
     pub async fn submit(&self, spec: JobSpec, key: Option<String>, tenant: Option<String>) -> Result<SubmitOutcome> {
-        self.call(|reply| Command::Submit { spec: Box::new(spec), key, tenant, reply }).await
+        self.submit_new(NewJob::new(spec, key, tenant)).await
+    }
+    pub async fn submit_new(&self, job: NewJob) -> Result<SubmitOutcome> {
+        self.call(|reply| Command::Submit { job: Box::new(job), reply }).await
     }
     pub async fn cancel(&self, job_id: JobId, reason: String) -> Result<JobRow> {
         self.call(|reply| Command::Cancel { job_id, reason, reply }).await

@@ -84,6 +84,8 @@ pub struct ActiveJob {
     pub ranks: std::collections::BTreeMap<u32, lorafleet_proto::RankStatus>,
     /// Why the job waits in the queue, as last stored.
     pub waiting_reason: Option<String>,
+    /// Its tenant (`""`: none).
+    pub tenant: crate::scheduler::Tenant,
 }
 
 impl ActiveJob {
@@ -94,6 +96,7 @@ impl ActiveJob {
             priority: self.spec.priority,
             created_ms: self.created_ms,
             resources: self.spec.resources.clone(),
+            tenant: self.tenant.clone(),
         }
     }
 }
@@ -181,6 +184,7 @@ impl State {
                 rendezvous: Rendezvous::default(),
                 ranks: Default::default(),
                 waiting_reason: row.waiting_reason.clone(),
+                tenant: row.tenant.as_deref().unwrap_or("").into(),
             };
             if job.state == JobState::Queued {
                 st.queue.push(job.queued_entry(row.id));
@@ -188,6 +192,23 @@ impl State {
             st.jobs.insert(row.id, job);
         }
         Ok(st)
+    }
+
+    /// What each tenant's leased jobs hold (fair share and quotas).
+    pub fn tenant_loads(&self) -> HashMap<crate::scheduler::Tenant, crate::quota::TenantLoad> {
+        let mut seen = HashSet::new();
+        let mut out: HashMap<crate::scheduler::Tenant, crate::quota::TenantLoad> = HashMap::new();
+        for id in self.workers.values().flat_map(|w| w.jobs.iter()) {
+            if !seen.insert(*id) {
+                continue;
+            }
+            let Some(job) = self.jobs.get(id) else { continue };
+            let Some(lease) = &job.lease else { continue };
+            let l = out.entry(job.tenant.clone()).or_default();
+            l.running_jobs += 1;
+            l.devices += lease.members.iter().map(|m| m.devices.len() as u32).sum::<u32>();
+        }
+        out
     }
 
     pub fn live_leases(&self) -> usize {
