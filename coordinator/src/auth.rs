@@ -65,6 +65,8 @@ pub struct Identity {
     pub id: String,
     pub role: Role,
     pub tenant: Option<String>,
+    /// A worker token's labels: workers registering with it must carry these.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,6 +76,10 @@ struct Entry {
     role: Role,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     tenant: Option<String>,
+    /// Worker tokens: the labels every worker registering with this token must carry
+    /// (so a token for one pool cannot register workers of another).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    labels: std::collections::BTreeMap<String, String>,
     sha256: String,
 }
 
@@ -119,7 +125,10 @@ fn parse(path: &Path) -> Result<(Table, Quotas), String> {
             (Some(t), _) if !name_ok(t) => return Err(at(format!("tenant {t:?}: 1-63 letters, digits, - _ ."))),
             _ => {}
         }
-        if out.insert(e.sha256.clone(), Arc::new(Identity { id: e.id, role: e.role, tenant: e.tenant })).is_some() {
+        if !e.labels.is_empty() && e.role != Role::Worker {
+            return Err(at("labels: only worker tokens are restricted to labels".into()));
+        }
+        if out.insert(e.sha256.clone(), Arc::new(Identity { id: e.id, role: e.role, tenant: e.tenant, labels: e.labels })).is_some() {
             return Err(at("the same token hash appears twice".into()));
         }
     }
@@ -180,12 +189,14 @@ impl Auth {
     }
 
     /// Authenticate `req` for a service open to `roles` (admin always); the identity
-    /// goes into the request's extensions.
-    pub fn authorize(&self, mut req: tonic::Request<()>, service: &str, roles: &[Role]) -> Result<tonic::Request<()>, Status> {
-        let who = self.identify(req.metadata())?;
+    /// goes into the request's extensions. A refusal carries the caller when its token
+    /// was known (for the audit log).
+    pub fn authorize(&self, mut req: tonic::Request<()>, service: &str, roles: &[Role]) -> Result<tonic::Request<()>, (Status, Option<Arc<Identity>>)> {
+        let who = self.identify(req.metadata()).map_err(|s| (s, None))?;
         if who.role != Role::Admin && !roles.contains(&who.role) {
             warn!(token_id = %who.id, role = who.role.as_str(), service, "call refused: wrong role");
-            return Err(Status::permission_denied(format!("token {:?} has role {}, which may not call the {service}", who.id, who.role.as_str())));
+            let s = Status::permission_denied(format!("token {:?} has role {}, which may not call the {service}", who.id, who.role.as_str()));
+            return Err((s, Some(who)));
         }
         req.extensions_mut().insert(who);
         Ok(req)
@@ -205,7 +216,7 @@ pub fn create_token(path: &Path, id: &str, role: Role, tenant: Option<&str>) -> 
         return Err(format!("{}: a token with id {id:?} exists already (ids name tokens in logs; pick another)", path.display()));
     }
     let token = format!("lf_{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
-    file.tokens.push(Entry { id: id.to_string(), role, tenant: tenant.map(str::to_string), sha256: hex::encode(Sha256::digest(token.as_bytes())) });
+    file.tokens.push(Entry { id: id.to_string(), role, tenant: tenant.map(str::to_string), labels: Default::default(), sha256: hex::encode(Sha256::digest(token.as_bytes())) });
     let text = serde_yaml::to_string(&file).map_err(|e| e.to_string())?;
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;

@@ -28,6 +28,9 @@ pub enum CoordError {
     Storage(String),
     #[error("coordinator is shutting down")]
     ShuttingDown,
+    /// A policy of this coordinator refuses the request (nothing was changed).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A quota or limit refuses the call (nothing was changed).
     #[error("{0}")]
     ResourceExhausted(String),
@@ -54,6 +57,7 @@ impl From<CoordError> for tonic::Status {
             CoordError::StaleEpoch { .. } | CoordError::FailedPrecondition(_) => Code::FailedPrecondition,
             CoordError::Store(_) | CoordError::Storage(_) | CoordError::ShuttingDown | CoordError::Unavailable(_) => Code::Unavailable,
             CoordError::ResourceExhausted(_) => Code::ResourceExhausted,
+            CoordError::PermissionDenied(_) => Code::PermissionDenied,
             CoordError::Internal(_) => Code::Internal,
         };
         tonic::Status::new(code, e.to_string())

@@ -12,20 +12,24 @@
 //! Embed it with [`serve`]: it takes a bound listener and a shutdown future, so tests
 //! and `lorafleet dev` run it in-process.
 
+pub mod audit;
 pub mod auth;
 pub mod control;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod persistence;
 pub mod quota;
 pub mod readers;
 pub mod scheduler;
 pub mod service;
+pub mod sources;
 pub mod tls;
 
 pub use control::ControlConfig;
 pub use error::{CoordError, Result};
 
+use lorafleet_proto::admin_service_server::AdminServiceServer;
 use lorafleet_proto::job_service_server::JobServiceServer;
 use lorafleet_proto::worker_service_server::WorkerServiceServer;
 use std::future::Future;
@@ -35,6 +39,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 use tracing::{info, warn};
 
 /// Everything [`serve`] needs besides the listener.
@@ -53,6 +58,12 @@ pub struct CoordinatorConfig {
     pub tls: Option<tls::ServerTls>,
     /// Bearer tokens and roles (None: no authentication).
     pub auth: Option<Arc<auth::Auth>>,
+    /// Sizes, rates and streams per caller.
+    pub limits: limits::Limits,
+    /// Where models may come from.
+    pub models: sources::ModelPolicy,
+    /// Also append the audit log to this file (JSON lines).
+    pub audit_log: Option<PathBuf>,
     pub control: ControlConfig,
 }
 
@@ -65,7 +76,48 @@ impl CoordinatorConfig {
             metrics_listen: None,
             tls: None,
             auth: None,
+            limits: limits::Limits::default(),
+            models: sources::ModelPolicy::default(),
+            audit_log: None,
             control: ControlConfig::default(),
+        }
+    }
+}
+
+/// The gRPC method of a call (`lorafleet.v1.JobService/SubmitJob`), in its extensions.
+#[derive(Debug, Clone)]
+pub struct CallPath(pub String);
+
+/// What every call passes before its handler: the token and role, then the rate limit.
+#[derive(Clone)]
+struct Gate {
+    auth: Option<Arc<auth::Auth>>,
+    guards: Arc<limits::Guards>,
+    audit: Arc<audit::Audit>,
+    metrics: Arc<metrics::Metrics>,
+}
+
+impl Gate {
+    fn check(&self, req: tonic::Request<()>, service: &str, roles: &[auth::Role], rate_limited: bool) -> Result<tonic::Request<()>, tonic::Status> {
+        let Some(a) = &self.auth else { return Ok(req) };
+        let method = req.extensions().get::<CallPath>().map(|p| p.0.clone()).unwrap_or_else(|| service.to_string());
+        match a.authorize(req, service, roles) {
+            Err((s, who)) => {
+                self.metrics.refused(if s.code() == tonic::Code::Unauthenticated { "unauthenticated" } else { "permission_denied" });
+                self.audit.record(who.as_deref(), &method, "", s.code(), s.message());
+                Err(s)
+            }
+            Ok(req) => {
+                if rate_limited {
+                    if let Some(who) = service::caller(&req) {
+                        if let Err(s) = self.guards.rate(&who) {
+                            self.metrics.refused("rate_limit");
+                            return Err(s);
+                        }
+                    }
+                }
+                Ok(req)
+            }
         }
     }
 }
@@ -109,23 +161,31 @@ pub async fn serve_with_metrics(
         .await
         .map_err(|e| CoordError::Storage(format!("cannot write the storage marker for workers: {e}")))?;
     let metrics = metrics::Metrics::new();
+    let metrics_for_gate = metrics.clone();
     let mut control_config = config.control.clone();
     if let Some(a) = &config.auth {
         control_config.quotas = a.quotas();
     }
     let (control, control_loop) = control::ControlLoop::start(config.db_path.clone(), control_config, metrics.clone())?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let audit = audit::Audit::open(config.audit_log.as_deref(), control.clone()).map_err(CoordError::InvalidArgument)?;
+    let guards = limits::Guards::new(config.limits.clone());
     let shared = Arc::new(service::Shared {
         control: control.clone(),
         readers: readers::Readers::new(config.db_path.clone()),
         storage,
         storage_marker,
         shutdown: stop_rx.clone(),
+        guards: guards.clone(),
+        audit: audit.clone(),
+        metrics: metrics.clone(),
+        models: config.models.clone(),
     });
 
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<JobServiceServer<service::jobs::JobSvc>>().await;
     health.set_serving::<WorkerServiceServer<service::workers::WorkerSvc>>().await;
+    health.set_serving::<AdminServiceServer<service::admin::AdminSvc>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(lorafleet_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -167,25 +227,39 @@ pub async fn serve_with_metrics(
         builder = builder.tls_config(t.tonic_config()).map_err(|e| CoordError::InvalidArgument(format!("--tls-cert/--tls-key: {e}")))?;
     }
     let mtls = config.tls.as_ref().is_some_and(|t| t.worker_ca_pem.is_some());
-    let worker_auth = config.auth.clone();
-    let worker_svc = WorkerServiceServer::with_interceptor(service::workers::WorkerSvc { shared: shared.clone() }, move |req| {
-        let req = if mtls { tls::require_client_cert(req)? } else { req };
-        match &worker_auth {
-            Some(a) => a.authorize(req, "WorkerService", &[auth::Role::Worker]),
-            None => Ok(req),
-        }
-    });
-    let job_auth = config.auth.clone();
-    let job_svc = JobServiceServer::with_interceptor(service::jobs::JobSvc { shared: shared.clone() }, move |req| match &job_auth {
-        Some(a) => a.authorize(req, "JobService", &[auth::Role::User]),
-        None => Ok(req),
-    });
+    let gate = Gate { auth: config.auth.clone(), guards, audit, metrics: metrics_for_gate };
+    let max = config.limits.max_request_bytes;
+    let g = gate.clone();
+    let worker_svc = InterceptedService::new(
+        WorkerServiceServer::new(service::workers::WorkerSvc { shared: shared.clone() }).max_decoding_message_size(max),
+        move |req| {
+            let req = if mtls { tls::require_client_cert(req)? } else { req };
+            g.check(req, "WorkerService", &[auth::Role::Worker], false)
+        },
+    );
+    let g = gate.clone();
+    let job_svc = InterceptedService::new(
+        JobServiceServer::new(service::jobs::JobSvc { shared: shared.clone() }).max_decoding_message_size(max),
+        move |req| g.check(req, "JobService", &[auth::Role::User], true),
+    );
+    let g = gate;
+    let admin_svc = InterceptedService::new(
+        AdminServiceServer::new(service::admin::AdminSvc { shared: shared.clone() }).max_decoding_message_size(max),
+        move |req| g.check(req, "AdminService", &[], true),
+    );
     info!(tls = config.tls.is_some(), worker_client_certs = mtls, tokens = config.auth.is_some(), "transport security");
+    // The method of each call, for the audit of refusals (interceptors see no URI).
+    let mut builder = builder.layer(tower::util::MapRequestLayer::new(|mut req: tonic::codegen::http::Request<tonic::body::Body>| {
+        let path = req.uri().path().trim_start_matches('/').to_string();
+        req.extensions_mut().insert(CallPath(path));
+        req
+    }));
     let server = builder
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(job_svc)
         .add_service(worker_svc)
+        .add_service(admin_svc)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = rx.wait_for(|s| *s).await;
         });

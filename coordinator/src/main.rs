@@ -63,6 +63,40 @@ struct Args {
     /// authenticated.
     #[arg(long, env = "LORAFLEET_AUTH")]
     auth: Option<PathBuf>,
+    /// Also append the audit log (every state-changing call, every refused token or
+    /// role) to this file as JSON lines; it is always kept in the database
+    /// (`lorafleet audit`).
+    #[arg(long, env = "LORAFLEET_AUDIT_LOG")]
+    audit_log: Option<PathBuf>,
+    /// Model sources workers may load (repeatable, or comma-separated in the
+    /// environment): a source must be one of these prefixes or lie under one, e.g.
+    /// `hf://meta-llama/` or `s3://models-bucket`. Default: any hf://, s3:// or az://.
+    #[arg(long = "allow-model-source", env = "LORAFLEET_ALLOW_MODEL_SOURCE", value_delimiter = ',')]
+    allow_model_source: Vec<String>,
+    /// Let specs name model directories on the workers' disks (relative paths).
+    #[arg(long, env = "LORAFLEET_ALLOW_LOCAL_MODEL_PATHS")]
+    allow_local_model_paths: bool,
+    /// hf:// revisions: resolve branches and tags to their commit at submit (through
+    /// HF_ENDPOINT and HF_TOKEN) and store the job pinned; `pinned`: refuse unpinned
+    /// sources; `any`: take them as given.
+    #[arg(long, env = "LORAFLEET_HF_REVISIONS", value_enum, default_value_t = lorafleet_coordinator::sources::HfRevisions::Resolve)]
+    hf_revisions: lorafleet_coordinator::sources::HfRevisions,
+    /// Largest gRPC message accepted, in bytes (a spec, one upload chunk).
+    #[arg(long, env = "LORAFLEET_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024)]
+    max_request_bytes: usize,
+    /// Largest dataset upload, in bytes.
+    #[arg(long, env = "LORAFLEET_MAX_UPLOAD_BYTES", default_value_t = 16 * 1024 * 1024 * 1024)]
+    max_upload_bytes: u64,
+    /// Calls per second each token may make to the job and admin services (0: no limit;
+    /// worker tokens are not limited). Needs --auth.
+    #[arg(long, env = "LORAFLEET_RATE_LIMIT", default_value_t = 50.0)]
+    rate_limit: f64,
+    /// Calls a token may make at once above its rate.
+    #[arg(long, env = "LORAFLEET_RATE_BURST", default_value_t = 200.0)]
+    rate_burst: f64,
+    /// Streams (watch, upload, download) one token may hold open (0: unlimited). Needs --auth.
+    #[arg(long, env = "LORAFLEET_MAX_STREAMS_PER_CALLER", default_value_t = 32)]
+    max_streams_per_caller: usize,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -160,6 +194,20 @@ async fn main() -> anyhow::Result<()> {
         storage_url,
         allow_unsafe_store: args.allow_unsafe_store,
         metrics_listen: args.metrics_listen,
+        limits: lorafleet_coordinator::limits::Limits {
+            max_request_bytes: args.max_request_bytes,
+            max_upload_bytes: args.max_upload_bytes,
+            rate_per_sec: args.rate_limit,
+            rate_burst: args.rate_burst,
+            max_streams_per_caller: args.max_streams_per_caller,
+        },
+        models: lorafleet_coordinator::sources::ModelPolicy {
+            allow: args.allow_model_source.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+            local_paths: args.allow_local_model_paths,
+            hf_revisions: args.hf_revisions,
+            hub_endpoint: None,
+        },
+        audit_log: args.audit_log.clone(),
         control,
     };
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;

@@ -115,6 +115,19 @@ CREATE TABLE IF NOT EXISTS tenant_datasets (
     created_ms INTEGER NOT NULL,
     PRIMARY KEY (tenant, sha256)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    unix_ms INTEGER NOT NULL,
+    token_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    method TEXT NOT NULL,
+    target TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_is_append_only_u BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_is_append_only_d BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TABLE IF NOT EXISTS workers (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -488,6 +501,54 @@ pub fn attempt_members(conn: &Connection, id: &JobId, epoch: Epoch) -> Result<Ve
         out.push((w.parse().map_err(corrupt)?, serde_json::from_str(&d).map_err(|e| corrupt(format!("attempt member devices of {id}: {e}")))?));
     }
     Ok(out)
+}
+
+/// One row of the audit log (`seq` is assigned by the store).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRow {
+    #[serde(default)]
+    pub seq: u64,
+    pub unix_ms: i64,
+    pub token_id: String,
+    pub role: String,
+    pub tenant: String,
+    pub method: String,
+    pub target: String,
+    pub outcome: String,
+    pub detail: String,
+}
+
+/// Append audit rows (the table refuses updates and deletes).
+pub fn insert_audit(conn: &Connection, rows: &[AuditRow]) -> Result<()> {
+    let mut st = conn.prepare_cached(
+        "INSERT INTO audit (unix_ms, token_id, role, tenant, method, target, outcome, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    for r in rows {
+        st.execute(params![r.unix_ms, r.token_id, r.role, r.tenant, r.method, r.target, r.outcome, r.detail])?;
+    }
+    Ok(())
+}
+
+/// Audit rows after `after`, oldest first, optionally of one tenant and/or token.
+pub fn audit_after(conn: &Connection, after: u64, limit: u32, tenant: Option<&str>, token_id: Option<&str>) -> Result<Vec<AuditRow>> {
+    let mut st = conn.prepare_cached(
+        "SELECT seq, unix_ms, token_id, role, tenant, method, target, outcome, detail FROM audit \
+         WHERE seq > ?1 AND (?2 IS NULL OR tenant = ?2) AND (?3 IS NULL OR token_id = ?3) ORDER BY seq LIMIT ?4",
+    )?;
+    let rows = st.query_map(params![after as i64, tenant, token_id, limit], |r| {
+        Ok(AuditRow {
+            seq: r.get::<_, i64>(0)? as u64,
+            unix_ms: r.get(1)?,
+            token_id: r.get(2)?,
+            role: r.get(3)?,
+            tenant: r.get(4)?,
+            method: r.get(5)?,
+            target: r.get(6)?,
+            outcome: r.get(7)?,
+            detail: r.get(8)?,
+        })
+    })?;
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
 }
 
 /// Record that `tenant` uploaded dataset `sha256`; returns whether it had before.

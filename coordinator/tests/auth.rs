@@ -63,6 +63,7 @@ async fn start(dir: &std::path::Path, auth: std::sync::Arc<Auth>) -> (Channel, S
     std::fs::create_dir_all(&store).unwrap();
     let mut config = CoordinatorConfig::new(dir.join("c.db"), format!("file://{}", store.display()));
     config.auth = Some(auth);
+    config.models = lorafleet_coordinator::sources::ModelPolicy { local_paths: true, hf_revisions: lorafleet_coordinator::sources::HfRevisions::Any, ..Default::default() };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(lorafleet_coordinator::serve(listener, config, async move {
         let _ = rx.await;

@@ -20,7 +20,7 @@ fn spec(i: usize) -> pb::JobSpec {
 
 fn start(dir: &Path, port: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_lorafleet-coordinator"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--insecure"])
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--insecure", "--hf-revisions", "any"])
         .arg("--db")
         .arg(dir.join("c.db"))
         .args(["--storage", &format!("file://{}", dir.join("store").display())])

@@ -22,6 +22,7 @@ async fn metrics_are_served_over_tls() {
     std::fs::create_dir_all(&store).unwrap();
     let mut config = CoordinatorConfig::new(dir.path().join("c.db"), format!("file://{}", store.display()));
     config.tls = Some(tls);
+    config.models = lorafleet_coordinator::sources::ModelPolicy { local_paths: true, hf_revisions: lorafleet_coordinator::sources::HfRevisions::Any, ..Default::default() };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(serve_with_metrics(listener, Some(metrics), config, async move {
         let _ = rx.await;

@@ -262,6 +262,9 @@ impl Cluster {
             .arg("--db")
             .arg(self.dir.path().join("coordinator.sqlite"))
             .args(["--storage", &self.storage_url, "--lease-ttl", &LEASE_TTL_SECS.to_string()])
+            // The workers load the fixture model from their disk (tests/fixtures/...).
+            .args(["--allow-local-model-paths", "--audit-log"])
+            .arg(self.dir.path().join("audit.jsonl"))
             .envs(self.storage_env())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -39,6 +39,8 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let mut config = lorafleet_coordinator::CoordinatorConfig::new(dir.join("coordinator.sqlite"), storage_url.clone());
     config.control.lease_ttl = Duration::from_secs(a.lease_ttl.max(2));
+    // Embedded: the worker is this machine, so specs may name model directories on it.
+    config.models.local_paths = true;
     config.control.heartbeat_interval = Duration::from_secs((a.lease_ttl / 6).max(1));
     // The workers stop first, so that they hand their jobs back to a coordinator that is
     // still serving; the coordinator stops once they have.

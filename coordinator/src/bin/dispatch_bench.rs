@@ -68,6 +68,8 @@ async fn main() -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let mut config = CoordinatorConfig::new(dir.join("bench.db"), format!("file://{}", dir.join("store").display()));
     config.control = ControlConfig { lease_ttl: Duration::from_secs(60), ..ControlConfig::default() };
+    // The specs name hf://org/tiny (never loaded): no revision to resolve.
+    config.models.hf_revisions = lorafleet_coordinator::sources::HfRevisions::Any;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let metrics_addr = metrics_listener.local_addr()?;

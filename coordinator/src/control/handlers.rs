@@ -124,6 +124,10 @@ impl<'a> Ctx<'a> {
                 let r = self.submit(*job);
                 self.answer(reply, r)
             }
+            Command::Audit { row } => {
+                db::insert_audit(self.conn, std::slice::from_ref(&row))?;
+                Ok(())
+            }
             Command::Cancel { job_id, reason, reply } => {
                 let r = self.cancel(job_id, &reason);
                 self.answer(reply, r)

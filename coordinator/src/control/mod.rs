@@ -144,6 +144,8 @@ pub(crate) enum Command {
     ListWorkers { include_dead: bool, reply: Reply<Vec<pb::Worker>> },
     /// A tenant uploaded a dataset (answers whether it had before).
     TenantDataset { tenant: String, sha256: String, reply: Reply<bool> },
+    /// Append to the audit log (no answer: the caller does not wait for it).
+    Audit { row: db::AuditRow },
     /// Shutting down: answer every long poll now and stop parking new ones.
     Drain { reply: Reply<()> },
     /// Stop the loop once the commands before it are applied (after the server is down).
@@ -168,7 +170,7 @@ impl Command {
             Command::ListWorkers { reply, .. } => drop(reply.send(Err(e()))),
             Command::TenantDataset { reply, .. } => drop(reply.send(Err(e()))),
             Command::Drain { reply } | Command::Stop { reply } => drop(reply.send(Err(e()))),
-            Command::Tick => {}
+            Command::Tick | Command::Audit { .. } => {}
         }
     }
 }
@@ -250,6 +252,10 @@ impl ControlHandle {
     }
     pub async fn list_workers(&self, include_dead: bool) -> Result<Vec<pb::Worker>> {
         self.call(|reply| Command::ListWorkers { include_dead, reply }).await
+    }
+    /// Append `row` to the audit table (with the next batch; not waited for).
+    pub fn audit(&self, row: db::AuditRow) {
+        let _ = self.tx.send(Command::Audit { row });
     }
     /// Answer every parked AcquireJob with "no job" and stop parking new ones.
     pub async fn drain(&self) {

@@ -20,8 +20,6 @@ use tracing::{info, warn};
 
 type Stream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// Largest dataset accepted by UploadDataset.
-pub const MAX_DATASET_BYTES: u64 = 16 * 1024 * 1024 * 1024;
 const ADAPTER_CHUNK: usize = 256 * 1024;
 
 pub struct JobSvc {
@@ -58,26 +56,25 @@ fn visible(row: &db::JobRow, scope: &Option<String>) -> bool {
 }
 
 impl JobSvc {
-    async fn get_row(&self, id: lorafleet_shared::ids::JobId, scope: &Option<String>) -> Result<db::JobRow> {
-        self.shared
-            .readers
-            .run(move |c| db::get_job(c, &id))
-            .await?
-            .filter(|r| visible(r, scope))
-            .ok_or(CoordError::NotFound { what: "job", id: id.to_string() })
-    }
-}
-
-#[tonic::async_trait]
-impl pb::job_service_server::JobService for JobSvc {
-    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
+    async fn submit(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let tenant = tenant_of(&req);
         let scope = scope(&req);
         let req = req.into_inner();
         let spec = req.spec.ok_or_else(|| CoordError::InvalidArgument("spec: missing".into()))?;
-        let spec = spec_from_pb(spec).map_err(CoordError::from)?;
+        let mut spec = spec_from_pb(spec).map_err(CoordError::from)?;
         spec.validate(lorafleet_shared::SpecContext::Remote).map_err(|e| CoordError::InvalidArgument(e.to_string()))?;
         check_remote_spec(&spec)?;
+        // Idempotency compares the spec as sent, before the policy pins anything in it.
+        let submitted_hash = db::spec_hash(&spec);
+        let notes = match self.shared.models.apply(&mut spec).await {
+            Ok(n) => n,
+            Err(e) => {
+                if matches!(e, CoordError::PermissionDenied(_)) {
+                    self.shared.metrics.refused("model_policy");
+                }
+                return Err(e.into());
+            }
+        };
         if let Some(t) = scope {
             let refs: Vec<(&'static str, String)> =
                 [("data.train", Some(spec.data.train.clone())), ("data.eval", spec.data.eval.clone())].into_iter().filter_map(|(f, v)| Some((f, v?))).collect();
@@ -96,8 +93,106 @@ impl pb::job_service_server::JobService for JobSvc {
             }
             k => Some(k.to_string()),
         };
-        let out = self.shared.control.submit(spec, key, tenant).await?;
+        let note = if notes.is_empty() { String::new() } else { format!("submitted ({})", notes.join("; ")) };
+        let new = crate::control::NewJob { spec, key, tenant, submitted_hash: Some(submitted_hash), note };
+        let out = self.shared.control.submit_new(new).await?;
         Ok(Response::new(pb::SubmitJobResponse { job: Some(job_to_pb(&out.job)), created: out.created }))
+    }
+
+    async fn upload(&self, req: Request<Streaming<pb::UploadDatasetRequest>>) -> Result<Response<pb::UploadDatasetResponse>, Status> {
+        use pb::upload_dataset_request::Part;
+        let scope = scope(&req);
+        let _slot = self.stream_slot(&req)?;
+        let mut stream = req.into_inner();
+        let header = match stream.next().await {
+            Some(Ok(pb::UploadDatasetRequest { part: Some(Part::Header(h)) })) => h,
+            Some(Ok(_)) => return Err(CoordError::InvalidArgument("header: the first message must carry the header".into()).into()),
+            Some(Err(e)) => return Err(e),
+            None => return Err(CoordError::InvalidArgument("header: missing".into()).into()),
+        };
+        let name_ok = !header.file_name.is_empty()
+            && header.file_name.len() <= 255
+            && !header.file_name.contains(['/', '\\', '\0'])
+            && header.file_name != ".."
+            && header.file_name != ".";
+        if !name_ok {
+            return Err(CoordError::InvalidArgument(format!("header.file_name: must be a plain file name, got {:?}", header.file_name)).into());
+        }
+        let max = self.shared.guards.limits.max_upload_bytes;
+        if header.size > max {
+            return Err(CoordError::ResourceExhausted(format!("header.size: {} bytes is more than this coordinator accepts (--max-upload-bytes {max})", header.size)).into());
+        }
+        let expected_sha = match header.sha256.as_str() {
+            "" => None,
+            s => Some(Sha256Hex::parse(s).map_err(|e| CoordError::InvalidArgument(format!("header.sha256: {e}")))?),
+        };
+        let tmp = tempfile::Builder::new().prefix("lorafleet-upload-").tempdir().map_err(|e| CoordError::Internal(e.to_string()))?;
+        let path = tmp.path().join("data");
+        let mut f = tokio::fs::File::create(&path).await.map_err(|e| CoordError::Internal(format!("temp file: {e}")))?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        while let Some(msg) = stream.next().await {
+            match msg?.part {
+                Some(Part::Data(d)) => {
+                    size += d.len() as u64;
+                    if size > header.size {
+                        return Err(CoordError::InvalidArgument(format!("data: more than the {} bytes announced", header.size)).into());
+                    }
+                    hasher.update(&d);
+                    f.write_all(&d).await.map_err(|e| CoordError::Internal(format!("temp file: {e}")))?;
+                }
+                Some(Part::Header(_)) => return Err(CoordError::InvalidArgument("header: sent twice".into()).into()),
+                None => {}
+            }
+        }
+        f.flush().await.map_err(|e| CoordError::Internal(format!("temp file: {e}")))?;
+        drop(f);
+        if size != header.size {
+            return Err(CoordError::InvalidArgument(format!("data: received {size} bytes, header announced {}", header.size)).into());
+        }
+        let sha = Sha256Hex::from_digest(&hasher.finalize());
+        if expected_sha.as_ref().is_some_and(|e| e != &sha) {
+            return Err(CoordError::InvalidArgument(format!("header.sha256: content has sha256 {sha}")).into());
+        }
+        let storage = &self.shared.storage;
+        let existed = storage.size(&layout::dataset(&sha)).await.map_err(storage_err)? == Some(size);
+        let (stored_sha, _) = storage.put_dataset_file(&path).await.map_err(storage_err)?;
+        if stored_sha != sha {
+            return Err(CoordError::Internal("dataset changed while uploading".into()).into());
+        }
+        // Datasets are stored once, but a tenant may only name the ones it uploaded itself
+        // (so one tenant cannot train on, or probe for, another's data by its hash).
+        let existed = match scope {
+            Some(t) => self.shared.control.tenant_dataset(t, sha.to_string()).await?,
+            None => existed,
+        };
+        let dataset_ref = lorafleet_storage::cache::dataset_ref(&sha);
+        info!(dataset = %dataset_ref, bytes = size, file_name = %header.file_name, already_existed = existed, "dataset uploaded");
+        Ok(Response::new(pb::UploadDatasetResponse { dataset_ref, sha256: sha.to_string(), size, already_existed: existed }))
+    }
+
+    /// A stream slot of the caller (per-token limit).
+    fn stream_slot<T>(&self, req: &Request<T>) -> Result<Option<crate::limits::StreamSlot>, Status> {
+        let who = super::caller(req);
+        self.shared.guards.stream(who.as_deref()).inspect_err(|_| self.shared.metrics.refused("streams"))
+    }
+
+    async fn get_row(&self, id: lorafleet_shared::ids::JobId, scope: &Option<String>) -> Result<db::JobRow> {
+        self.shared
+            .readers
+            .run(move |c| db::get_job(c, &id))
+            .await?
+            .filter(|r| visible(r, scope))
+            .ok_or(CoordError::NotFound { what: "job", id: id.to_string() })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::job_service_server::JobService for JobSvc {
+    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let who = super::caller(&req);
+        let r = self.submit(req).await;
+        self.shared.audit.outcome(who.as_deref(), "lorafleet.v1.JobService/SubmitJob", "", |r: &Response<pb::SubmitJobResponse>| r.get_ref().job.as_ref().map(|j| j.job_id.clone()).unwrap_or_default(), r)
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
@@ -148,6 +243,7 @@ impl pb::job_service_server::JobService for JobSvc {
 
     async fn watch_job(&self, req: Request<pb::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
         let scope = scope(&req);
+        let slot = self.stream_slot(&req)?;
         let req = req.into_inner();
         let id = parse_job_id("job_id", &req.job_id).map_err(CoordError::from)?;
         // Subscribe before reading the store so no committed event falls in between.
@@ -158,6 +254,7 @@ impl pb::job_service_server::JobService for JobSvc {
         let (tx, rx) = mpsc::channel::<Result<pb::JobEvent, Status>>(256);
         let id_s = id.to_string();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut last = req.after_seq;
             // Replay what is stored after `last`; true when the job has ended.
             async fn replay(
@@ -227,13 +324,24 @@ impl pb::job_service_server::JobService for JobSvc {
     }
 
     async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let who = super::caller(&req);
         let scope = scope(&req);
         let req = req.into_inner();
-        let id = parse_job_id("job_id", &req.job_id).map_err(CoordError::from)?;
-        self.get_row(id, &scope).await?;
-        let reason: String = req.reason.chars().take(1024).collect();
-        let row = self.shared.control.cancel(id, reason).await?;
-        Ok(Response::new(pb::CancelJobResponse { job: Some(job_to_pb(&row)) }))
+        let target = req.job_id.chars().take(64).collect::<String>();
+        let r: Result<Response<pb::CancelJobResponse>, Status> = async {
+            let id = parse_job_id("job_id", &req.job_id).map_err(CoordError::from)?;
+            self.get_row(id, &scope).await?;
+            let reason: String = req.reason.chars().take(1024).collect();
+            let row = self.shared.control.cancel(id, reason).await?;
+            Ok(Response::new(pb::CancelJobResponse { job: Some(job_to_pb(&row)) }))
+        }
+        .await;
+        let (code, detail) = match &r {
+            Ok(_) => (tonic::Code::Ok, ""),
+            Err(s) => (s.code(), s.message()),
+        };
+        self.shared.audit.record(who.as_deref(), "lorafleet.v1.JobService/CancelJob", &target, code, detail);
+        r
     }
 
     async fn list_checkpoints(&self, req: Request<pb::ListCheckpointsRequest>) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
@@ -279,73 +387,9 @@ impl pb::job_service_server::JobService for JobSvc {
     }
 
     async fn upload_dataset(&self, req: Request<Streaming<pb::UploadDatasetRequest>>) -> Result<Response<pb::UploadDatasetResponse>, Status> {
-        use pb::upload_dataset_request::Part;
-        let scope = scope(&req);
-        let mut stream = req.into_inner();
-        let header = match stream.next().await {
-            Some(Ok(pb::UploadDatasetRequest { part: Some(Part::Header(h)) })) => h,
-            Some(Ok(_)) => return Err(CoordError::InvalidArgument("header: the first message must carry the header".into()).into()),
-            Some(Err(e)) => return Err(e),
-            None => return Err(CoordError::InvalidArgument("header: missing".into()).into()),
-        };
-        let name_ok = !header.file_name.is_empty()
-            && header.file_name.len() <= 255
-            && !header.file_name.contains(['/', '\\', '\0'])
-            && header.file_name != ".."
-            && header.file_name != ".";
-        if !name_ok {
-            return Err(CoordError::InvalidArgument(format!("header.file_name: must be a plain file name, got {:?}", header.file_name)).into());
-        }
-        if header.size > MAX_DATASET_BYTES {
-            return Err(CoordError::InvalidArgument(format!("header.size: at most {MAX_DATASET_BYTES} bytes")).into());
-        }
-        let expected_sha = match header.sha256.as_str() {
-            "" => None,
-            s => Some(Sha256Hex::parse(s).map_err(|e| CoordError::InvalidArgument(format!("header.sha256: {e}")))?),
-        };
-        let tmp = tempfile::Builder::new().prefix("lorafleet-upload-").tempdir().map_err(|e| CoordError::Internal(e.to_string()))?;
-        let path = tmp.path().join("data");
-        let mut f = tokio::fs::File::create(&path).await.map_err(|e| CoordError::Internal(format!("temp file: {e}")))?;
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
-        while let Some(msg) = stream.next().await {
-            match msg?.part {
-                Some(Part::Data(d)) => {
-                    size += d.len() as u64;
-                    if size > header.size {
-                        return Err(CoordError::InvalidArgument(format!("data: more than the {} bytes announced", header.size)).into());
-                    }
-                    hasher.update(&d);
-                    f.write_all(&d).await.map_err(|e| CoordError::Internal(format!("temp file: {e}")))?;
-                }
-                Some(Part::Header(_)) => return Err(CoordError::InvalidArgument("header: sent twice".into()).into()),
-                None => {}
-            }
-        }
-        f.flush().await.map_err(|e| CoordError::Internal(format!("temp file: {e}")))?;
-        drop(f);
-        if size != header.size {
-            return Err(CoordError::InvalidArgument(format!("data: received {size} bytes, header announced {}", header.size)).into());
-        }
-        let sha = Sha256Hex::from_digest(&hasher.finalize());
-        if expected_sha.as_ref().is_some_and(|e| e != &sha) {
-            return Err(CoordError::InvalidArgument(format!("header.sha256: content has sha256 {sha}")).into());
-        }
-        let storage = &self.shared.storage;
-        let existed = storage.size(&layout::dataset(&sha)).await.map_err(storage_err)? == Some(size);
-        let (stored_sha, _) = storage.put_dataset_file(&path).await.map_err(storage_err)?;
-        if stored_sha != sha {
-            return Err(CoordError::Internal("dataset changed while uploading".into()).into());
-        }
-        // Datasets are stored once, but a tenant may only name the ones it uploaded itself
-        // (so one tenant cannot train on, or probe for, another's data by its hash).
-        let existed = match scope {
-            Some(t) => self.shared.control.tenant_dataset(t, sha.to_string()).await?,
-            None => existed,
-        };
-        let dataset_ref = lorafleet_storage::cache::dataset_ref(&sha);
-        info!(dataset = %dataset_ref, bytes = size, file_name = %header.file_name, already_existed = existed, "dataset uploaded");
-        Ok(Response::new(pb::UploadDatasetResponse { dataset_ref, sha256: sha.to_string(), size, already_existed: existed }))
+        let who = super::caller(&req);
+        let r = self.upload(req).await;
+        self.shared.audit.outcome(who.as_deref(), "lorafleet.v1.JobService/UploadDataset", "", |r: &Response<pb::UploadDatasetResponse>| r.get_ref().dataset_ref.clone(), r)
     }
 
     type DownloadAdapterStream = Stream<pb::DownloadAdapterResponse>;
@@ -353,6 +397,7 @@ impl pb::job_service_server::JobService for JobSvc {
     async fn download_adapter(&self, req: Request<pb::DownloadAdapterRequest>) -> Result<Response<Self::DownloadAdapterStream>, Status> {
         use pb::download_adapter_response::Part;
         let scope = scope(&req);
+        let slot = self.stream_slot(&req)?;
         let id = parse_job_id("job_id", &req.into_inner().job_id).map_err(CoordError::from)?;
         let row = self.get_row(id, &scope).await?;
         let key = match (row.state, row.adapter_manifest) {
@@ -365,6 +410,7 @@ impl pb::job_service_server::JobService for JobSvc {
         let files: Vec<pb::AdapterFile> =
             manifest.files.iter().map(|f| pb::AdapterFile { name: f.name.clone(), size: f.size, sha256: f.sha256.clone() }).collect();
         tokio::spawn(async move {
+            let _slot = slot;
             if tx.send(Ok(pb::DownloadAdapterResponse { part: Some(Part::Manifest(pb::AdapterManifest { files })) })).await.is_err() {
                 return;
             }

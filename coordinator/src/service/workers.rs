@@ -37,18 +37,22 @@ fn text(field: &str, s: &str, max: usize) -> Result<(), CoordError> {
     Ok(())
 }
 
-#[tonic::async_trait]
-impl pb::worker_service_server::WorkerService for WorkerSvc {
-    async fn get_storage(&self, _req: Request<pb::GetStorageRequest>) -> Result<Response<pb::GetStorageResponse>, Status> {
-        Ok(Response::new(pb::GetStorageResponse {
-            storage_url: self.shared.storage.public_url(),
-            marker_key: lorafleet_storage::layout::coordinator_marker().to_string(),
-            marker: self.shared.storage_marker.clone(),
-        }))
-    }
-
-    async fn register_worker(&self, req: Request<pb::RegisterWorkerRequest>) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+impl WorkerSvc {
+    async fn register(&self, req: Request<pb::RegisterWorkerRequest>) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+        let token = super::caller(&req);
         let req = req.into_inner();
+        if let Some(t) = token.as_ref().filter(|t| !t.labels.is_empty()) {
+            for (k, v) in &t.labels {
+                if req.labels.get(k) != Some(v) {
+                    return Err(CoordError::PermissionDenied(format!(
+                        "labels.{k}: token {:?} registers only workers labelled {k}={v:?}, this one has {:?}",
+                        t.id,
+                        req.labels.get(k).map(String::as_str).unwrap_or("no such label")
+                    ))
+                    .into());
+                }
+            }
+        }
         text("storage_url", &req.storage_url, 1024)?;
         if !req.storage_marker.is_empty() && req.storage_marker != self.shared.storage_marker {
             let theirs = if req.storage_url.is_empty() { "its storage".to_string() } else { req.storage_url.clone() };
@@ -89,6 +93,67 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
             lease_ttl_secs: cfg.lease_ttl.as_secs().max(1) as u32,
             heartbeat_interval_secs: cfg.heartbeat_interval.as_secs().max(1) as u32,
         }))
+    }
+
+    async fn complete(&self, req: Request<pb::CompleteAttemptRequest>) -> Result<Response<pb::CompleteAttemptResponse>, Status> {
+        let req = req.into_inner();
+        let c = call(&req.job_id, req.epoch, &req.worker_id)?;
+        check_attempt_key("adapter_manifest_key", &c.job_id, req.epoch, &req.adapter_manifest_key)?;
+        let job_id = c.job_id;
+        let state = self.shared.control.complete(c, req.adapter_manifest_key.clone(), req.final_loss).await?;
+        if state == JobState::Succeeded {
+            // Durably succeeded: publish the adapter under jobs/<job>/adapter/. Off the
+            // reply path; if it fails (or the coordinator dies first), DownloadAdapter
+            // publishes it on first use.
+            let storage = self.shared.storage.clone();
+            tokio::spawn(async move {
+                match publish_adapter(&storage, &job_id, &req.adapter_manifest_key).await {
+                    Ok((dir, _)) => info!(job_id = %job_id, adapter = %dir, "adapter published"),
+                    Err(e) => warn!(job_id = %job_id, error = %e, "could not publish the adapter yet (retried on download)"),
+                }
+            });
+        }
+        Ok(Response::new(pb::CompleteAttemptResponse { state: state_to_pb(state) as i32 }))
+    }
+
+    async fn fail(&self, req: Request<pb::FailAttemptRequest>) -> Result<Response<pb::FailAttemptResponse>, Status> {
+        let req = req.into_inner();
+        let c = call(&req.job_id, req.epoch, &req.worker_id)?;
+        let class = failure_class_from_pb("failure_class", req.failure_class).map_err(CoordError::from)?;
+        let reason: String = req.reason.chars().take(4096).collect();
+        let state = self.shared.control.fail(c, class, reason).await?;
+        Ok(Response::new(pb::FailAttemptResponse { state: state_to_pb(state) as i32 }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::worker_service_server::WorkerService for WorkerSvc {
+    async fn get_storage(&self, _req: Request<pb::GetStorageRequest>) -> Result<Response<pb::GetStorageResponse>, Status> {
+        Ok(Response::new(pb::GetStorageResponse {
+            storage_url: self.shared.storage.public_url(),
+            marker_key: lorafleet_storage::layout::coordinator_marker().to_string(),
+            marker: self.shared.storage_marker.clone(),
+        }))
+    }
+
+    async fn register_worker(&self, req: Request<pb::RegisterWorkerRequest>) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+        let who = super::caller(&req);
+        let r = self.register(req).await;
+        self.shared.audit.outcome(who.as_deref(), "lorafleet.v1.WorkerService/RegisterWorker", "", |r: &Response<pb::RegisterWorkerResponse>| r.get_ref().worker_id.clone(), r)
+    }
+
+    async fn complete_attempt(&self, req: Request<pb::CompleteAttemptRequest>) -> Result<Response<pb::CompleteAttemptResponse>, Status> {
+        let who = super::caller(&req);
+        let target = req.get_ref().job_id.chars().take(64).collect::<String>();
+        let r = self.complete(req).await;
+        self.shared.audit.outcome(who.as_deref(), "lorafleet.v1.WorkerService/CompleteAttempt", &target, |_| String::new(), r)
+    }
+
+    async fn fail_attempt(&self, req: Request<pb::FailAttemptRequest>) -> Result<Response<pb::FailAttemptResponse>, Status> {
+        let who = super::caller(&req);
+        let target = req.get_ref().job_id.chars().take(64).collect::<String>();
+        let r = self.fail(req).await;
+        self.shared.audit.outcome(who.as_deref(), "lorafleet.v1.WorkerService/FailAttempt", &target, |_| String::new(), r)
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
@@ -145,36 +210,6 @@ impl pb::worker_service_server::WorkerService for WorkerSvc {
         check_attempt_key("manifest_key", &c.job_id, req.epoch, &req.manifest_key)?;
         let cancel = self.shared.control.checkpoint(c, req.step, req.manifest_key).await?;
         Ok(Response::new(pb::CommitCheckpointResponse { cancel }))
-    }
-
-    async fn complete_attempt(&self, req: Request<pb::CompleteAttemptRequest>) -> Result<Response<pb::CompleteAttemptResponse>, Status> {
-        let req = req.into_inner();
-        let c = call(&req.job_id, req.epoch, &req.worker_id)?;
-        check_attempt_key("adapter_manifest_key", &c.job_id, req.epoch, &req.adapter_manifest_key)?;
-        let job_id = c.job_id;
-        let state = self.shared.control.complete(c, req.adapter_manifest_key.clone(), req.final_loss).await?;
-        if state == JobState::Succeeded {
-            // Durably succeeded: publish the adapter under jobs/<job>/adapter/. Off the
-            // reply path; if it fails (or the coordinator dies first), DownloadAdapter
-            // publishes it on first use.
-            let storage = self.shared.storage.clone();
-            tokio::spawn(async move {
-                match publish_adapter(&storage, &job_id, &req.adapter_manifest_key).await {
-                    Ok((dir, _)) => info!(job_id = %job_id, adapter = %dir, "adapter published"),
-                    Err(e) => warn!(job_id = %job_id, error = %e, "could not publish the adapter yet (retried on download)"),
-                }
-            });
-        }
-        Ok(Response::new(pb::CompleteAttemptResponse { state: state_to_pb(state) as i32 }))
-    }
-
-    async fn fail_attempt(&self, req: Request<pb::FailAttemptRequest>) -> Result<Response<pb::FailAttemptResponse>, Status> {
-        let req = req.into_inner();
-        let c = call(&req.job_id, req.epoch, &req.worker_id)?;
-        let class = failure_class_from_pb("failure_class", req.failure_class).map_err(CoordError::from)?;
-        let reason: String = req.reason.chars().take(4096).collect();
-        let state = self.shared.control.fail(c, class, reason).await?;
-        Ok(Response::new(pb::FailAttemptResponse { state: state_to_pb(state) as i32 }))
     }
 
     async fn rendezvous(&self, req: Request<pb::RendezvousRequest>) -> Result<Response<pb::RendezvousResponse>, Status> {

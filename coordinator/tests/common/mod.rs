@@ -40,6 +40,8 @@ impl Coord {
         std::fs::create_dir_all(&store).unwrap();
         let mut config = CoordinatorConfig::new(dir.join("coordinator.db"), format!("file://{}", store.display()));
         config.control = control;
+        // The specs name hf://org/m, which no test resolves.
+        config.models = lorafleet_coordinator::sources::ModelPolicy { local_paths: true, hf_revisions: lorafleet_coordinator::sources::HfRevisions::Any, ..Default::default() };
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(serve_with_metrics(listener, Some(metrics), config, async move {
             let _ = rx.await;
