@@ -298,7 +298,7 @@ impl Queue {
         }
         let mut order: Vec<(TenantLoad, Key, JobId, Tenant)> =
             heads.into_iter().map(|(t, (k, id))| (fair.load.get(t).copied().unwrap_or_default(), k, id, t.clone())).collect();
-        order.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        order.sort_by_key(|a| (a.0, a.1));
         for (load, _, head, t) in order {
             if let Some(reason) = fair.quotas.hold(&t, load, 0) {
                 held.push((head, reason));

@@ -100,11 +100,13 @@ impl ModelPolicy {
                         None => Hub::from_env(),
                     }
                     .map_err(|e| CoordError::Internal(e.to_string()))?;
-                    let resolved = hub.resolve(&r, source).await.map_err(|e| {
-                        CoordError::Unavailable(format!(
+                    let resolved = hub.resolve(&r, source).await.map_err(|e| match e {
+                        // The Hub answered: no such repository or revision, or no access.
+                        lorafleet_storage::Error::Hub { retryable: false, .. } => CoordError::InvalidArgument(format!("{field}: {e}")),
+                        e => CoordError::Unavailable(format!(
                             "{field}: cannot resolve the revision of {source:?} at submit ({e}); pin a commit (hf://{}@<commit>) or retry",
                             r.repo
-                        ))
+                        )),
                     })?;
                     let pinned = format!("hf://{}@{}", r.repo, resolved.commit);
                     notes.push(format!("{field} {source} resolved to {pinned}"));

@@ -295,6 +295,8 @@ impl pb::job_service_server::JobService for JobSvc {
                 let next = tokio::select! {
                     ev = live.recv() => Some(ev),
                     _ = stop.wait_for(|s| *s) => None,
+                    // The caller went away: end now (and free its stream slot).
+                    () = tx.closed() => return,
                 };
                 let Some(next) = next else {
                     let _ = tx.send(Err(Status::unavailable("coordinator is shutting down"))).await;
