@@ -1,5 +1,5 @@
 //! Remote commands: the gRPC client of a coordinator (`submit`, `jobs`, `status`,
-//! `watch`, `logs`, `cancel`, `checkpoints`, `fetch`, `workers`) and `dev`, which runs
+//! `watch`, `logs`, `cancel`, `checkpoints`, `fetch`, `workers`, `audit`) and `dev`, which runs
 //! a coordinator, one or more CPU workers and file storage in this process.
 //!
 //! Every command takes `--coordinator URL` (or `LORAFLEET_COORDINATOR`, default
@@ -162,6 +162,38 @@ pub enum RemoteCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// The coordinator's audit log (admin tokens only): every state-changing call
+    /// (submit, cancel, upload, worker registration, attempt completion or failure) and
+    /// every call refused for its token or role: who (token id), tenant, what, when and
+    /// the outcome. Oldest first.
+    ///
+    /// Examples:
+    ///   LORAFLEET_TOKEN=$ADMIN_TOKEN lorafleet audit
+    ///   lorafleet audit --tenant acme --limit 50 --json
+    ///   lorafleet audit --follow
+    #[command(verbatim_doc_comment)]
+    Audit {
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many events (1-1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Only this tenant's events.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only the events of this token id.
+        #[arg(long)]
+        token_id: Option<String>,
+        /// Keep printing new events as they come (polls every 2 s; Ctrl-C to stop).
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Run a coordinator, one or more CPU workers and file storage in this process.
     ///
     /// Everything lives under --dir (SQLite database, storage, worker caches). Then, in
@@ -278,18 +310,44 @@ async fn run_async(c: RemoteCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        RemoteCommand::Audit { after, limit, tenant, token_id, follow, json, conn } => {
+            let (ch, token) = channel(&conn).await?;
+            let mut client = pb::admin_service_client::AdminServiceClient::with_interceptor(ch, token);
+            let mut after = after;
+            let mut header = !json;
+            loop {
+                let r = pb::ListAuditEventsRequest { after_seq: after, limit, tenant: tenant.clone().unwrap_or_default(), token_id: token_id.clone().unwrap_or_default() };
+                let events = client.list_audit_events(r).await.map_err(status_err)?.into_inner().events;
+                if let Some(e) = events.last() {
+                    after = e.seq;
+                }
+                output::print_audit(&events, json, std::mem::take(&mut header));
+                if !follow {
+                    return Ok(());
+                }
+                if events.len() < limit as usize {
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
+            }
+        }
         RemoteCommand::Dev(a) => dev::run(a).await,
     }
 }
 
 pub(crate) async fn connect(conn: &Conn) -> anyhow::Result<JobServiceClient<AuthChannel>> {
+    let (ch, token) = channel(conn).await?;
+    Ok(JobServiceClient::with_interceptor(ch, token).max_decoding_message_size(64 * 1024 * 1024))
+}
+
+/// A connection to the coordinator and the caller's token.
+async fn channel(conn: &Conn) -> anyhow::Result<(tonic::transport::Channel, lorafleet_proto::connect::BearerToken)> {
     let tls = lorafleet_proto::connect::ClientTls { ca: conn.ca.clone(), ..Default::default() };
     let ep = lorafleet_proto::connect::endpoint(&conn.coordinator, &tls).map_err(|e| anyhow::anyhow!("--coordinator: {e}"))?;
     let ch = ep.connect().await.map_err(|e| {
         anyhow::anyhow!("cannot reach the coordinator at {}: {} (start one with `lorafleet dev`, or set --coordinator / LORAFLEET_COORDINATOR)", conn.coordinator, source_msg(&e))
     })?;
     let token = lorafleet_proto::connect::BearerToken::new(conn.token.as_deref()).map_err(anyhow::Error::msg)?;
-    Ok(JobServiceClient::with_interceptor(ch, token).max_decoding_message_size(64 * 1024 * 1024))
+    Ok((ch, token))
 }
 
 fn source_msg(e: &dyn std::error::Error) -> String {

@@ -359,6 +359,19 @@ async fn tls_and_tokens_refuse_what_they_should() {
     let out = std::process::Command::new(bin("lorafleet")).args(["workers", "--coordinator", &c.endpoint()]).env("LORAFLEET_CA", &pki.ca).env("LORAFLEET_TOKEN", &tokens.admin).output().expect("run lorafleet");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!c.read_log("coordinator").contains(&tokens.user) && !c.read_log("coordinator").contains(&tokens.worker), "tokens never reach the log");
+    // The audit log (`lorafleet audit`, admins only) has each refusal, by token id.
+    let out = c.cli(&["audit"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("permission denied"));
+    let audit = ok(&c.cli_as(&tokens.admin, &["audit", "--json", "--limit", "1000"]));
+    let events: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect();
+    let has = |method: &str, token: &str, outcome: &str| events.iter().any(|e| e["method"] == method && e["token_id"] == token && e["outcome"] == outcome);
+    // (the CLI uploads the dataset first: that is the call refused)
+    assert!(has("lorafleet.v1.JobService/UploadDataset", "e2e-workers", "PERMISSION_DENIED"), "{audit}");
+    assert!(has("lorafleet.v1.WorkerService/GetStorage", "e2e-user", "PERMISSION_DENIED"), "{audit}");
+    assert!(has("lorafleet.v1.JobService/ListJobs", "?", "UNAUTHENTICATED"), "{audit}");
+    assert!(has("lorafleet.v1.AdminService/ListAuditEvents", "e2e-user", "PERMISSION_DENIED"), "{audit}");
+    let file = std::fs::read_to_string(c.dir.path().join("audit.jsonl")).expect("--audit-log file");
+    assert!(file.lines().count() >= events.len() && !file.contains(&tokens.user) && !file.contains(&tokens.admin));
 
     // A worker whose certificate another CA signed never gets in.
     let mut rogue = std::process::Command::new(bin("lorafleet-worker"))
