@@ -47,11 +47,14 @@ fn is_commit(rev: &str) -> bool {
     rev.len() == 40 && rev.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
 }
 
-/// Is `source` `prefix` or under it (at a `/` or `@` boundary)?
+/// Is `source` `prefix` or under it: at a `/` boundary, or for `hf://` also at the `@`
+/// of a revision. (The location checks before this one refuse `%`, `@`, `.` and `..`
+/// components in object-store locations, so the text is what the workers' URL parser
+/// reads.)
 pub fn under_prefix(source: &str, prefix: &str) -> bool {
     match source.strip_prefix(prefix) {
         Some("") => true,
-        Some(rest) => prefix.ends_with('/') || rest.starts_with('/') || rest.starts_with('@'),
+        Some(rest) => prefix.ends_with('/') || rest.starts_with('/') || (source.starts_with("hf://") && rest.starts_with('@')),
         None => false,
     }
 }
@@ -135,7 +138,7 @@ mod tests {
         for ok in [pinned.as_str(), "s3://models/x", "s3://models"] {
             p.apply(&mut spec(ok)).await.unwrap();
         }
-        for bad in ["hf://evil/x", "s3://models-evil/x", "s3://other/models", "az://c/models", "models/tiny"] {
+        for bad in ["hf://evil/x", "s3://models-evil/x", "s3://models@evil/x", "s3://other/models", "az://c/models", "models/tiny"] {
             let e = p.apply(&mut spec(bad)).await.unwrap_err();
             assert!(matches!(&e, CoordError::PermissionDenied(m) if m.starts_with("model.source: ")), "{bad}: {e}");
         }

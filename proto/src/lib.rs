@@ -25,11 +25,11 @@ mod tests {
     use prost::Message;
 
     #[test]
-    fn descriptor_set_names_both_services() {
+    fn descriptor_set_names_every_service() {
         let set = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).unwrap();
         let file = set.file.iter().find(|f| f.package() == "lorafleet.v1").unwrap();
         let services: Vec<_> = file.service.iter().map(|s| s.name()).collect();
-        assert_eq!(services, ["JobService", "WorkerService"]);
+        assert_eq!(services, ["JobService", "WorkerService", "AdminService"]);
     }
 
     #[test]

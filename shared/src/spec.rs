@@ -445,6 +445,7 @@ impl JobSpec {
         }
         for (k, val) in &self.labels {
             v.max_len(&format!("labels.{k}"), val, MAX_SHORT_LEN);
+            v.no_nul(&format!("labels.{k}"), val);
             v.no_control(&format!("labels.{k}"), val);
         }
         v.max_entries("labels", self.labels.len());

@@ -81,10 +81,30 @@ fn check_location(field: &str, s: &str, schemes: &[&str], allow_relative: bool) 
     }
     match scheme {
         Some(sc) if schemes.contains(&sc) => {
-            if sc == "dataset" {
-                match lorafleet_storage::parse_dataset_ref(s) {
+            match sc {
+                "dataset" => match lorafleet_storage::parse_dataset_ref(s) {
                     Some(Ok(_)) => {}
                     _ => return bad("dataset refs look like dataset://sha256/<64 lowercase hex>"),
+                },
+                "hf" => {
+                    if let Err(e) = lorafleet_storage::hub::parse_hf(s) {
+                        return bad(&e.to_string());
+                    }
+                }
+                _ => {
+                    // What the workers' URL parser reads must be what is written: the
+                    // bucket before the first '/', no user, port, query or escapes (a
+                    // `%2e%2e` would be a `..` to the parser).
+                    let bucket = rest.split('/').next().unwrap_or("");
+                    let bucket_ok = !bucket.is_empty()
+                        && bucket.len() <= 63
+                        && bucket.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-._".contains(c));
+                    if !bucket_ok {
+                        return bad("the bucket (or container) must be 1-63 lowercase letters, digits, '-', '.' or '_'");
+                    }
+                    if rest.contains(['%', '@', '?', '#']) || rest.split('/').any(|c| c == ".") {
+                        return bad("must not contain '%', '@', '?', '#' or '.' components (write keys unencoded)");
+                    }
                 }
             }
             Ok(())
@@ -114,6 +134,9 @@ pub fn check_remote_spec(spec: &JobSpec) -> Result<(), CoordError> {
 /// attempt's own prefix `jobs/<job_id>/attempts/<epoch>/`: a worker can only point the
 /// job at what its own lease wrote.
 pub fn check_attempt_key(field: &str, job_id: &JobId, epoch: u64, key: &str) -> Result<(), CoordError> {
+    if key.ends_with('/') || key.contains("//") {
+        return Err(CoordError::InvalidArgument(format!("{field}: must name an object (no empty path segment), got {key:?}")));
+    }
     check_job_key(field, job_id, key)?;
     let prefix = format!("jobs/{job_id}/attempts/{epoch}/");
     if !key.starts_with(&prefix) || key.len() == prefix.len() {
@@ -176,6 +199,13 @@ mod tests {
             (&ds, "../models", "model.source"),
             (&ds, "file:///m", "model.source"),
             (&ds, "a\\b", "model.source"),
+            ("s3://b/x/%2e%2e/y", "hf://o/m", "data.train"),
+            ("s3://b@other/x", "hf://o/m", "data.train"),
+            ("s3://b:9000/x", "hf://o/m", "data.train"),
+            ("s3://B/x", "hf://o/m", "data.train"),
+            ("s3://b/./x", "hf://o/m", "data.train"),
+            (&ds, "hf://o/m?x=1", "model.source"),
+            (&ds, "hf://evil.com:80/m", "model.source"),
         ] {
             match check_remote_spec(&spec(train, source)) {
                 Err(CoordError::InvalidArgument(m)) => assert!(m.starts_with(&format!("{field}: ")), "{m}"),
