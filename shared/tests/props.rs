@@ -555,7 +555,8 @@ fn spec_shaped_documents_are_safe_when_accepted() {
 /// after a coordinator restart; the workspace now enables that feature.)
 #[test]
 fn persisted_specs_reload_exactly() {
-    let fields: [(&str, fn(&mut JobSpec, f64), f64); 6] = [
+    type Setter = fn(&mut JobSpec, f64);
+    let fields: [(&str, Setter, f64); 6] = [
         ("lora.dropout", |s, x| s.lora.dropout = x, 1.0),
         ("data.eval_split", |s, x| (s.data.eval, s.data.eval_split) = (None, x), 1.0),
         ("training.warmup_ratio", |s, x| s.training.warmup_ratio = x, 1.0),

@@ -229,6 +229,38 @@ pub fn print_workers(ws: &[pb::Worker]) {
     }
 }
 
+/// Audit events: a table (with its header when `header`), or one JSON object per line.
+pub fn print_audit(events: &[pb::AuditEvent], json: bool, header: bool) {
+    if json {
+        for e in events {
+            let v = json!({
+                "seq": e.seq, "unix_ms": e.unix_ms, "token_id": e.token_id, "role": e.role, "tenant": e.tenant,
+                "method": e.method, "target": e.target, "outcome": e.outcome, "detail": e.detail,
+            });
+            println!("{v}");
+        }
+        return;
+    }
+    if header {
+        println!("{:<6} {:<19} {:<14} {:<7} {:<10} {:<36} {:<36} OUTCOME", "SEQ", "TIME", "TOKEN", "ROLE", "TENANT", "METHOD", "TARGET");
+    }
+    for e in events {
+        let method = e.method.strip_prefix("lorafleet.v1.").unwrap_or(&e.method);
+        let detail = if e.detail.is_empty() { String::new() } else { format!(" ({})", e.detail.lines().next().unwrap_or("")) };
+        println!(
+            "{:<6} {:<19} {:<14} {:<7} {:<10} {:<36} {:<36} {}{detail}",
+            e.seq,
+            time(e.unix_ms),
+            e.token_id,
+            e.role,
+            if e.tenant.is_empty() { "-" } else { &e.tenant },
+            method,
+            if e.target.is_empty() { "-" } else { &e.target },
+            e.outcome
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,37 +335,5 @@ mod tests {
         ];
         assert_eq!(gang_label(&w), "01234567[node 1/2],fedcba98[node 0/3]");
         assert_eq!(worker_json(&w)["gang_seats"][0], json!({"job_id": "0123456789abcdef", "node_rank": 1, "nodes": 2}));
-    }
-}
-
-/// Audit events: a table (with its header when `header`), or one JSON object per line.
-pub fn print_audit(events: &[pb::AuditEvent], json: bool, header: bool) {
-    if json {
-        for e in events {
-            let v = json!({
-                "seq": e.seq, "unix_ms": e.unix_ms, "token_id": e.token_id, "role": e.role, "tenant": e.tenant,
-                "method": e.method, "target": e.target, "outcome": e.outcome, "detail": e.detail,
-            });
-            println!("{v}");
-        }
-        return;
-    }
-    if header {
-        println!("{:<6} {:<19} {:<14} {:<7} {:<10} {:<36} {:<36} OUTCOME", "SEQ", "TIME", "TOKEN", "ROLE", "TENANT", "METHOD", "TARGET");
-    }
-    for e in events {
-        let method = e.method.strip_prefix("lorafleet.v1.").unwrap_or(&e.method);
-        let detail = if e.detail.is_empty() { String::new() } else { format!(" ({})", e.detail.lines().next().unwrap_or("")) };
-        println!(
-            "{:<6} {:<19} {:<14} {:<7} {:<10} {:<36} {:<36} {}{detail}",
-            e.seq,
-            time(e.unix_ms),
-            e.token_id,
-            e.role,
-            if e.tenant.is_empty() { "-" } else { &e.tenant },
-            method,
-            if e.target.is_empty() { "-" } else { &e.target },
-            e.outcome
-        );
     }
 }
