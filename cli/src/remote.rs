@@ -42,7 +42,8 @@ pub enum RemoteCommand {
     /// dataset files it names (data.train, data.eval) are uploaded and replaced by
     /// content-addressed `dataset://sha256/...` refs. A local model path is sent as
     /// written (relative, no `..`): each worker resolves it in its working directory,
-    /// which is this one with `lorafleet dev`; elsewhere use s3:// models.
+    /// which is this one with `lorafleet dev`; other coordinators take such paths only
+    /// with --allow-local-model-paths: use s3:// or hf:// models there.
     ///
     /// Examples:
     ///   lorafleet submit examples/faq.yaml --watch
