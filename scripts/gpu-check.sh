@@ -78,7 +78,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$BIN/lorafleet-coordinator" --listen "127.0.0.1:$PORT" --insecure --db "$WORK/db.sqlite" --storage "file://$WORK/store" > "$WORK/coordinator.log" 2>&1 &
+"$BIN/lorafleet-coordinator" --listen "127.0.0.1:$PORT" --insecure --allow-local-model-paths --db "$WORK/db.sqlite" --storage "file://$WORK/store" > "$WORK/coordinator.log" 2>&1 &
 PIDS+=($!)
 if [[ "$DEVICE" == cuda ]]; then
     DEVICES="cuda:0"

@@ -127,7 +127,34 @@ pub enum BenchCommand {
         /// Timed steps (after 2 warm-up steps).
         #[arg(long, default_value_t = 10)]
         steps: u64,
+        /// Tokens per sequence (one sequence per step).
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
         /// Print the result as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decoding speed: greedy generation with the KV cache on `bench train`'s model with
+    /// its LoRA adapter attached (unmerged), a random prompt, a fixed number of new
+    /// tokens (never stopped early); new tokens/s, prompt included, as HF `generate` is
+    /// timed by `scripts/bench-compare.sh`.
+    ///
+    /// Examples:
+    ///   lorafleet bench generate
+    ///   lorafleet bench generate --quant nf4 --new-tokens 128 --runs 3 --json
+    #[command(verbatim_doc_comment)]
+    Generate {
+        #[arg(long, value_enum, default_value = "none")]
+        quant: QuantArg,
+        #[arg(long, value_enum, default_value = "f32")]
+        compute_dtype: DtypeArg,
+        #[arg(long, default_value_t = 32)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 128)]
+        new_tokens: usize,
+        /// Timed runs (after one warm-up run).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
         #[arg(long)]
         json: bool,
     },
@@ -310,13 +337,33 @@ pub fn run(c: LocalCommand) -> anyhow::Result<()> {
         LocalCommand::Train(a) => run_train(a),
         LocalCommand::Eval(a) => run_eval(a),
         LocalCommand::Generate(a) => run_generate(a),
-        LocalCommand::Bench(BenchCommand::Train { quant, compute_dtype, checkpointing, steps, json }) => {
+        LocalCommand::Bench(BenchCommand::Generate { quant, compute_dtype, prompt_tokens, new_tokens, runs, json }) => {
+            let opts = lorafleet_engine::bench::GenerateBenchOptions { quant: quant.into(), compute_dtype: compute_dtype.into(), prompt_tokens, new_tokens, runs };
+            let r = lorafleet_engine::bench::bench_generate(&opts, &candle_core::Device::Cpu)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "lorafleet generate {}{}: {:.1} new tokens/s ({} prompt + {} new tokens, first token {:.3} s), peak RSS {}, threads {}",
+                    if quant == QuantArg::Nf4 { "nf4" } else { "none" },
+                    if compute_dtype == DtypeArg::Bf16 { " bf16" } else { "" },
+                    r.tokens_per_sec,
+                    prompt_tokens,
+                    new_tokens,
+                    r.first_token_secs,
+                    r.peak_rss_mib.map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "n/a".into()),
+                    r.threads
+                );
+            }
+            Ok(())
+        }
+        LocalCommand::Bench(BenchCommand::Train { quant, compute_dtype, checkpointing, steps, seq, json }) => {
             let opts = BenchOptions {
                 quant: quant.into(),
                 compute_dtype: compute_dtype.into(),
                 gradient_checkpointing: checkpointing == OnOff::On,
                 steps,
-                ..Default::default()
+                seq_len: seq,
             };
             let r = bench_train(&opts, &candle_core::Device::Cpu)?;
             if json {
@@ -325,10 +372,11 @@ pub fn run(c: LocalCommand) -> anyhow::Result<()> {
                 let mib = |v: Option<f64>| v.map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "n/a".into());
                 let rss = format!("{} (training steps {})", mib(r.peak_rss_mib), mib(r.train_peak_rss_mib));
                 println!(
-                    "lorafleet {}{} checkpointing {}: {:.1} tokens/s ({:.3} s/step: forward+loss {:.3}, backward {:.3}, optimizer {:.3}), peak RSS {rss}, threads {}, matmul {}",
+                    "lorafleet {}{} checkpointing {} seq {}: {:.1} tokens/s ({:.3} s/step: forward+loss {:.3}, backward {:.3}, optimizer {:.3}), peak RSS {rss}, threads {}, matmul {}",
                     if quant == QuantArg::Nf4 { "nf4" } else { "none" },
                     if compute_dtype == DtypeArg::Bf16 { " bf16" } else { "" },
                     if opts.gradient_checkpointing { "on" } else { "off" },
+                    opts.seq_len,
                     r.tokens_per_sec,
                     r.secs_per_step,
                     r.forward_secs,

@@ -7,7 +7,8 @@
 //! deletes; read with `lorafleet audit`, AdminService) and, with `--audit-log FILE`, as
 //! JSON lines appended to a file (mode 0600) for a log shipper. Heartbeats, progress
 //! reports, checkpoints and lease grants are not audited: they are the lease's own
-//! reports, and their effects are the job's events.
+//! reports, and their effects are the job's events. Calls without a known token are
+//! recorded at most 20 a second (bursts of 200): a flood of them cannot fill the log.
 
 use crate::auth::Identity;
 use crate::control::ControlHandle;
@@ -20,7 +21,14 @@ use tracing::warn;
 pub struct Audit {
     file: Option<Mutex<std::fs::File>>,
     control: ControlHandle,
+    /// Calls without a known token are recorded at most [`ANONYMOUS_PER_SEC`] a second
+    /// (bursts of [`ANONYMOUS_BURST`]), so that a flood of them cannot fill the log; all
+    /// are counted in `lorafleet_refused_calls_total`.
+    anonymous: Mutex<(f64, std::time::Instant)>,
 }
+
+pub const ANONYMOUS_PER_SEC: f64 = 20.0;
+pub const ANONYMOUS_BURST: f64 = 200.0;
 
 impl Audit {
     /// Open the sink: the database through the control loop, and `file` if given.
@@ -38,11 +46,21 @@ impl Audit {
             }
             None => None,
         };
-        Ok(Arc::new(Self { file, control }))
+        Ok(Arc::new(Self { file, control, anonymous: Mutex::new((ANONYMOUS_BURST, std::time::Instant::now())) }))
     }
 
     /// Record one call. `who` is None for a call without a known token.
     pub fn record(&self, who: Option<&Identity>, method: &str, target: &str, outcome: tonic::Code, detail: &str) {
+        if who.is_none() {
+            let mut b = self.anonymous.lock().unwrap_or_else(|e| e.into_inner());
+            let now = std::time::Instant::now();
+            b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * ANONYMOUS_PER_SEC).min(ANONYMOUS_BURST);
+            b.1 = now;
+            if b.0 < 1.0 {
+                return;
+            }
+            b.0 -= 1.0;
+        }
         let (token_id, role, tenant) = match who {
             Some(w) => (w.id.clone(), w.role.as_str().to_string(), w.tenant.clone().unwrap_or_default()),
             None => ("?".to_string(), String::new(), String::new()),

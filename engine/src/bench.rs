@@ -81,27 +81,7 @@ fn run(opts: &BenchOptions, dir: &std::path::Path, device: &Device) -> Result<Be
     if opts.steps == 0 || opts.seq_len < 2 {
         return Err(EngineError::Config("bench: steps must be at least 1 and seq_len at least 2".into()));
     }
-    let quant = match opts.quant {
-        QuantMethod::Nf4 => Quant::Nf4 { double_quant: true },
-        QuantMethod::None => Quant::None,
-    };
-    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-    let load = LoadOptions {
-        quant,
-        compute_dtype: match opts.compute_dtype {
-            ComputeDtype::F32 => DType::F32,
-            ComputeDtype::Bf16 => DType::BF16,
-        },
-        device: device.clone(),
-        lora: Some(LoraSettingsRequest {
-            r: 8,
-            alpha: 16.0,
-            dropout: 0.0,
-            rslora: false,
-            target_modules: Some(TargetModules::List(targets.iter().map(|s| s.to_string()).collect())),
-            init: LoraInit::PeftDefault { seed: 0 },
-        }),
-    };
+    let load = bench_load_options(opts.quant, opts.compute_dtype, device);
     let model = crate::model::load_model(dir, &load)?;
     let model = model.as_ref();
     model.set_gradient_checkpointing(opts.gradient_checkpointing);
@@ -155,6 +135,106 @@ fn run(opts: &BenchOptions, dir: &std::path::Path, device: &Device) -> Result<Be
         backward_secs: phases[1] / opts.steps as f64,
         optimizer_secs: phases[2] / opts.steps as f64,
     })
+}
+
+/// What [`bench_generate`] measures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateBenchOptions {
+    pub quant: QuantMethod,
+    pub compute_dtype: ComputeDtype,
+    /// Random prompt tokens.
+    pub prompt_tokens: usize,
+    /// Tokens generated per run (never stopped early).
+    pub new_tokens: usize,
+    /// Timed runs (after one warm-up run).
+    pub runs: usize,
+}
+
+impl Default for GenerateBenchOptions {
+    fn default() -> Self {
+        Self { quant: QuantMethod::None, compute_dtype: ComputeDtype::F32, prompt_tokens: 32, new_tokens: 128, runs: 3 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateBenchResult {
+    pub options: GenerateBenchOptions,
+    /// New tokens per second, prompt processing included (what HF `generate` is timed on).
+    pub tokens_per_sec: f64,
+    /// Seconds to the first new token (the prompt's forward pass), mean of the runs.
+    pub first_token_secs: f64,
+    pub peak_rss_mib: Option<f64>,
+    pub threads: usize,
+}
+
+/// Greedy decoding with the KV cache on `bench train`'s model with its LoRA adapter
+/// attached (r=8 on all seven projections, unmerged, as PEFT runs it): `new_tokens`
+/// after a random prompt of `prompt_tokens`, `runs` times after a warm-up.
+pub fn bench_generate(opts: &GenerateBenchOptions, device: &Device) -> Result<GenerateBenchResult> {
+    if opts.runs == 0 || opts.new_tokens == 0 || opts.prompt_tokens == 0 {
+        return Err(EngineError::Config("bench generate: runs, new tokens and prompt tokens must be at least 1".into()));
+    }
+    let dir: PathBuf = std::env::temp_dir().join(format!("lorafleet-bench-gen-{}", std::process::id()));
+    RandomLlama::bench().write(&dir)?;
+    let result = (|| {
+        let model = crate::model::load_model(&dir, &bench_load_options(opts.quant, opts.compute_dtype, device))?;
+        let model = model.as_ref();
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let vocab = model.info().vocab_size as u32;
+        let prompt: Vec<u32> = (0..opts.prompt_tokens).map(|_| rng.gen_range(1..vocab)).collect();
+        // A stop id no model has: every run generates exactly `new_tokens`.
+        let gen = crate::generate::GenerateOptions { max_new_tokens: opts.new_tokens, stop_ids: vec![u32::MAX], ..Default::default() };
+        let once = || -> Result<(f64, f64)> {
+            let t0 = Instant::now();
+            let mut first = None;
+            let (ids, _) = crate::generate::generate_ids(model, &prompt, &gen, device, &mut |_| {
+                first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+                Ok(())
+            })?;
+            debug_assert_eq!(ids.len(), opts.new_tokens);
+            Ok((t0.elapsed().as_secs_f64(), first.unwrap_or(0.0)))
+        };
+        once()?;
+        let (mut total, mut first) = (0.0, 0.0);
+        for _ in 0..opts.runs {
+            let (t, f) = once()?;
+            total += t;
+            first += f;
+        }
+        Ok(GenerateBenchResult {
+            options: opts.clone(),
+            tokens_per_sec: (opts.runs * opts.new_tokens) as f64 / total,
+            first_token_secs: first / opts.runs as f64,
+            peak_rss_mib: peak_rss_mib(),
+            threads: candle_core::utils::get_num_threads(),
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// The bench model's load options: LoRA r=8, alpha 16 on q/k/v/o/gate/up/down.
+fn bench_load_options(quant: QuantMethod, compute_dtype: ComputeDtype, device: &Device) -> LoadOptions {
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    LoadOptions {
+        quant: match quant {
+            QuantMethod::Nf4 => Quant::Nf4 { double_quant: true },
+            QuantMethod::None => Quant::None,
+        },
+        compute_dtype: match compute_dtype {
+            ComputeDtype::F32 => DType::F32,
+            ComputeDtype::Bf16 => DType::BF16,
+        },
+        device: device.clone(),
+        lora: Some(LoraSettingsRequest {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            rslora: false,
+            target_modules: Some(TargetModules::List(targets.iter().map(|s| s.to_string()).collect())),
+            init: LoraInit::PeftDefault { seed: 0 },
+        }),
+    }
 }
 
 /// One line of [`bench_matmul`].

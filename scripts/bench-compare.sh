@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# lorafleet against PyTorch + transformers + PEFT (+ bitsandbytes), on this machine's CPU,
+# side by side: installs the anchor (pinned, in .venv-bench/, ~3 GB from PyPI) and Rust if
+# missing, builds the CLI, then runs every workload on both, interleaved, for --rounds
+# rounds, and prints a Markdown table of medians and ratios (tokens/s, peak RSS) with the
+# CPU, flags, threads, build profile and versions.
+#
+#   scripts/bench-compare.sh                    # full set, 3 rounds, release build (~25 min on 2 cores)
+#   scripts/bench-compare.sh --profile dev      # the dev build (what `cargo build` gives)
+#   scripts/bench-compare.sh --only generate --rounds 5
+#   scripts/bench-compare.sh --set quick --rounds 1 --min-ratio 0.5   # the CI guard
+#
+# Workloads (bench train / bench generate's model: random Llama, 4 layers, hidden 512,
+# vocab 32000, LoRA r=8 on all seven projections): training with f32 weights, NF4 + f32
+# compute and NF4 + bf16 compute, gradient checkpointing off and on, sequence 256 and
+# 1024; greedy decoding with the KV cache, 128 new tokens, f32 and NF4.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+profile=release
+args=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --profile) profile="$2"; shift 2 ;;
+        --profile=*) profile="${1#*=}"; shift ;;
+        *) args+=("$1"); shift ;;
+    esac
+done
+case "$profile" in dev|release) ;; *) echo "--profile: dev or release, got $profile" >&2; exit 2 ;; esac
+
+if [ ! -x .venv-bench/bin/python ] || ! .venv-bench/bin/python -c "import torch, transformers, peft, bitsandbytes" 2>/dev/null; then
+    echo "installing the anchor into .venv-bench/ (scripts/bench/requirements-anchor.txt)" >&2
+    python3 -m venv .venv-bench
+    .venv-bench/bin/pip install -q --upgrade pip
+    .venv-bench/bin/pip install -q -r scripts/bench/requirements-anchor.txt
+fi
+
+# shellcheck source=scripts/ensure-rust.sh
+. scripts/ensure-rust.sh
+if [ "$profile" = release ]; then
+    cargo build --release -q -p lorafleet-cli
+    bin=target/release/lorafleet
+else
+    cargo build -q -p lorafleet-cli
+    bin=target/debug/lorafleet
+fi
+
+mkdir -p target/bench
+exec .venv-bench/bin/python scripts/bench/compare.py --lorafleet "$bin" \
+    --anchor ".venv-bench/bin/python scripts/bench/hf_anchor.py" --profile "$profile" \
+    --out target/bench/bench-compare.jsonl "${args[@]}"
