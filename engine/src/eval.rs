@@ -181,6 +181,41 @@ fn softmax_grad_row(out: &mut [f32], x: &[f32], lse: f32, g: f32) {
     on_loss_isa!(body(out: &mut [f32], x: &[f32], lse: f32, g: f32) -> ())
 }
 
+/// One attention row in place: `row[j] = softmax_j(row[j] * scale + mask[j])`, masked
+/// entries (`-inf`) exactly 0 and a fully masked row all 0; vectorized like the loss.
+pub(crate) fn attention_softmax_row(row: &mut [f32], mask: &[f32], scale: f32) {
+    #[inline(always)]
+    fn body(row: &mut [f32], mask: &[f32], scale: f32) {
+        for (x, &m) in row.iter_mut().zip(mask) {
+            *x = *x * scale + m;
+        }
+        let max = row_max(row);
+        if max == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return;
+        }
+        let term = |x: f32| if x == f32::NEG_INFINITY { 0.0 } else { exp_neg(x - max) };
+        let mut acc = [0f32; 8];
+        let mut chunks = row.chunks_exact_mut(8);
+        for c in &mut chunks {
+            for k in 0..8 {
+                let e = term(c[k]);
+                c[k] = e;
+                acc[k] += e;
+            }
+        }
+        let mut sum = 0f32;
+        for x in chunks.into_remainder() {
+            *x = term(*x);
+            sum += *x;
+        }
+        sum += acc.iter().sum::<f32>();
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+    on_loss_isa!(body(row: &mut [f32], mask: &[f32], scale: f32) -> ())
+}
+
 #[inline(always)]
 fn row_lse_body(row: &[f32]) -> f32 {
     let max = row_max(row);

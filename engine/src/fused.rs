@@ -305,23 +305,7 @@ impl candle_core::CustomOp3 for AttentionOp {
                 let ph = unsafe { std::slice::from_raw_parts_mut(p_ptr.at(head * s * t), s * t) };
                 linear_fwd_ext(self.isa, s, t, d, &q[qo..qo + s * d], Rows::F32(&k[ko..ko + t * d]), None, ph, false, false);
                 for (i, row) in ph.chunks_exact_mut(t).enumerate() {
-                    let mrow = &self.mask[mo + i * t..mo + (i + 1) * t];
-                    let mut max = f32::NEG_INFINITY;
-                    for (x, &m) in row.iter_mut().zip(mrow) {
-                        *x = *x * scale + m;
-                        max = max.max(*x);
-                    }
-                    if max == f32::NEG_INFINITY {
-                        row.fill(0.0);
-                        continue;
-                    }
-                    let mut sum = 0f32;
-                    for x in row.iter_mut() {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
-                    let inv = 1.0 / sum;
-                    row.iter_mut().for_each(|x| *x *= inv);
+                    crate::eval::attention_softmax_row(row, &self.mask[mo + i * t..mo + (i + 1) * t], scale);
                 }
                 linear_bwd_ext(self.isa, s, t, d, ph, Rows::F32(&v[ko..ko + t * d]), None, &mut o, false, false);
                 let (bi, hh) = (head / h, head % h);
