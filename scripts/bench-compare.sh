@@ -10,6 +10,9 @@
 #   scripts/bench-compare.sh --only generate --rounds 5
 #   scripts/bench-compare.sh --set quick --rounds 1 --min-ratio 0.5   # the CI guard
 #
+# Exit status: 0, 1 when a ratio is under --min-ratio, 3 when the anchor cannot be
+# installed.
+#
 # Workloads (bench train / bench generate's model: random Llama, 4 layers, hidden 512,
 # vocab 32000, LoRA r=8 on all seven projections): training with f32 weights, NF4 + f32
 # compute and NF4 + bf16 compute, gradient checkpointing off and on, sequence 256 and
@@ -30,9 +33,10 @@ case "$profile" in dev|release) ;; *) echo "--profile: dev or release, got $prof
 
 if [ ! -x .venv-bench/bin/python ] || ! .venv-bench/bin/python -c "import torch, transformers, peft, bitsandbytes" 2>/dev/null; then
     echo "installing the anchor into .venv-bench/ (scripts/bench/requirements-anchor.txt)" >&2
-    python3 -m venv .venv-bench
-    .venv-bench/bin/pip install -q --upgrade pip
-    .venv-bench/bin/pip install -q -r scripts/bench/requirements-anchor.txt
+    if ! { python3 -m venv .venv-bench && .venv-bench/bin/pip install -q -r scripts/bench/requirements-anchor.txt; }; then
+        echo "could not install the anchor (PyTorch + PEFT) into .venv-bench/" >&2
+        exit 3
+    fi
 fi
 
 # shellcheck source=scripts/ensure-rust.sh
