@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
+use lorafleet_coordinator::limits::Limits;
 use lorafleet_coordinator::{serve, ControlConfig, CoordinatorConfig};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -82,20 +83,20 @@ struct Args {
     #[arg(long, env = "LORAFLEET_HF_REVISIONS", value_enum, default_value_t = lorafleet_coordinator::sources::HfRevisions::Resolve)]
     hf_revisions: lorafleet_coordinator::sources::HfRevisions,
     /// Largest gRPC message accepted, in bytes (a spec, one upload chunk).
-    #[arg(long, env = "LORAFLEET_MAX_REQUEST_BYTES", default_value_t = 4 * 1024 * 1024)]
+    #[arg(long, env = "LORAFLEET_MAX_REQUEST_BYTES", default_value_t = Limits::default().max_request_bytes)]
     max_request_bytes: usize,
     /// Largest dataset upload, in bytes.
-    #[arg(long, env = "LORAFLEET_MAX_UPLOAD_BYTES", default_value_t = 16 * 1024 * 1024 * 1024)]
+    #[arg(long, env = "LORAFLEET_MAX_UPLOAD_BYTES", default_value_t = Limits::default().max_upload_bytes)]
     max_upload_bytes: u64,
     /// Calls per second each token may make to the job and admin services (0: no limit;
     /// worker tokens are not limited). Needs --auth.
-    #[arg(long, env = "LORAFLEET_RATE_LIMIT", default_value_t = 50.0)]
+    #[arg(long, env = "LORAFLEET_RATE_LIMIT", default_value_t = Limits::default().rate_per_sec)]
     rate_limit: f64,
     /// Calls a token may make at once above its rate.
-    #[arg(long, env = "LORAFLEET_RATE_BURST", default_value_t = 200.0)]
+    #[arg(long, env = "LORAFLEET_RATE_BURST", default_value_t = Limits::default().rate_burst)]
     rate_burst: f64,
     /// Streams (watch, upload, download) one token may hold open (0: unlimited). Needs --auth.
-    #[arg(long, env = "LORAFLEET_MAX_STREAMS_PER_CALLER", default_value_t = 32)]
+    #[arg(long, env = "LORAFLEET_MAX_STREAMS_PER_CALLER", default_value_t = Limits::default().max_streams_per_caller)]
     max_streams_per_caller: usize,
 }
 
@@ -194,7 +195,7 @@ async fn main() -> anyhow::Result<()> {
         storage_url,
         allow_unsafe_store: args.allow_unsafe_store,
         metrics_listen: args.metrics_listen,
-        limits: lorafleet_coordinator::limits::Limits {
+        limits: Limits {
             max_request_bytes: args.max_request_bytes,
             max_upload_bytes: args.max_upload_bytes,
             rate_per_sec: args.rate_limit,

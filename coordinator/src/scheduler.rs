@@ -60,7 +60,8 @@ pub struct QueuedJob {
 impl QueuedJob {
     /// Devices the whole job holds (every node's).
     pub fn devices(&self) -> u32 {
-        self.resources.count.max(1).saturating_mul(self.resources.nodes.max(1))
+        // Both at most 1,024 (spec validation): the product fits.
+        self.resources.ranks() as u32
     }
 }
 

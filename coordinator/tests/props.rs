@@ -28,6 +28,7 @@ use lorafleet_proto::convert::{spec_from_pb, spec_to_pb};
 use lorafleet_shared::ids::JobId;
 use lorafleet_shared::spec::{JobSpec, SpecContext};
 use lorafleet_storage::{public_url, RelPath};
+use lorafleet_shared::testing::{config, control_char, insert, component};
 use proptest::prelude::*;
 use proptest::sample::Index;
 
@@ -43,9 +44,6 @@ fn valid() -> JobSpec {
     s
 }
 
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
-}
 
 /// The checks `SubmitJob` runs on a converted spec; on refusal, the fields named.
 fn submit_checks(s: &JobSpec) -> Result<(), Vec<String>> {
@@ -89,24 +87,8 @@ fn location_ok(l: &str, schemes: &[&str], relative: bool) -> bool {
 
 // ---- generators ----------------------------------------------------------------------
 
-/// C0 (NUL included), DEL or C1.
-fn control_char() -> impl Strategy<Value = char> {
-    prop_oneof![0u32..0x20, Just(0x7f), 0x80u32..0xa0].prop_map(|c| char::from_u32(c).unwrap())
-}
 
-/// `s` with `c` inserted at a char boundary.
-fn insert(s: &str, at: Index, c: &str) -> String {
-    let chars: Vec<char> = s.chars().collect();
-    let i = at.index(chars.len() + 1);
-    let mut out: String = chars[..i].iter().collect();
-    out.push_str(c);
-    out.extend(&chars[i..]);
-    out
-}
 
-fn component() -> impl Strategy<Value = String> {
-    "[a-z0-9_-][a-z0-9_.-]{0,7}"
-}
 
 fn path() -> impl Strategy<Value = String> {
     prop::collection::vec(component(), 1..4).prop_map(|v| v.join("/"))

@@ -24,6 +24,7 @@
 use lorafleet_proto as pb;
 use lorafleet_proto::convert::{spec_from_pb, spec_to_pb};
 use lorafleet_shared::spec::{JobSpec, SpecContext, TargetModules, MAX_ENTRIES, MAX_LOCATION_LEN, MAX_SHORT_LEN, MAX_TEXT_LEN};
+use lorafleet_shared::testing::{config, control_char, insert};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::TestRunner;
@@ -41,9 +42,6 @@ fn valid() -> pb::JobSpec {
     spec_to_pb(&JobSpec::from_yaml(&y, SpecContext::Remote).expect("the base spec is valid"))
 }
 
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
-}
 
 // ---- one wire field at a time ----------------------------------------------------------
 
@@ -217,20 +215,7 @@ fn apply(p: &mut pb::JobSpec, path: &str, w: Wire) {
     }
 }
 
-/// C0 (NUL included), DEL or C1.
-fn control_char() -> impl Strategy<Value = char> {
-    prop_oneof![0u32..0x20, Just(0x7f), 0x80u32..0xa0].prop_map(|c| char::from_u32(c).unwrap())
-}
 
-/// `s` with `c` inserted at a char boundary.
-fn insert(s: &str, at: Index, c: &str) -> String {
-    let chars: Vec<char> = s.chars().collect();
-    let i = at.index(chars.len() + 1);
-    let mut out: String = chars[..i].iter().collect();
-    out.push_str(c);
-    out.extend(&chars[i..]);
-    out
-}
 
 /// Strings as a hostile client sends them.
 fn wire_string() -> BoxedStrategy<String> {

@@ -4,5 +4,7 @@
 pub mod ids;
 pub mod job;
 pub mod spec;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use spec::{JobSpec, SpecContext, SpecError};

@@ -18,6 +18,7 @@
 //! failure persistence files are written.
 
 use lorafleet_shared::spec::{JobSpec, SpecContext, TargetModules, MAX_ENTRIES, MAX_LOCATION_LEN, MAX_SHORT_LEN, MAX_SPEC_BYTES, MAX_TEXT_LEN};
+use lorafleet_shared::testing::{config, control_char, insert, component};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use serde_yaml::{Mapping, Value};
@@ -37,9 +38,6 @@ fn valid() -> JobSpec {
     JobSpec::from_yaml(&valid_yaml(), SpecContext::Remote).expect("the base spec is valid")
 }
 
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
-}
 
 const LOCATIONS: [&str; 5] = ["model.source", "data.train", "data.eval", "lora.init_adapter", "output.dir"];
 
@@ -144,30 +142,13 @@ fn assert_refused(s: &JobSpec, field: &str) -> Result<(), TestCaseError> {
 
 // ---- generators ----------------------------------------------------------------------
 
-/// C0 (NUL included), DEL or C1.
-fn control_char() -> impl Strategy<Value = char> {
-    prop_oneof![0u32..0x20, Just(0x7f), 0x80u32..0xa0].prop_map(|c| char::from_u32(c).unwrap())
-}
 
-/// One safe path component (never `.` or `..`).
-fn component() -> impl Strategy<Value = String> {
-    "[a-z0-9_-][a-z0-9_.-]{0,7}"
-}
 
 /// A safe relative path of 1-4 components.
 fn rel_path() -> impl Strategy<Value = String> {
     prop::collection::vec(component(), 1..5).prop_map(|v| v.join("/"))
 }
 
-/// `s` with `c` inserted at a char boundary.
-fn insert(s: &str, at: Index, c: &str) -> String {
-    let chars: Vec<char> = s.chars().collect();
-    let i = at.index(chars.len() + 1);
-    let mut out: String = chars[..i].iter().collect();
-    out.push_str(c);
-    out.extend(&chars[i..]);
-    out
-}
 
 /// A safe path with `dot` (`..` or `.`) as one of its components.
 fn with_dot_component(dot: &'static str) -> impl Strategy<Value = String> {

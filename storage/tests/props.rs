@@ -23,14 +23,12 @@
 use lorafleet_storage::hub::{parse_hf, select_files};
 use lorafleet_storage::manifest::{manifest_key, FORMAT};
 use lorafleet_storage::{cache::dataset_ref, layout, parse_dataset_ref, public_url, Manifest, RelPath, Segment, Sha256Hex, Storage};
+use lorafleet_shared::testing::{config, control_char, insert};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path};
 
-fn config(cases: u32) -> ProptestConfig {
-    ProptestConfig { cases, failure_persistence: None, ..ProptestConfig::default() }
-}
 
 // ---- independent statements of the forms --------------------------------------------
 
@@ -81,20 +79,7 @@ fn rel_path() -> impl Strategy<Value = RelPath> {
     prop::collection::vec(segment(), 1..5).prop_map(|v| RelPath::from_segments(v).unwrap())
 }
 
-/// C0 (NUL included), DEL or C1.
-fn control_char() -> impl Strategy<Value = char> {
-    prop_oneof![0u32..0x20, Just(0x7f), 0x80u32..0xa0].prop_map(|c| char::from_u32(c).unwrap())
-}
 
-/// `s` with `c` inserted at a char boundary.
-fn insert(s: &str, at: Index, c: &str) -> String {
-    let chars: Vec<char> = s.chars().collect();
-    let i = at.index(chars.len() + 1);
-    let mut out: String = chars[..i].iter().collect();
-    out.push_str(c);
-    out.extend(&chars[i..]);
-    out
-}
 
 /// A valid key made hostile in one of the ways that must be refused.
 fn hostile_key() -> impl Strategy<Value = String> {

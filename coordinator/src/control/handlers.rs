@@ -225,7 +225,7 @@ impl<'a> Ctx<'a> {
             }
         }
         let tenant_name: crate::scheduler::Tenant = tenant.as_deref().unwrap_or("").into();
-        let devices = spec.resources.count.max(1).saturating_mul(spec.resources.nodes.max(1));
+        let devices = spec.resources.ranks() as u32;
         let refusal = self.cfg.quotas.read().unwrap_or_else(|e| e.into_inner()).refuse_submit(&tenant_name, self.st.queue.queued_of(&tenant_name), devices);
         if let Some(why) = refusal {
             self.metrics.refused("quota");

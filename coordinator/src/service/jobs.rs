@@ -38,7 +38,7 @@ fn is_final_event(e: &pb::JobEvent) -> bool {
 /// The tenant a caller is confined to: a user token's tenant; `None` (everything) for an
 /// admin token or when the coordinator runs without --auth.
 fn scope<T>(req: &Request<T>) -> Option<String> {
-    let who = req.extensions().get::<Arc<crate::auth::Identity>>()?;
+    let who = super::caller(req)?;
     match who.role {
         crate::auth::Role::Admin => None,
         _ => Some(who.tenant.clone().unwrap_or_default()),
@@ -47,7 +47,7 @@ fn scope<T>(req: &Request<T>) -> Option<String> {
 
 /// The tenant a caller's submissions belong to (its token's, admins' included).
 fn tenant_of<T>(req: &Request<T>) -> Option<String> {
-    req.extensions().get::<Arc<crate::auth::Identity>>().and_then(|w| w.tenant.clone())
+    super::caller(req).and_then(|w| w.tenant.clone())
 }
 
 /// Another tenant's job is not found (its existence is not revealed).
@@ -338,12 +338,7 @@ impl pb::job_service_server::JobService for JobSvc {
             Ok(Response::new(pb::CancelJobResponse { job: Some(job_to_pb(&row)) }))
         }
         .await;
-        let (code, detail) = match &r {
-            Ok(_) => (tonic::Code::Ok, ""),
-            Err(s) => (s.code(), s.message()),
-        };
-        self.shared.audit.record(who.as_deref(), "lorafleet.v1.JobService/CancelJob", &target, code, detail);
-        r
+        self.shared.audit.outcome(who.as_deref(), "lorafleet.v1.JobService/CancelJob", &target, |_| String::new(), r)
     }
 
     async fn list_checkpoints(&self, req: Request<pb::ListCheckpointsRequest>) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
