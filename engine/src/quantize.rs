@@ -146,6 +146,8 @@ pub fn quantize_model(src: &Path, out: &Path, double_quant: bool) -> Result<()> 
         } else {
             entries.push((name.clone(), raw.dtype, raw.shape.clone(), raw.data.to_vec()));
         }
+        // One tensor at a time: its mapped pages leave the resident set once read.
+        weights.release(&name);
     }
     if quantized == 0 {
         return Err(EngineError::file(weights.file_of(""), "no linear layer weights found to quantize"));

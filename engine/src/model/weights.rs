@@ -150,7 +150,29 @@ impl Weights {
             d => return Err(EngineError::file(self.file_of(name), format!("tensor {name}: expected a float tensor, found {d:?}"))),
         };
         let t = Tensor::from_raw_buffer(r.data, src, &r.shape, &Device::Cpu)?;
+        // `t` owns a copy: the mapped pages can go (see `release`).
+        self.release(name);
         Ok(t.to_dtype(dtype)?.to_device(device)?)
+    }
+
+    /// Drop this process's mapping of a tensor's pages once its bytes have been copied
+    /// (`madvise(MADV_DONTNEED)`; best effort). Without it every page of every shard
+    /// that was read stays in the process's resident set until the model is dropped:
+    /// loading a 14 GB checkpoint would show 14 GB more RSS than the model it built
+    /// (reclaimable page cache, but counted against the process and its cgroup). The
+    /// pages stay in the page cache; a later read maps them again.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(&i) = self.routing.get(name) {
+            let s = &self.shards[i];
+            let (_, _, (a, b)) = &s.infos[name];
+            if b > a {
+                // SAFETY: the map is a read-only mapping of a file; MADV_DONTNEED only
+                // unmaps its pages from this process, and any later access faults the
+                // same file contents back in, so no reference sees different bytes.
+                let _ = unsafe { s.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, s.data_start + a, b - a) };
+            }
+        }
     }
 
     /// Load a float tensor and check its shape.
@@ -214,6 +236,7 @@ impl Weights {
             return Err(EngineError::file(&file, format!("{wname}: packed 4-bit weight must be u8, found {:?}", packed.dtype)));
         }
         let packed = packed.data.to_vec();
+        self.release(&wname);
         let absmax_name = format!("{wname}.absmax");
         let absmax_raw = self.raw(&absmax_name)?;
         let (absmax, nested) = if absmax_raw.dtype == Dtype::U8 {
