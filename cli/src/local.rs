@@ -175,6 +175,31 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write a random checkpoint of a real 7B model's exact shape (config.json with the
+    /// real values, bf16 safetensors shards with model.safetensors.index.json, the demo
+    /// tokenizer), streamed tensor by tensor: ~14 GB on disk, a few MB of memory. Nothing is
+    /// downloaded; the same seed gives the same bytes.
+    ///
+    /// Examples:
+    ///   lorafleet bench make-model --shape falcon-7b --out /data/falcon-7b-random
+    ///   lorafleet bench make-model --shape llama-2-7b --out /data/llama-2-7b-random --shard-gb 5
+    #[command(verbatim_doc_comment)]
+    MakeModel {
+        /// falcon-7b (tiiuae/falcon-7b) or llama-2-7b (meta-llama/Llama-2-7b-hf).
+        #[arg(long, value_parser = ["falcon-7b", "llama-2-7b"])]
+        shape: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Standard deviation of the weights (norm weights are 1).
+        #[arg(long, default_value_t = 0.02)]
+        init_std: f32,
+        /// Shard size in GB (a shard is closed once it reaches it).
+        #[arg(long, default_value_t = 4.0)]
+        shard_gb: f64,
+    },
     /// Seconds per optimizer step that data parallelism spends in the TCP ring's ordered
     /// all-reduce of the LoRA gradients, for a 7B-shape model (Falcon-7B, adapters on
     /// query_key_value) at LoRA r = 8, 16, 32, 64, with the ranks as threads on loopback.
@@ -250,6 +275,11 @@ pub struct TrainArgs {
     /// parallel) in a build with the `cuda` feature.
     #[arg(long, env = "LORAFLEET_DEVICES", default_value = "cpu")]
     pub devices: String,
+    /// Print the run's memory estimate (its parts, and the memory this process may use)
+    /// and exit without training. Training refuses to start when the estimate exceeds
+    /// that memory; LORAFLEET_SKIP_MEMORY_CHECK=1 trains anyway.
+    #[arg(long)]
+    pub memory_estimate: bool,
 }
 
 #[derive(Debug, Args)]
@@ -370,7 +400,7 @@ pub fn run(c: LocalCommand) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 let mib = |v: Option<f64>| v.map(|m| format!("{m:.0} MiB")).unwrap_or_else(|| "n/a".into());
-                let rss = format!("{} (training steps {})", mib(r.peak_rss_mib), mib(r.train_peak_rss_mib));
+                let rss = format!("{} (training steps {}; estimate {})", mib(r.peak_rss_mib), mib(r.train_peak_rss_mib), mib(r.estimate_mib));
                 println!(
                     "lorafleet {}{} checkpointing {} seq {}: {:.1} tokens/s ({:.3} s/step: forward+loss {:.3}, backward {:.3}, optimizer {:.3}), peak RSS {rss}, threads {}, matmul {}",
                     if quant == QuantArg::Nf4 { "nf4" } else { "none" },
@@ -431,6 +461,24 @@ pub fn run(c: LocalCommand) -> anyhow::Result<()> {
             if inexact > 0 {
                 anyhow::bail!("{inexact} all-reduce size(s) did not give every rank the ordered sum bit for bit");
             }
+            Ok(())
+        }
+        LocalCommand::Bench(BenchCommand::MakeModel { shape, out, seed, init_std, shard_gb }) => {
+            if !(shard_gb.is_finite() && shard_gb > 0.0 && shard_gb <= 1000.0) {
+                bail!("--shard-gb: must be in (0, 1000], got {shard_gb}");
+            }
+            let shape = lorafleet_engine::synth::SynthShape::by_name(&shape)?;
+            let opts = lorafleet_engine::synth::SynthOptions { seed, init_std, shard_bytes: (shard_gb * 1e9) as u64 };
+            let t0 = std::time::Instant::now();
+            let r = lorafleet_engine::synth::write_model(&shape, &out, &opts)?;
+            println!(
+                "wrote {} parameters ({:.2} GB of bf16 in {} shards) to {} in {:.1} s",
+                r.params,
+                r.bytes as f64 / 1e9,
+                r.shards.len(),
+                out.display(),
+                t0.elapsed().as_secs_f64()
+            );
             Ok(())
         }
         LocalCommand::Quantize { model, out, no_double_quant } => {
@@ -528,6 +576,21 @@ fn run_train(a: TrainArgs) -> anyhow::Result<()> {
         resume_from: a.resume,
         devices,
     };
+    if a.memory_estimate {
+        use lorafleet_engine::memory::{gib, MemoryProbe, SystemMemory};
+        let (est, _) = train::memory_estimate(&run)?;
+        let replicas = run.devices().iter().filter(|d| d.is_cpu()).count();
+        println!("memory estimate per model replica: {}", est.describe());
+        match SystemMemory.available() {
+            Some(av) => {
+                let need = est.total * replicas.max(1) as u64;
+                let verdict = if replicas == 0 { "not checked (no CPU device)" } else if need <= av.bytes { "fits" } else { "does not fit" };
+                println!("available to this process: {} ({}); {replicas} CPU replica(s): {verdict}", gib(av.bytes), av.source);
+            }
+            None => println!("available memory: unknown"),
+        }
+        return Ok(());
+    }
     let mut obs = progress::CliObserver::new(!a.no_progress);
     obs.stop_on_ctrl_c();
     let summary = match train::train(&run, &mut obs) {
@@ -636,7 +699,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("spec.yaml");
         std::fs::write(&p, spec_text).unwrap();
-        let e = run(LocalCommand::Train(TrainArgs { spec: p, resume: None, no_progress: true, devices: "cpu".into() })).unwrap_err();
+        let e = run(LocalCommand::Train(TrainArgs { spec: p, resume: None, no_progress: true, devices: "cpu".into(), memory_estimate: false })).unwrap_err();
         format!("{e:#}")
     }
 
@@ -655,7 +718,7 @@ mod tests {
         let p = t.path().join("spec.yaml");
         std::fs::write(&p, spec_text("", &fixtures().join("train/tiny-llama/data.jsonl"), &t.path().join("o"))).unwrap();
         let err = |devices: &str| {
-            let a = TrainArgs { spec: p.clone(), resume: None, no_progress: true, devices: devices.into() };
+            let a = TrainArgs { spec: p.clone(), resume: None, no_progress: true, devices: devices.into(), memory_estimate: false };
             format!("{:#}", run(LocalCommand::Train(a)).unwrap_err())
         };
         assert!(err("gpu").contains("expected `cpu`, `cpu:0,1` or `cuda:0,1`"), "{}", err("gpu"));
@@ -695,7 +758,7 @@ mod tests {
         let out = t.path().join("o");
         let p = t.path().join("spec.yaml");
         std::fs::write(&p, spec_text("", &fixtures().join("train/tiny-llama/data.jsonl"), &out)).unwrap();
-        run(LocalCommand::Train(TrainArgs { spec: p, resume: None, no_progress: true, devices: "cpu".into() })).unwrap();
+        run(LocalCommand::Train(TrainArgs { spec: p, resume: None, no_progress: true, devices: "cpu".into(), memory_estimate: false })).unwrap();
         for f in ["adapter_model.safetensors", "adapter_config.json", "metrics.jsonl", "loss.svg"] {
             assert!(out.join(f).is_file(), "{f}");
         }
@@ -726,6 +789,11 @@ mod tests {
         assert!(matches!(c.c, LocalCommand::Bench(BenchCommand::Matmul { json: true, .. })));
         let e = run(LocalCommand::Bench(BenchCommand::Matmul { secs: -1.0, json: true })).unwrap_err().to_string();
         assert!(e.contains("--secs"), "{e}");
+        let c = TestCli::try_parse_from(["x", "bench", "make-model", "--shape", "falcon-7b", "--out", "d"]).unwrap();
+        assert!(matches!(c.c, LocalCommand::Bench(BenchCommand::MakeModel { seed: 0, .. })));
+        assert!(TestCli::try_parse_from(["x", "bench", "make-model", "--shape", "gpt-2", "--out", "d"]).is_err());
+        let bad = BenchCommand::MakeModel { shape: "falcon-7b".into(), out: "d".into(), seed: 0, init_std: 0.02, shard_gb: 0.0 };
+        assert!(run(LocalCommand::Bench(bad)).unwrap_err().to_string().contains("--shard-gb"));
         let c = TestCli::try_parse_from(["x", "merge", "--model", "m", "--adapter", "a", "--out", "o", "--dtype", "bf16"]).unwrap();
         assert!(matches!(c.c, LocalCommand::Merge { dtype: DtypeArg::Bf16, .. }));
     }

@@ -52,6 +52,10 @@ pub struct BenchResult {
     pub forward_secs: f64,
     pub backward_secs: f64,
     pub optimizer_secs: f64,
+    /// The memory estimate of the run (`memory::estimate_training`, margin included) in
+    /// MiB, to compare with `peak_rss_mib`.
+    #[serde(default)]
+    pub estimate_mib: Option<f64>,
 }
 
 /// Reset this process's peak RSS to its current RSS (Linux >= 4.0: `5` to
@@ -82,6 +86,22 @@ fn run(opts: &BenchOptions, dir: &std::path::Path, device: &Device) -> Result<Be
         return Err(EngineError::Config("bench: steps must be at least 1 and seq_len at least 2".into()));
     }
     let load = bench_load_options(opts.quant, opts.compute_dtype, device);
+    let estimate = {
+        let cfg = crate::model::read_model_config(dir)?;
+        let lora = load.lora.as_ref().ok_or_else(|| EngineError::Config("bench: no lora settings".into()))?;
+        let params = crate::memory::MemoryParams {
+            quant: load.quant,
+            compute_dtype: load.compute_dtype,
+            lora_r: lora.r,
+            lora_targets: crate::model::loader::resolve_targets(&cfg, lora.target_modules.as_ref())?,
+            lora_dropout: lora.dropout > 0.0,
+            eight_bit_optimizer: false,
+            seq_len: opts.seq_len,
+            micro_batch: 1,
+            gradient_checkpointing: opts.gradient_checkpointing,
+        };
+        crate::memory::estimate_training(&cfg, &params)?
+    };
     let model = crate::model::load_model(dir, &load)?;
     let model = model.as_ref();
     model.set_gradient_checkpointing(opts.gradient_checkpointing);
@@ -134,6 +154,7 @@ fn run(opts: &BenchOptions, dir: &std::path::Path, device: &Device) -> Result<Be
         forward_secs: phases[0] / opts.steps as f64,
         backward_secs: phases[1] / opts.steps as f64,
         optimizer_secs: phases[2] / opts.steps as f64,
+        estimate_mib: Some(estimate.total as f64 / (1u64 << 20) as f64),
     })
 }
 

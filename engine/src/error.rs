@@ -19,6 +19,9 @@ pub enum EngineError {
     /// aborted (worth another attempt).
     #[error("collective: {0}")]
     Collective(String),
+    /// A run that cannot fit in the memory this process may use (`memory::check_fits`).
+    #[error("not enough memory: {0}")]
+    Memory(String),
     #[error("training cancelled")]
     Cancelled,
     #[error(transparent)]

@@ -9,7 +9,10 @@
 //!   layer, attention, RoPE, RMSNorm, SwiGLU) for f32 and bf16 CPU compute; `blas`,
 //!   `kernels` and `kernels_bf16`: the matrix products they run on.
 //! - `lora`: LoRA layers and PEFT adapter files.
-//! - `data`, `optim`, `train`, `eval`, `generate`: the training side.
+//! - `data`, `optim`, `train`, `eval`, `generate`: the training side; `memory`: a
+//!   training run's peak memory estimate and the check that refuses a run that cannot fit.
+//! - `demo`, `synth`, `bench`: random models (tiny ones, and 7B-shape checkpoints) and
+//!   benchmarks.
 
 pub mod error;
 pub mod model;
@@ -30,6 +33,8 @@ pub mod schedule;
 pub mod eval;
 pub mod generate;
 pub mod demo;
+pub mod synth;
+pub mod memory;
 pub mod checkpoint;
 pub mod collective;
 pub mod train;

@@ -245,6 +245,7 @@ pub fn train_ranks(run: &TrainRun, collectives: Vec<Box<dyn Collective>>, observ
     if collectives.len() != devices.len() {
         return Err(EngineError::Config(format!("{} collectives for {} devices", collectives.len(), devices.len())));
     }
+    check_memory(run, &devices, &crate::memory::SystemMemory)?;
     let mut collectives = collectives.into_iter();
     let first = collectives.next().ok_or_else(|| EngineError::Config("no devices".into()))?;
     let rest: Vec<Box<dyn Collective>> = collectives.collect();
@@ -285,6 +286,46 @@ pub fn train_ranks(run: &TrainRun, collectives: Vec<Box<dyn Collective>>, observ
         followers?;
         Ok(summary)
     })
+}
+
+/// The memory settings of a run (`memory::MemoryParams`), from its spec and model config.
+pub fn memory_params(spec: &JobSpec, cfg: &crate::model::config::ModelConfig) -> Result<crate::memory::MemoryParams> {
+    let load = load_options(spec, None, &Device::Cpu);
+    Ok(crate::memory::MemoryParams {
+        quant: load.quant,
+        compute_dtype: load.compute_dtype,
+        lora_r: spec.lora.r as usize,
+        lora_targets: crate::model::loader::resolve_targets(cfg, spec.lora.target_modules.as_ref())?,
+        lora_dropout: spec.lora.dropout > 0.0,
+        eight_bit_optimizer: spec.training.optimizer == Optimizer::AdamW8bit,
+        seq_len: spec.data.max_seq_len as usize,
+        micro_batch: spec.training.micro_batch_size.max(1) as usize,
+        gradient_checkpointing: spec.training.gradient_checkpointing,
+    })
+}
+
+/// The memory estimate of `run` on one device, and the settings it was made from.
+pub fn memory_estimate(run: &TrainRun) -> Result<(crate::memory::MemoryEstimate, crate::memory::MemoryParams)> {
+    let cfg = crate::model::read_model_config(&run.model_dir)?;
+    let params = memory_params(&run.spec, &cfg)?;
+    Ok((crate::memory::estimate_training(&cfg, &params)?, params))
+}
+
+/// Before any weight is read: refuse a run whose estimated peak memory (one model replica
+/// per CPU device of this process) exceeds what `probe` says this process may use,
+/// unless `LORAFLEET_SKIP_MEMORY_CHECK` is set (`memory` module docs). Devices other than
+/// the CPU hold their replicas in their own memory and are not counted.
+pub fn check_memory(run: &TrainRun, devices: &[Device], probe: &dyn crate::memory::MemoryProbe) -> Result<()> {
+    let replicas = devices.iter().filter(|d| d.is_cpu()).count();
+    if replicas == 0 {
+        return Ok(());
+    }
+    let (est, params) = memory_estimate(run)?;
+    if crate::memory::check_skipped() {
+        tracing::warn!(estimate = %est.describe(), "memory check skipped ({} is set)", crate::memory::SKIP_ENV);
+        return Ok(());
+    }
+    crate::memory::check_fits(&est, replicas, &params, probe)
 }
 
 /// The observer of the first local rank: forwards to the caller's observer, with the
