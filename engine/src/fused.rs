@@ -241,6 +241,12 @@ pub fn attention_fusable(q: &Tensor) -> bool {
 /// the backward pass), `o = P v`; the backward computes `dv = P^T do`, `dP = do v^T`,
 /// `dS = P (dP - rowsum(dP P)) / sqrt(d)`, `dq = dS k`, `dk = dS^T q`. Heads run in
 /// parallel, each product on the built-in kernels.
+///
+/// Queries go in blocks of [`QUERY_BLOCK`] rows, each against the keys up to the last one
+/// its mask leaves visible to any of its rows: under a causal mask the upper triangle of
+/// `S` (half of attention's products and of the kept `P`) is never computed. Masked
+/// entries are exactly 0 in `P` either way, so the results are those of the full
+/// products.
 pub fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
     let (b, h, s, d) = q.dims4()?;
     let (bk, kvh, t, dk) = k.dims4()?;
@@ -253,8 +259,43 @@ pub fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> can
     }
     let mask = tensor_f32(&mask.to_dtype(DType::F32)?.contiguous()?, "attention mask")?;
     let Some(isa) = crate::blas::kernel_isa() else { candle_core::bail!("attention: the fused op needs the built-in kernels (check attention_fusable)") };
-    let op = AttentionOp { isa, b, h, kvh, s, t, d, mask, mask_rows: mrows, saved_p: std::sync::Mutex::new(None) };
+    let blocks = query_blocks(&mask, mrows, s, t);
+    let op = AttentionOp { isa, b, h, kvh, s, t, d, mask, mask_rows: mrows, blocks, saved_p: std::sync::Mutex::new(None) };
     q.contiguous()?.apply_op3_arc(&k.contiguous()?, &v.contiguous()?, Arc::new(Box::new(op)))
+}
+
+/// Query rows per block of [`attention_fused`] (a multiple of the kernels' tile sides, 12
+/// and 32).
+pub const QUERY_BLOCK: usize = 96;
+
+/// One block of query rows: `rows` rows from `first`, against keys `0 .. keys`, its `P`
+/// at `p_at` of its head's kept probabilities.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct QueryBlock {
+    first: usize,
+    rows: usize,
+    keys: usize,
+    p_at: usize,
+}
+
+/// The query blocks of each mask row set, with the `P` size of one head.
+fn query_blocks(mask: &[f32], mrows: usize, s: usize, t: usize) -> Vec<(Vec<QueryBlock>, usize)> {
+    (0..mrows)
+        .map(|mr| {
+            let (mut blocks, mut size) = (Vec::new(), 0);
+            for first in (0..s).step_by(QUERY_BLOCK) {
+                let rows = QUERY_BLOCK.min(s - first);
+                // 1 + the last key any row of the block may see (0: all masked).
+                let keys = (first..first + rows)
+                    .map(|i| mask[(mr * s + i) * t..][..t].iter().rposition(|&m| m > f32::NEG_INFINITY).map_or(0, |j| j + 1))
+                    .max()
+                    .unwrap_or(0);
+                blocks.push(QueryBlock { first, rows, keys, p_at: size });
+                size += rows * keys;
+            }
+            (blocks, size)
+        })
+        .collect()
 }
 
 struct AttentionOp {
@@ -267,20 +308,58 @@ struct AttentionOp {
     d: usize,
     mask: Vec<f32>,
     mask_rows: usize,
-    /// Softmax probabilities `[b, h, s, t]` from the forward pass.
+    /// Per mask row set: its query blocks and one head's `P` size.
+    blocks: Vec<(Vec<QueryBlock>, usize)>,
+    /// Softmax probabilities of every head's query blocks (`[rows, keys]` each) from the
+    /// forward pass.
     saved_p: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+/// Where one head's operands are: offsets of its q rows, its K/V head's rows, its mask
+/// rows and its kept `P`, and its query blocks.
+struct HeadAt<'a> {
+    q: usize,
+    kv: usize,
+    mask: usize,
+    p: usize,
+    blocks: &'a [QueryBlock],
 }
 
 impl AttentionOp {
     fn scale(&self) -> f32 {
         1.0 / (self.d as f32).sqrt()
     }
-    /// Offsets of head `(bi, hh)`'s q rows, its K/V head's rows, and its mask rows.
-    fn offsets(&self, head: usize) -> (usize, usize, usize) {
+
+    fn mask_row(&self, head: usize) -> usize {
+        if self.mask_rows == 1 {
+            0
+        } else {
+            head / self.h
+        }
+    }
+
+    /// Offsets of every head's `P` in the kept probabilities, and their total size.
+    fn p_offsets(&self) -> (Vec<usize>, usize) {
+        let mut at = Vec::with_capacity(self.b * self.h);
+        let mut total = 0;
+        for head in 0..self.b * self.h {
+            at.push(total);
+            total += self.blocks[self.mask_row(head)].1;
+        }
+        (at, total)
+    }
+
+    fn head<'a>(&'a self, head: usize, p_at: &[usize]) -> HeadAt<'a> {
         let (bi, hh) = (head / self.h, head % self.h);
         let g = hh / (self.h / self.kvh);
-        let mrow = if self.mask_rows == 1 { 0 } else { bi };
-        ((bi * self.h + hh) * self.s * self.d, (bi * self.kvh + g) * self.t * self.d, mrow * self.s * self.t)
+        let mrow = self.mask_row(head);
+        HeadAt {
+            q: (bi * self.h + hh) * self.s * self.d,
+            kv: (bi * self.kvh + g) * self.t * self.d,
+            mask: mrow * self.s * self.t,
+            p: p_at[head],
+            blocks: &self.blocks[mrow].0,
+        }
     }
 }
 
@@ -294,20 +373,29 @@ impl candle_core::CustomOp3 for AttentionOp {
         let (q, k, v) = (cpu_f32(s1, l1, "attention q")?, cpu_f32(s2, l2, "attention k")?, cpu_f32(s3, l3, "attention v")?);
         let (b, h, s, t, d) = (self.b, self.h, self.s, self.t, self.d);
         let mut out = vec![0f32; b * s * h * d];
-        let mut p = vec![0f32; b * h * s * t];
+        let (p_at, p_total) = self.p_offsets();
+        let mut p = vec![0f32; p_total];
         let (out_ptr, p_ptr) = (Out(out.as_mut_ptr()), Out(p.as_mut_ptr()));
         let scale = self.scale();
         crate::kernels::parallel_ranges(b * h, 4 * b * h * s * t * d, |heads| {
             let mut o = vec![0f32; s * d];
             for head in heads {
-                let (qo, ko, mo) = self.offsets(head);
-                // SAFETY: each head owns its [s, t] block of p.
-                let ph = unsafe { std::slice::from_raw_parts_mut(p_ptr.at(head * s * t), s * t) };
-                linear_fwd_ext(self.isa, s, t, d, &q[qo..qo + s * d], Rows::F32(&k[ko..ko + t * d]), None, ph, false, false);
-                for (i, row) in ph.chunks_exact_mut(t).enumerate() {
-                    crate::eval::attention_softmax_row(row, &self.mask[mo + i * t..mo + (i + 1) * t], scale);
+                let at = self.head(head, &p_at);
+                let (kh, vh) = (&k[at.kv..at.kv + t * d], &v[at.kv..at.kv + t * d]);
+                o.fill(0.0);
+                for blk in at.blocks {
+                    let (i0, rows, keys) = (blk.first, blk.rows, blk.keys);
+                    if keys == 0 {
+                        continue; // every key masked: P and o are 0
+                    }
+                    // SAFETY: each head owns its blocks of p (disjoint by p_offsets).
+                    let pb = unsafe { std::slice::from_raw_parts_mut(p_ptr.at(at.p + blk.p_at), rows * keys) };
+                    linear_fwd_ext(self.isa, rows, keys, d, &q[at.q + i0 * d..at.q + (i0 + rows) * d], Rows::F32(&kh[..keys * d]), None, pb, false, false);
+                    for (i, row) in pb.chunks_exact_mut(keys).enumerate() {
+                        crate::eval::attention_softmax_row(row, &self.mask[at.mask + (i0 + i) * t..][..keys], scale);
+                    }
+                    linear_bwd_ext(self.isa, rows, keys, d, pb, Rows::F32(&vh[..keys * d]), None, &mut o[i0 * d..(i0 + rows) * d], false, false);
                 }
-                linear_bwd_ext(self.isa, s, t, d, ph, Rows::F32(&v[ko..ko + t * d]), None, &mut o, false, false);
                 let (bi, hh) = (head / h, head % h);
                 for (i, row) in o.chunks_exact(d).enumerate() {
                     // SAFETY: each head owns columns hh * d .. (hh + 1) * d of out.
@@ -337,25 +425,25 @@ impl candle_core::CustomOp3 for AttentionOp {
 impl AttentionOp {
     /// `(dq [b, h, s, d], dk [b, kvh, t, d], dv [b, kvh, t, d])`.
     fn grads(&self, p: &[f32], qv: &[f32], kv: &[f32], vv: &[f32], g: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        use crate::kernels::{linear_bwd_ext, linear_fwd_ext, Out, Rows};
+        use crate::kernels::{linear_bwd_ext, linear_bwd_tn, linear_fwd_ext, Out, Rows};
         let (b, h, kvh, s, t, d) = (self.b, self.h, self.kvh, self.s, self.t, self.d);
         let scale = self.scale();
+        let (p_at, _) = self.p_offsets();
         let mut dq = vec![0f32; b * h * s * d];
         // Per query head; summed over the heads of each K/V group below.
         let mut dk_h = vec![0f32; b * h * t * d];
         let mut dv_h = vec![0f32; b * h * t * d];
         let (dq_ptr, dk_ptr, dv_ptr) = (Out(dq.as_mut_ptr()), Out(dk_h.as_mut_ptr()), Out(dv_h.as_mut_ptr()));
         crate::kernels::parallel_ranges(b * h, 8 * b * h * s * t * d, |heads| {
-            let (mut go, mut ds) = (vec![0f32; s * d], vec![0f32; s * t]);
+            let (mut go, mut ds) = (vec![0f32; s * d], vec![0f32; QUERY_BLOCK.min(s) * t]);
             for head in heads {
-                let (qo, ko, _) = self.offsets(head);
+                let at = self.head(head, &p_at);
                 let (bi, hh) = (head / h, head % h);
                 for (i, row) in go.chunks_exact_mut(d).enumerate() {
-                    let at = (bi * s + i) * h * d + hh * d;
-                    row.copy_from_slice(&g[at..at + d]);
+                    let src = (bi * s + i) * h * d + hh * d;
+                    row.copy_from_slice(&g[src..src + d]);
                 }
-                let ph = &p[head * s * t..(head + 1) * s * t];
-                let (kh, vh, qh) = (&kv[ko..ko + t * d], &vv[ko..ko + t * d], &qv[qo..qo + s * d]);
+                let (kh, vh, qh) = (&kv[at.kv..at.kv + t * d], &vv[at.kv..at.kv + t * d], &qv[at.q..at.q + s * d]);
                 // SAFETY: each head owns its [t, d] / [s, d] blocks of the outputs.
                 let (dvh, dkh, dqh) = unsafe {
                     (
@@ -364,17 +452,26 @@ impl AttentionOp {
                         std::slice::from_raw_parts_mut(dq_ptr.at(head * s * d), s * d),
                     )
                 };
-                // dv = P^T do
-                linear_bwd_ext(self.isa, t, s, d, &transpose(ph, s, t), Rows::F32(&go), None, dvh, false, false);
-                // dP = do v^T, then dS = P (dP - rowsum(dP P)) * scale (in ds)
-                linear_fwd_ext(self.isa, s, t, d, &go, Rows::F32(vh), None, &mut ds, false, false);
-                for (dsr, pr) in ds.chunks_exact_mut(t).zip(ph.chunks_exact(t)) {
-                    let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                    dsr.iter_mut().zip(pr).for_each(|(x, &pp)| *x = pp * (*x - dot) * scale);
+                for blk in at.blocks {
+                    let (i0, rows, keys) = (blk.first, blk.rows, blk.keys);
+                    if keys == 0 {
+                        continue; // no key seen: no gradient
+                    }
+                    let pb = &p[at.p + blk.p_at..at.p + blk.p_at + rows * keys];
+                    let (gob, qb) = (&go[i0 * d..(i0 + rows) * d], &qh[i0 * d..(i0 + rows) * d]);
+                    // dv[..keys] += P^T do
+                    linear_bwd_tn(self.isa, keys, rows, d, pb, Rows::F32(gob), &mut dvh[..keys * d], true, false);
+                    // dP = do v^T, then dS = P (dP - rowsum(dP P)) * scale (in ds)
+                    let dsb = &mut ds[..rows * keys];
+                    linear_fwd_ext(self.isa, rows, keys, d, gob, Rows::F32(&vh[..keys * d]), None, dsb, false, false);
+                    for (dsr, pr) in dsb.chunks_exact_mut(keys).zip(pb.chunks_exact(keys)) {
+                        let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                        dsr.iter_mut().zip(pr).for_each(|(x, &pp)| *x = pp * (*x - dot) * scale);
+                    }
+                    // dq = dS k; dk[..keys] += dS^T q
+                    linear_bwd_ext(self.isa, rows, keys, d, dsb, Rows::F32(&kh[..keys * d]), None, &mut dqh[i0 * d..(i0 + rows) * d], false, false);
+                    linear_bwd_tn(self.isa, keys, rows, d, dsb, Rows::F32(qb), &mut dkh[..keys * d], true, false);
                 }
-                // dq = dS k; dk = dS^T q
-                linear_bwd_ext(self.isa, s, t, d, &ds, Rows::F32(kh), None, dqh, false, false);
-                linear_bwd_ext(self.isa, t, s, d, &transpose(&ds, s, t), Rows::F32(qh), None, dkh, false, false);
             }
         });
         let n_rep = h / kvh;

@@ -267,6 +267,10 @@ pub fn linear_fwd_ext(isa: Isa, m: usize, n: usize, k: usize, x: &[f32], w: Rows
     if empty_product(isa, m, n, k, y, accumulate) {
         return;
     }
+    if m <= crate::gemv::MAX_M {
+        // Decoding: a tile of 32 activation rows would compute 32 columns for one.
+        return crate::gemv::linear_fwd(isa, m, n, k, x, w, extra, y, accumulate, parallel, false);
+    }
     let out = Out(y.as_mut_ptr());
     let (mut xt, mut xt2) = (Vec::new(), Vec::new());
     for ic in (0..m).step_by(MC) {
@@ -304,10 +308,10 @@ pub fn linear_fwd_ext(isa: Isa, m: usize, n: usize, k: usize, x: &[f32], w: Rows
                     for it in (0..mc).step_by(NR) {
                         // SAFETY: A has MR rows of kc floats at stride lda; xt has kc rows
                         // of mc_pad >= it + NR floats; tile has MR * NR floats.
-                        unsafe { micro(isa, kc, ap, lda, xt[it * kc..].as_ptr(), NR, tile.as_mut_ptr(), NR, false) };
+                        unsafe { micro(isa, kc, ap, lda, 1, xt[it * kc..].as_ptr(), NR, tile.as_mut_ptr(), NR, false) };
                         if let Some(e) = &extra {
                             // SAFETY: as above for the MR x r block and the r-row panels.
-                            unsafe { micro(isa, e.r, a2.as_ptr(), e.r, xt2[it * e.r..].as_ptr(), NR, tile.as_mut_ptr(), NR, true) };
+                            unsafe { micro(isa, e.r, a2.as_ptr(), e.r, 1, xt2[it * e.r..].as_ptr(), NR, tile.as_mut_ptr(), NR, true) };
                         }
                         // tile[r][c] = y[ic + it + c, j + r].
                         // SAFETY: rows ic + it + c < m, columns j .. j + rows < n, owned by
@@ -364,6 +368,29 @@ pub fn linear_bwd(isa: Isa, m: usize, rows: usize, cols: usize, g: &[f32], w: Ro
 /// `parallel`.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_bwd_ext(isa: Isa, m: usize, rows: usize, cols: usize, g: &[f32], w: Rows, extra: Option<BwdExtra>, gx: &mut [f32], accumulate: bool, parallel: bool) {
+    linear_bwd_any(isa, m, rows, cols, Lhs::Rows(g), w, extra, gx, accumulate, parallel)
+}
+
+/// `out[m, cols] (+)= gt^T · W` for `gt [rows, m]` (the left operand read transposed, in
+/// place) and `W [rows, cols]`: attention's `P^T dO` and `dS^T Q` without transposed
+/// copies. On the calling thread alone unless `parallel`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_bwd_tn(isa: Isa, m: usize, rows: usize, cols: usize, gt: &[f32], w: Rows, out: &mut [f32], accumulate: bool, parallel: bool) {
+    linear_bwd_any(isa, m, rows, cols, Lhs::Cols(gt), w, None, out, accumulate, parallel)
+}
+
+/// The left operand of [`linear_bwd_any`].
+#[derive(Clone, Copy)]
+enum Lhs<'a> {
+    /// `g [m, rows]`.
+    Rows(&'a [f32]),
+    /// `g^T [rows, m]`.
+    Cols(&'a [f32]),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn linear_bwd_any(isa: Isa, m: usize, rows: usize, cols: usize, lhs: Lhs, w: Rows, extra: Option<BwdExtra>, gx: &mut [f32], accumulate: bool, parallel: bool) {
+    let (Lhs::Rows(g) | Lhs::Cols(g)) = lhs;
     assert!(g.len() >= m * rows && w.len() >= rows * cols && gx.len() >= m * cols);
     let extra_rows = extra.map_or(0, |e| e.r);
     if let Some(e) = &extra {
@@ -387,9 +414,11 @@ pub fn linear_bwd_ext(isa: Isa, m: usize, rows: usize, cols: usize, g: &[f32], w
         let mut a = vec![0f32; MR * KC];
         let mut tile = [0f32; MR * NR];
         for (bi, &(pc, kc, is_extra)) in blocks.iter().enumerate() {
-            let (g, lda_full, w) = match (&extra, is_extra) {
-                (Some(e), true) => (e.g, e.r, Rows::F32(e.w)),
-                _ => (g, rows, w),
+            // Element (i, p) of the left operand at g[i * gi + p * gp].
+            let (g, gi, gp, w) = match (&extra, is_extra, lhs) {
+                (Some(e), true, _) => (e.g, e.r, 1, Rows::F32(e.w)),
+                (_, _, Lhs::Rows(g)) => (g, rows, 1, w),
+                (_, _, Lhs::Cols(g)) => (g, 1, m, w),
             };
             for p in 0..kc {
                 // The row's slice of W: in place for f32, dequantized into `row` for NF4.
@@ -413,29 +442,31 @@ pub fn linear_bwd_ext(isa: Isa, m: usize, rows: usize, cols: usize, g: &[f32], w
                     let ncols = NR.min(range.len() - jt);
                     for i in (ic..ic + mc).step_by(MR) {
                         let nrows = MR.min(ic + mc - i);
-                        let (ap, lda) = if nrows == MR {
-                            (g[i * lda_full + pc..].as_ptr(), lda_full)
+                        let (ap, lda, pa) = if nrows == MR {
+                            (g[i * gi + pc * gp..].as_ptr(), gi, gp)
                         } else {
                             for r in 0..MR {
                                 let dst = &mut a[r * kc..(r + 1) * kc];
-                                if r < nrows {
-                                    dst.copy_from_slice(&g[(i + r) * lda_full + pc..(i + r) * lda_full + pc + kc]);
-                                } else {
+                                if r >= nrows {
                                     dst.fill(0.0);
+                                } else if gp == 1 {
+                                    dst.copy_from_slice(&g[(i + r) * gi + pc..(i + r) * gi + pc + kc]);
+                                } else {
+                                    dst.iter_mut().enumerate().for_each(|(p, d)| *d = g[(i + r) * gi + (pc + p) * gp]);
                                 }
                             }
-                            (a.as_ptr(), kc)
+                            (a.as_ptr(), kc, 1)
                         };
                         let (bt, ldb) = (b[jt * kc..].as_ptr(), NR);
                         if ncols == NR && nrows == MR {
-                            // SAFETY: A has MR rows of kc floats at stride lda; B has kc rows
+                            // SAFETY: A has MR rows of kc floats at strides lda, pa; B has kc rows
                             // of >= jt + NR floats at stride ldb; the full tile of gx at
                             // (i, range.start + jt) is inside gx and owned by this thread.
-                            unsafe { micro(isa, kc, ap, lda, bt, ldb, out.at(i * cols + range.start + jt), cols, acc) };
+                            unsafe { micro(isa, kc, ap, lda, pa, bt, ldb, out.at(i * cols + range.start + jt), cols, acc) };
                             continue;
                         }
                         // SAFETY: as above, into the scratch tile.
-                        unsafe { micro(isa, kc, ap, lda, bt, ldb, tile.as_mut_ptr(), NR, false) };
+                        unsafe { micro(isa, kc, ap, lda, pa, bt, ldb, tile.as_mut_ptr(), NR, false) };
                         // SAFETY: inside gx; this thread owns these columns.
                         unsafe { Tile(&tile).store(out, cols, i, range.start + jt, nrows, ncols, acc) };
                     }
@@ -456,25 +487,26 @@ pub fn sgemm(isa: Isa, m: usize, n: usize, k: usize, dst: &mut [f32], accumulate
     }
 }
 
-/// The micro-kernel: `c[r * ldc + j] (+)= sum_p a[r * lda + p] * b[p * ldb + j]` for
-/// `r < MR`, `j < NR`, `p < kc`, on `isa`.
+/// The micro-kernel: `c[r * ldc + j] (+)= sum_p a[r * lda + p * pa] * b[p * ldb + j]`
+/// for `r < MR`, `j < NR`, `p < kc`, on `isa` (`pa`: 1 for rows of A in place, the row
+/// length of a matrix read transposed, with `lda` 1).
 ///
 /// # Safety
-/// The CPU supports `isa`; `a` has `MR` rows of `kc` floats at stride `lda`, `b` has `kc`
-/// rows of `NR` floats at stride `ldb`, `c` has `MR` rows of `NR` writable floats at
-/// stride `ldc`.
+/// The CPU supports `isa`; `a` has `MR` rows of `kc` floats at strides `lda` (rows) and
+/// `pa` (depth), `b` has `kc` rows of `NR` floats at stride `ldb`, `c` has `MR` rows of
+/// `NR` writable floats at stride `ldc`.
 #[allow(clippy::too_many_arguments)]
 #[inline]
-unsafe fn micro(isa: Isa, kc: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, accumulate: bool) {
+unsafe fn micro(isa: Isa, kc: usize, a: *const f32, lda: usize, pa: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, accumulate: bool) {
     #[cfg(target_arch = "x86_64")]
     match isa {
-        Isa::Avx512 => micro_avx512(kc, a, lda, b, ldb, c, ldc, accumulate),
+        Isa::Avx512 => micro_avx512(kc, a, lda, pa, b, ldb, c, ldc, accumulate),
         Isa::Avx2 => {
             // Four 6 x 16 quarters of the 12 x 32 tile, each over the whole depth: the
             // B panel and the A rows are re-read from L1/L2, which AVX2's half-width
             // FMAs leave time for.
             for (r, col) in [(0, 0), (0, 16), (6, 0), (6, 16)] {
-                micro_avx2(kc, a.wrapping_add(r * lda), lda, b.wrapping_add(col), ldb, c.wrapping_add(r * ldc + col), ldc, accumulate);
+                micro_avx2(kc, a.wrapping_add(r * lda), lda, pa, b.wrapping_add(col), ldb, c.wrapping_add(r * ldc + col), ldc, accumulate);
             }
         }
     }
@@ -489,7 +521,7 @@ unsafe fn micro(isa: Isa, kc: usize, a: *const f32, lda: usize, b: *const f32, l
 /// (zero, load, store, add, fused multiply-add, broadcast) and vector width.
 #[cfg(target_arch = "x86_64")]
 macro_rules! fma_tile {
-    ($kc:ident, $a:ident, $lda:ident, $b:ident, $ldb:ident, $c:ident, $ldc:ident, $acc:ident;
+    ($kc:ident, $a:ident, $lda:ident, $pa:ident, $b:ident, $ldb:ident, $c:ident, $ldc:ident, $acc:ident;
      $w:literal, $zero:ident, $load:ident, $store:ident, $add:ident, $fma:ident, $set1:ident;
      $($r:literal => $c0:ident $c1:ident),*) => {{
         $(let mut $c0 = $zero(); let mut $c1 = $zero();)*
@@ -502,7 +534,7 @@ macro_rules! fma_tile {
                 $c0 = $fma(av, b0, $c0);
                 $c1 = $fma(av, b1, $c1);
             )*
-            a = a.wrapping_add(1);
+            a = a.wrapping_add($pa);
             b = b.wrapping_add($ldb);
         }
         $(
@@ -524,8 +556,8 @@ macro_rules! fma_tile {
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
-unsafe fn micro_avx512(kc: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, accumulate: bool) {
-    fma_tile!(kc, a, lda, b, ldb, c, ldc, accumulate;
+unsafe fn micro_avx512(kc: usize, a: *const f32, lda: usize, pa: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, accumulate: bool) {
+    fma_tile!(kc, a, lda, pa, b, ldb, c, ldc, accumulate;
         16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_add_ps, _mm512_fmadd_ps, _mm512_set1_ps;
         0 => c0a c0b, 1 => c1a c1b, 2 => c2a c2b, 3 => c3a c3b, 4 => c4a c4b, 5 => c5a c5b,
         6 => c6a c6b, 7 => c7a c7b, 8 => c8a c8b, 9 => c9a c9b, 10 => c10a c10b, 11 => c11a c11b);
@@ -535,13 +567,13 @@ unsafe fn micro_avx512(kc: usize, a: *const f32, lda: usize, b: *const f32, ldb:
 /// six broadcasts per step leave 3 of the 16 registers free).
 ///
 /// # Safety
-/// AVX2 and FMA; `a` has 6 rows of `kc` floats at stride `lda`, `b` has `kc` rows of 16
+/// AVX2 and FMA; `a` has 6 rows of `kc` floats at strides `lda` and `pa`, `b` has `kc` rows of 16
 /// floats at stride `ldb`, `c` has 6 rows of 16 writable floats at stride `ldc`.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn micro_avx2(kc: usize, a: *const f32, lda: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, accumulate: bool) {
-    fma_tile!(kc, a, lda, b, ldb, c, ldc, accumulate;
+unsafe fn micro_avx2(kc: usize, a: *const f32, lda: usize, pa: usize, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, accumulate: bool) {
+    fma_tile!(kc, a, lda, pa, b, ldb, c, ldc, accumulate;
         8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_add_ps, _mm256_fmadd_ps, _mm256_set1_ps;
         0 => c0a c0b, 1 => c1a c1b, 2 => c2a c2b, 3 => c3a c3b, 4 => c4a c4b, 5 => c5a c5b);
 }
@@ -599,6 +631,27 @@ mod tests {
                     }
                     sgemm(isa, m, n, k, &mut dst, accumulate, &lhs, &rhs, rhs_t);
                     close(&dst, &want, &format!("{isa:?} {m}x{n}x{k} t={rhs_t} acc={accumulate}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_transposed_left_operand_matches_a_reference() {
+        // out[m, cols] (+)= gt^T W, gt [rows, m] read in place (full and ragged tiles).
+        for isa in isas() {
+            for &(m, rows, cols) in &SHAPES {
+                let gt: Vec<f32> = (0..rows * m).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+                let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
+                let g: Vec<f32> = (0..m * rows).map(|i| gt[(i % rows) * m + i / rows]).collect();
+                for accumulate in [false, true] {
+                    let mut out: Vec<f32> = (0..m * cols).map(|i| (i % 7) as f32 * 0.5).collect();
+                    let mut want = reference(m, cols, rows, &g, &w, false);
+                    if accumulate {
+                        want.iter_mut().zip(&out).for_each(|(w, d)| *w += *d as f64);
+                    }
+                    linear_bwd_tn(isa, m, rows, cols, &gt, Rows::F32(&w), &mut out, accumulate, true);
+                    close(&out, &want, &format!("{isa:?} transposed {m}x{rows}x{cols} acc={accumulate}"));
                 }
             }
         }

@@ -128,6 +128,10 @@ pub fn linear_fwd(m: usize, n: usize, k: usize, x: &[f32], w: Rows, y: &mut [f32
     if empty(m, n, k, y, accumulate) {
         return;
     }
+    if m <= crate::gemv::MAX_M {
+        // Decoding: the same rounding, one FMA per weight element instead of a tile.
+        return crate::gemv::linear_fwd(crate::kernels::Isa::Avx512, m, n, k, x, w, None, y, accumulate, parallel, true);
+    }
     let out = Out(y.as_mut_ptr());
     let kp_all = k.div_ceil(2);
     let mut xt: Vec<u32> = Vec::new();

@@ -7,7 +7,8 @@
 //! - `nf4`: bitsandbytes-exact NF4 quantization; `ops`: the frozen linear custom ops and
 //!   differentiable building blocks; `fused`: single-op forms of the hot chains (LoRA
 //!   layer, attention, RoPE, RMSNorm, SwiGLU) for f32 and bf16 CPU compute; `blas`,
-//!   `kernels` and `kernels_bf16`: the matrix products they run on.
+//!   `kernels` and `kernels_bf16`: the matrix products they run on (`gemv`: their
+//!   decoding form, one to four activation rows).
 //! - `lora`: LoRA layers and PEFT adapter files.
 //! - `data`, `optim`, `train`, `eval`, `generate`: the training side; `memory`: a
 //!   training run's peak memory estimate and the check that refuses a run that cannot fit.
@@ -22,6 +23,7 @@ pub mod fused;
 pub mod blas;
 pub mod kernels;
 pub mod kernels_bf16;
+pub(crate) mod gemv;
 pub mod lora;
 pub mod peft;
 pub mod quantize;

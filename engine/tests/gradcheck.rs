@@ -384,13 +384,21 @@ fn fused_attention_equals_the_composite_ops() {
     // The fused op (AVX-512 CPUs) against the separate candle ops whose gradients are
     // finite-difference checked above: output and the gradients of q, k and v. Plain
     // causal, GQA with packing segments per batch row, multi-query with a sliding window,
-    // and a decode step with a KV cache (s < t).
+    // and a decode step with a KV cache (s < t); then the same over several query blocks
+    // of the fused op (fused::QUERY_BLOCK rows each, the last one ragged): causal, packing
+    // segments, a sliding window, and a prompt after cached positions.
     let segs = vec![vec![0u32; 20].into_iter().chain(vec![1; 17]).collect::<Vec<_>>(), vec![0; 37]];
+    let long = fused::QUERY_BLOCK * 2 + 9;
+    let long_segs = vec![vec![0u32; 100].into_iter().chain(vec![1; long - 100]).collect::<Vec<_>>(), vec![0; long]];
     let cases: Vec<(usize, usize, usize, usize, usize, Tensor)> = vec![
         (1, 8, 8, 64, 64, causal_mask(1, 64, 0, None, None, &Device::Cpu).unwrap()),
         (2, 4, 2, 37, 16, causal_mask(2, 37, 0, Some(&segs), None, &Device::Cpu).unwrap()),
         (1, 6, 1, 50, 8, causal_mask(1, 50, 0, None, Some(16), &Device::Cpu).unwrap()),
         (1, 4, 2, 3, 32, causal_mask(1, 3, 29, None, None, &Device::Cpu).unwrap()),
+        (1, 2, 1, long, 16, causal_mask(1, long, 0, None, None, &Device::Cpu).unwrap()),
+        (2, 2, 2, long, 8, causal_mask(2, long, 0, Some(&long_segs), None, &Device::Cpu).unwrap()),
+        (1, 2, 1, long, 8, causal_mask(1, long, 0, None, Some(40), &Device::Cpu).unwrap()),
+        (1, 2, 2, 100, 8, causal_mask(1, 100, 29, None, None, &Device::Cpu).unwrap()),
     ];
     for (b, h, kvh, s, d, mask) in cases {
         let t = mask.dim(3).unwrap();
