@@ -130,6 +130,10 @@ pub enum BenchCommand {
         /// Tokens per sequence (one sequence per step).
         #[arg(long, default_value_t = 256)]
         seq: usize,
+        /// Also time each op (LoRA layers, output head, attention, RoPE, RMSNorm, SwiGLU,
+        /// loss; forward and backward apart) and print where a step's time goes.
+        #[arg(long)]
+        ops: bool,
         /// Print the result as one JSON object.
         #[arg(long)]
         json: bool,
@@ -387,13 +391,14 @@ pub fn run(c: LocalCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        LocalCommand::Bench(BenchCommand::Train { quant, compute_dtype, checkpointing, steps, seq, json }) => {
+        LocalCommand::Bench(BenchCommand::Train { quant, compute_dtype, checkpointing, steps, seq, ops, json }) => {
             let opts = BenchOptions {
                 quant: quant.into(),
                 compute_dtype: compute_dtype.into(),
                 gradient_checkpointing: checkpointing == OnOff::On,
                 steps,
                 seq_len: seq,
+                ops,
             };
             let r = bench_train(&opts, &candle_core::Device::Cpu)?;
             if json {
@@ -415,6 +420,14 @@ pub fn run(c: LocalCommand) -> anyhow::Result<()> {
                     r.threads,
                     lorafleet_engine::blas::backend_name()
                 );
+                if !r.ops.is_empty() {
+                    println!("{:<56} {:>10} {:>7} {:>8}", "op", "ms/step", "share", "calls");
+                    for o in &r.ops {
+                        println!("{:<56} {:>10.1} {:>6.1}% {:>8.0}", o.op, o.secs_per_step * 1e3, 100.0 * o.secs_per_step / r.secs_per_step, o.calls_per_step);
+                    }
+                    let rest = r.secs_per_step - r.ops.iter().map(|o| o.secs_per_step).sum::<f64>();
+                    println!("{:<56} {:>10.1} {:>6.1}%", "everything else (candle ops, graph, optimizer, allocation)", rest * 1e3, 100.0 * rest / r.secs_per_step);
+                }
             }
             Ok(())
         }

@@ -25,11 +25,14 @@ pub struct BenchOptions {
     pub gradient_checkpointing: bool,
     pub steps: u64,
     pub seq_len: usize,
+    /// Time each op ([`crate::profile`]) and report it in [`BenchResult::ops`].
+    #[serde(default)]
+    pub ops: bool,
 }
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        Self { quant: QuantMethod::None, compute_dtype: ComputeDtype::F32, gradient_checkpointing: false, steps: 10, seq_len: 256 }
+        Self { quant: QuantMethod::None, compute_dtype: ComputeDtype::F32, gradient_checkpointing: false, steps: 10, seq_len: 256, ops: false }
     }
 }
 
@@ -56,6 +59,18 @@ pub struct BenchResult {
     /// MiB, to compare with `peak_rss_mib`.
     #[serde(default)]
     pub estimate_mib: Option<f64>,
+    /// With [`BenchOptions::ops`]: mean seconds per timed step in each op (forward and
+    /// backward apart); the rest of the step is candle's own ops and bookkeeping.
+    #[serde(default)]
+    pub ops: Vec<OpTime>,
+}
+
+/// One op's share of a training step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpTime {
+    pub op: String,
+    pub secs_per_step: f64,
+    pub calls_per_step: f64,
 }
 
 /// Reset this process's peak RSS to its current RSS (Linux >= 4.0: `5` to
@@ -134,12 +149,21 @@ fn run(opts: &BenchOptions, dir: &std::path::Path, device: &Device) -> Result<Be
     for i in 0..2 {
         step(i, &mut [0f64; 3])?;
     }
+    crate::profile::enable(opts.ops);
+    crate::profile::reset();
     let t0 = Instant::now();
     let mut last = f64::NAN;
     for i in 0..opts.steps {
         last = step(i, &mut phases)?;
     }
     let dt = t0.elapsed().as_secs_f64();
+    crate::profile::enable(false);
+    let per = opts.steps as f64;
+    let ops = if opts.ops {
+        crate::profile::totals().into_iter().map(|(op, secs, calls)| OpTime { op: op.name().to_string(), secs_per_step: secs / per, calls_per_step: calls as f64 / per }).collect()
+    } else {
+        Vec::new()
+    };
     Ok(BenchResult {
         options: opts.clone(),
         tokens_per_sec: (opts.steps as f64 * opts.seq_len as f64) / dt,
@@ -155,6 +179,7 @@ fn run(opts: &BenchOptions, dir: &std::path::Path, device: &Device) -> Result<Be
         backward_secs: phases[1] / opts.steps as f64,
         optimizer_secs: phases[2] / opts.steps as f64,
         estimate_mib: Some(estimate.total as f64 / (1u64 << 20) as f64),
+        ops,
     })
 }
 

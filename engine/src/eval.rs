@@ -238,6 +238,7 @@ impl candle_core::CustomOp1 for CrossEntropySum {
     }
 
     fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let _span = crate::profile::span(crate::profile::Op::LossFwd);
         let (n, v) = layout.shape().dims2()?;
         let data = crate::ops::cpu_f32(storage, layout, "cross-entropy-sum logits")?;
         if self.targets.len() != n {
@@ -259,6 +260,7 @@ impl candle_core::CustomOp1 for CrossEntropySum {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _span = crate::profile::span(crate::profile::Op::LossBwd);
         let (n, v) = arg.dims2()?;
         let g = grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let arg = arg.contiguous()?;

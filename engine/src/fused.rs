@@ -133,6 +133,7 @@ impl candle_core::CustomOp3 for LoraFused {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(crate::profile::Op::LoraFwd);
         use crate::kernels::{linear_fwd_ext, FwdExtra, Rows};
         let (m, k) = l1.shape().dims2()?;
         let (r, _) = l2.shape().dims2()?;
@@ -165,6 +166,7 @@ impl candle_core::CustomOp3 for LoraFused {
     }
 
     fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _span = crate::profile::span(crate::profile::Op::LoraBwd);
         let (m, k) = x.dims2()?;
         let (r, _) = a.dims2()?;
         let n = self.inner.out_dim;
@@ -369,7 +371,8 @@ impl candle_core::CustomOp3 for AttentionOp {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        use crate::kernels::{linear_bwd_ext, linear_fwd_ext, Out, Rows};
+        let _span = crate::profile::span(crate::profile::Op::AttentionFwd);
+        use crate::kernels::{linear_bwd_ext, matmul_nt, Out, Rows};
         let (q, k, v) = (cpu_f32(s1, l1, "attention q")?, cpu_f32(s2, l2, "attention k")?, cpu_f32(s3, l3, "attention v")?);
         let (b, h, s, t, d) = (self.b, self.h, self.s, self.t, self.d);
         let mut out = vec![0f32; b * s * h * d];
@@ -390,7 +393,7 @@ impl candle_core::CustomOp3 for AttentionOp {
                     }
                     // SAFETY: each head owns its blocks of p (disjoint by p_offsets).
                     let pb = unsafe { std::slice::from_raw_parts_mut(p_ptr.at(at.p + blk.p_at), rows * keys) };
-                    linear_fwd_ext(self.isa, rows, keys, d, &q[at.q + i0 * d..at.q + (i0 + rows) * d], Rows::F32(&kh[..keys * d]), None, pb, false, false);
+                    matmul_nt(self.isa, rows, keys, d, &q[at.q + i0 * d..at.q + (i0 + rows) * d], &kh[..keys * d], pb, false, false);
                     for (i, row) in pb.chunks_exact_mut(keys).enumerate() {
                         crate::eval::attention_softmax_row(row, &self.mask[at.mask + (i0 + i) * t..][..keys], scale);
                     }
@@ -409,6 +412,7 @@ impl candle_core::CustomOp3 for AttentionOp {
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _span = crate::profile::span(crate::profile::Op::AttentionBwd);
         let p = self.saved_p.lock().map_err(|_| candle_core::Error::Msg("attention state poisoned".into()))?.take();
         let Some(p) = p else { candle_core::bail!("attention: one backward pass per forward pass") };
         let grad = grad.contiguous()?;
@@ -425,7 +429,7 @@ impl candle_core::CustomOp3 for AttentionOp {
 impl AttentionOp {
     /// `(dq [b, h, s, d], dk [b, kvh, t, d], dv [b, kvh, t, d])`.
     fn grads(&self, p: &[f32], qv: &[f32], kv: &[f32], vv: &[f32], g: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        use crate::kernels::{linear_bwd_ext, linear_bwd_tn, linear_fwd_ext, Out, Rows};
+        use crate::kernels::{linear_bwd_ext, linear_bwd_tn, matmul_nt, Out, Rows};
         let (b, h, kvh, s, t, d) = (self.b, self.h, self.kvh, self.s, self.t, self.d);
         let scale = self.scale();
         let (p_at, _) = self.p_offsets();
@@ -463,7 +467,7 @@ impl AttentionOp {
                     linear_bwd_tn(self.isa, keys, rows, d, pb, Rows::F32(gob), &mut dvh[..keys * d], true, false);
                     // dP = do v^T, then dS = P (dP - rowsum(dP P)) * scale (in ds)
                     let dsb = &mut ds[..rows * keys];
-                    linear_fwd_ext(self.isa, rows, keys, d, gob, Rows::F32(&vh[..keys * d]), None, dsb, false, false);
+                    matmul_nt(self.isa, rows, keys, d, gob, &vh[..keys * d], dsb, false, false);
                     for (dsr, pr) in dsb.chunks_exact_mut(keys).zip(pb.chunks_exact(keys)) {
                         let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
                         dsr.iter_mut().zip(pr).for_each(|(x, &pp)| *x = pp * (*x - dot) * scale);
@@ -544,6 +548,7 @@ impl candle_core::CustomOp1 for RopeOp {
     }
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(crate::profile::Op::RopeFwd);
         let x = cpu_f32(st, l, "rope input")?;
         let (b, n, s, d, half) = (self.b, self.n, self.s, self.d, self.d / 2);
         let mut y = vec![0f32; b * n * s * d];
@@ -560,6 +565,7 @@ impl candle_core::CustomOp1 for RopeOp {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _span = crate::profile::span(crate::profile::Op::RopeBwd);
         let grad = grad.contiguous()?;
         let (b, n, s, d, half) = (self.b, self.n, self.s, self.d, self.d / 2);
         let mut dx = vec![0f32; b * n * s * d];
@@ -608,6 +614,7 @@ impl candle_core::CustomOp1 for RmsNormOp {
     }
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(crate::profile::Op::NormFwd);
         let x = cpu_f32(st, l, "rms_norm input")?;
         let h = self.w.len();
         let mut y = vec![0f32; x.len()];
@@ -625,6 +632,7 @@ impl candle_core::CustomOp1 for RmsNormOp {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let _span = crate::profile::span(crate::profile::Op::NormBwd);
         let rs = self.saved_r.lock().map_err(|_| candle_core::Error::Msg("rms_norm state poisoned".into()))?.clone();
         let Some(rs) = rs else { candle_core::bail!("rms_norm: backward before forward") };
         let grad = grad.contiguous()?;
@@ -677,6 +685,7 @@ impl candle_core::CustomOp2 for SwigluOp {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(crate::profile::Op::SwigluFwd);
         let (g, u) = (cpu_f32(s1, l1, "swiglu gate")?, cpu_f32(s2, l2, "swiglu up")?);
         let mut y = vec![0f32; g.len()];
         let out = crate::kernels::Out(y.as_mut_ptr());
@@ -690,6 +699,7 @@ impl candle_core::CustomOp2 for SwigluOp {
     }
 
     fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let _span = crate::profile::span(crate::profile::Op::SwigluBwd);
         let grad = grad.contiguous()?;
         let n = g.elem_count();
         let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);

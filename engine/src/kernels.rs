@@ -368,7 +368,7 @@ pub fn linear_bwd(isa: Isa, m: usize, rows: usize, cols: usize, g: &[f32], w: Ro
 /// `parallel`.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_bwd_ext(isa: Isa, m: usize, rows: usize, cols: usize, g: &[f32], w: Rows, extra: Option<BwdExtra>, gx: &mut [f32], accumulate: bool, parallel: bool) {
-    linear_bwd_any(isa, m, rows, cols, Lhs::Rows(g), w, extra, gx, accumulate, parallel)
+    linear_bwd_any(isa, m, rows, cols, Lhs::Rows(g), Rhs::Rows(w), extra, gx, accumulate, parallel)
 }
 
 /// `out[m, cols] (+)= gt^T · W` for `gt [rows, m]` (the left operand read transposed, in
@@ -376,7 +376,24 @@ pub fn linear_bwd_ext(isa: Isa, m: usize, rows: usize, cols: usize, g: &[f32], w
 /// copies. On the calling thread alone unless `parallel`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_bwd_tn(isa: Isa, m: usize, rows: usize, cols: usize, gt: &[f32], w: Rows, out: &mut [f32], accumulate: bool, parallel: bool) {
-    linear_bwd_any(isa, m, rows, cols, Lhs::Cols(gt), w, None, out, accumulate, parallel)
+    linear_bwd_any(isa, m, rows, cols, Lhs::Cols(gt), Rhs::Rows(w), None, out, accumulate, parallel)
+}
+
+/// `out[m, n] (+)= a[m, k] · bt^T` for `bt [n, k]`, tiles stored as they are (where
+/// [`linear_fwd`] stores them transposed, which costs more than a shallow product's
+/// FMAs): attention's `q k^T` and `do v^T` over a head's 64-128 dimensions. On the
+/// calling thread alone unless `parallel`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul_nt(isa: Isa, m: usize, n: usize, k: usize, a: &[f32], bt: &[f32], out: &mut [f32], accumulate: bool, parallel: bool) {
+    linear_bwd_any(isa, m, k, n, Lhs::Rows(a), Rhs::Cols(bt), None, out, accumulate, parallel)
+}
+
+/// The right operand of [`linear_bwd_any`] (`W [rows, cols]`).
+#[derive(Clone, Copy)]
+enum Rhs<'a> {
+    Rows(Rows<'a>),
+    /// `W^T [cols, rows]`, f32.
+    Cols(&'a [f32]),
 }
 
 /// The left operand of [`linear_bwd_any`].
@@ -389,9 +406,13 @@ enum Lhs<'a> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn linear_bwd_any(isa: Isa, m: usize, rows: usize, cols: usize, lhs: Lhs, w: Rows, extra: Option<BwdExtra>, gx: &mut [f32], accumulate: bool, parallel: bool) {
+fn linear_bwd_any(isa: Isa, m: usize, rows: usize, cols: usize, lhs: Lhs, rhs: Rhs, extra: Option<BwdExtra>, gx: &mut [f32], accumulate: bool, parallel: bool) {
     let (Lhs::Rows(g) | Lhs::Cols(g)) = lhs;
-    assert!(g.len() >= m * rows && w.len() >= rows * cols && gx.len() >= m * cols);
+    let rhs_len = match rhs {
+        Rhs::Rows(w) => w.len(),
+        Rhs::Cols(v) => v.len(),
+    };
+    assert!(g.len() >= m * rows && rhs_len >= rows * cols && gx.len() >= m * cols);
     let extra_rows = extra.map_or(0, |e| e.r);
     if let Some(e) = &extra {
         assert!(e.g.len() >= m * e.r && e.w.len() >= e.r * cols);
@@ -416,23 +437,43 @@ fn linear_bwd_any(isa: Isa, m: usize, rows: usize, cols: usize, lhs: Lhs, w: Row
         for (bi, &(pc, kc, is_extra)) in blocks.iter().enumerate() {
             // Element (i, p) of the left operand at g[i * gi + p * gp].
             let (g, gi, gp, w) = match (&extra, is_extra, lhs) {
-                (Some(e), true, _) => (e.g, e.r, 1, Rows::F32(e.w)),
-                (_, _, Lhs::Rows(g)) => (g, rows, 1, w),
-                (_, _, Lhs::Cols(g)) => (g, 1, m, w),
+                (Some(e), true, _) => (e.g, e.r, 1, Rhs::Rows(Rows::F32(e.w))),
+                (_, _, Lhs::Rows(g)) => (g, rows, 1, rhs),
+                (_, _, Lhs::Cols(g)) => (g, 1, m, rhs),
             };
-            for p in 0..kc {
-                // The row's slice of W: in place for f32, dequantized into `row` for NF4.
-                let src: &[f32] = match w {
-                    Rows::F32(v) => &v[(pc + p) * cols + range.start..][..range.len()],
-                    Rows::Bf16(_) | Rows::Nf4(_) => {
-                        w.read(pc + p, cols, range.start, &mut row[..range.len()]);
-                        &row[..range.len()]
+            match w {
+                Rhs::Cols(wt) => {
+                    // W[pc + p, range.start + c] = wt[(range.start + c) * rows + pc + p].
+                    for t in 0..range.len().div_ceil(NR) {
+                        let cs = NR.min(range.len() - t * NR);
+                        let panel = &mut b[t * kc * NR..(t + 1) * kc * NR];
+                        if cs < NR {
+                            panel.fill(0.0);
+                        }
+                        for c in 0..cs {
+                            let src = &wt[(range.start + t * NR + c) * rows + pc..][..kc];
+                            for (p, &v) in src.iter().enumerate() {
+                                panel[p * NR + c] = v;
+                            }
+                        }
                     }
-                };
-                for (t, chunk) in src.chunks(NR).enumerate() {
-                    let dst = &mut b[t * kc * NR + p * NR..t * kc * NR + (p + 1) * NR];
-                    dst[..chunk.len()].copy_from_slice(chunk);
-                    dst[chunk.len()..].fill(0.0);
+                }
+                Rhs::Rows(w) => {
+                    for p in 0..kc {
+                        // The row's slice of W: in place for f32, dequantized into `row` for NF4.
+                        let src: &[f32] = match w {
+                            Rows::F32(v) => &v[(pc + p) * cols + range.start..][..range.len()],
+                            Rows::Bf16(_) | Rows::Nf4(_) => {
+                                w.read(pc + p, cols, range.start, &mut row[..range.len()]);
+                                &row[..range.len()]
+                            }
+                        };
+                        for (t, chunk) in src.chunks(NR).enumerate() {
+                            let dst = &mut b[t * kc * NR + p * NR..t * kc * NR + (p + 1) * NR];
+                            dst[..chunk.len()].copy_from_slice(chunk);
+                            dst[chunk.len()..].fill(0.0);
+                        }
+                    }
                 }
             }
             let acc = accumulate || bi > 0;
@@ -652,6 +693,26 @@ mod tests {
                     }
                     linear_bwd_tn(isa, m, rows, cols, &gt, Rows::F32(&w), &mut out, accumulate, true);
                     close(&out, &want, &format!("{isa:?} transposed {m}x{rows}x{cols} acc={accumulate}"));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_transposed_right_operand_matches_a_reference() {
+        // out[m, n] (+)= a · bt^T, bt [n, k] packed from its rows.
+        for isa in isas() {
+            for &(m, n, k) in &SHAPES {
+                let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+                let bt: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
+                for accumulate in [false, true] {
+                    let mut out: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32 * 0.5).collect();
+                    let mut want = reference(m, n, k, &a, &bt, true);
+                    if accumulate {
+                        want.iter_mut().zip(&out).for_each(|(w, d)| *w += *d as f64);
+                    }
+                    matmul_nt(isa, m, n, k, &a, &bt, &mut out, accumulate, true);
+                    close(&out, &want, &format!("{isa:?} nt {m}x{n}x{k} acc={accumulate}"));
                 }
             }
         }

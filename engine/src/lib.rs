@@ -41,5 +41,6 @@ pub mod checkpoint;
 pub mod collective;
 pub mod train;
 pub mod bench;
+pub mod profile;
 
 pub use error::{EngineError, Result};

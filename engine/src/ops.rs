@@ -267,6 +267,7 @@ impl candle_core::CustomOp1 for FrozenLinearFwd {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(crate::profile::Op::FrozenFwd);
         let (m, _k) = l.shape().dims2()?;
         let n = self.inner.out_dim;
         let x = cpu_f32(s, l, "frozen linear")?;
@@ -300,6 +301,7 @@ impl candle_core::CustomOp1 for FrozenLinearBwd {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(crate::profile::Op::FrozenBwd);
         let (m, _n) = l.shape().dims2()?;
         let k = self.inner.in_dim;
         let g = cpu_f32(s, l, "frozen linear backward")?;
