@@ -118,10 +118,10 @@ fn exp_neg(x: f32) -> f32 {
 
 #[inline(always)]
 fn row_max(row: &[f32]) -> f32 {
-    let mut m = [f32::NEG_INFINITY; 8];
-    let mut chunks = row.chunks_exact(8);
+    let mut m = [f32::NEG_INFINITY; 16];
+    let mut chunks = row.chunks_exact(16);
     for c in &mut chunks {
-        for k in 0..8 {
+        for k in 0..16 {
             m[k] = if c[k] > m[k] { c[k] } else { m[k] };
         }
     }
@@ -169,6 +169,63 @@ fn row_lse(row: &[f32]) -> f32 {
     on_loss_isa!(row_lse_body(row: &[f32]) -> f32)
 }
 
+/// One row of attention's backward pass in place: `ds[j] = p[j] (ds[j] - sum_k ds[k]
+/// p[k]) * scale` (`ds` holds `dP` on entry), the sum in 16 partial sums (a float
+/// reduction written as one chain stays scalar and latency-bound).
+pub(crate) fn attention_softmax_grad_row(ds: &mut [f32], p: &[f32], scale: f32) {
+    #[inline(always)]
+    fn body(ds: &mut [f32], p: &[f32], scale: f32) {
+        let mut acc = [0f32; 16];
+        let (dc, pc) = (ds.chunks_exact(16), p.chunks_exact(16));
+        let (dr, pr) = (dc.remainder(), pc.remainder());
+        for (d, q) in dc.zip(pc) {
+            for k in 0..16 {
+                acc[k] += d[k] * q[k];
+            }
+        }
+        let dot = acc.iter().sum::<f32>() + dr.iter().zip(pr).map(|(a, b)| a * b).sum::<f32>();
+        ds.iter_mut().zip(p).for_each(|(x, &pp)| *x = pp * (*x - dot) * scale);
+    }
+    on_loss_isa!(body(ds: &mut [f32], p: &[f32], scale: f32) -> ())
+}
+
+/// `sigmoid(x)` from `exp(-|x|)` (never overflows), branch-free for the vectorizer.
+#[inline(always)]
+fn sigmoid(x: f32) -> f32 {
+    let e = exp_neg(-x.abs());
+    let d = 1.0 / (1.0 + e);
+    if x >= 0.0 {
+        d
+    } else {
+        e * d
+    }
+}
+
+/// SwiGLU's forward over a range: `y = g sigmoid(g) u`, vectorized like the loss.
+pub(crate) fn swiglu_fwd_slice(y: &mut [f32], g: &[f32], u: &[f32]) {
+    #[inline(always)]
+    fn body(y: &mut [f32], g: &[f32], u: &[f32]) {
+        for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+            *y = g * sigmoid(g) * u;
+        }
+    }
+    on_loss_isa!(body(y: &mut [f32], g: &[f32], u: &[f32]) -> ())
+}
+
+/// SwiGLU's backward over a range: `dg = dy u s (1 + g (1 - s))`, `du = dy g s` with
+/// `s = sigmoid(g)`.
+pub(crate) fn swiglu_bwd_slice(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
+    #[inline(always)]
+    fn body(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
+        for ((((dg, du), &g), &u), &dy) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
+            let s = sigmoid(g);
+            *dg = dy * u * s * (1.0 + g * (1.0 - s));
+            *du = dy * g * s;
+        }
+    }
+    on_loss_isa!(body(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) -> ())
+}
+
 /// `out[i] = g * exp(x[i] - lse)`: one row of the loss gradient (before the target's
 /// `-g`), vectorized like [`row_lse`].
 fn softmax_grad_row(out: &mut [f32], x: &[f32], lse: f32, g: f32) {
@@ -194,19 +251,22 @@ pub(crate) fn attention_softmax_row(row: &mut [f32], mask: &[f32], scale: f32) {
             row.fill(0.0);
             return;
         }
-        let term = |x: f32| if x == f32::NEG_INFINITY { 0.0 } else { exp_neg(x - max) };
-        let mut acc = [0f32; 8];
-        let mut chunks = row.chunks_exact_mut(8);
+        // 16 partial sums (one AVX-512 vector); exp computed for every entry and the
+        // masked ones selected to 0 afterwards, so that the loop has no branch.
+        let mut acc = [0f32; 16];
+        let mut chunks = row.chunks_exact_mut(16);
         for c in &mut chunks {
-            for k in 0..8 {
-                let e = term(c[k]);
+            for k in 0..16 {
+                let x = c[k];
+                let e = exp_neg(x - max);
+                let e = if x == f32::NEG_INFINITY { 0.0 } else { e };
                 c[k] = e;
                 acc[k] += e;
             }
         }
         let mut sum = 0f32;
         for x in chunks.into_remainder() {
-            *x = term(*x);
+            *x = if *x == f32::NEG_INFINITY { 0.0 } else { exp_neg(*x - max) };
             sum += *x;
         }
         sum += acc.iter().sum::<f32>();

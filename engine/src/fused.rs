@@ -469,8 +469,7 @@ impl AttentionOp {
                     let dsb = &mut ds[..rows * keys];
                     matmul_nt(self.isa, rows, keys, d, gob, &vh[..keys * d], dsb, false, false);
                     for (dsr, pr) in dsb.chunks_exact_mut(keys).zip(pb.chunks_exact(keys)) {
-                        let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                        dsr.iter_mut().zip(pr).for_each(|(x, &pp)| *x = pp * (*x - dot) * scale);
+                        crate::eval::attention_softmax_grad_row(dsr, pr, scale);
                     }
                     // dq = dS k; dk[..keys] += dS^T q
                     linear_bwd_ext(self.isa, rows, keys, d, dsb, Rows::F32(&kh[..keys * d]), None, &mut dqh[i0 * d..(i0 + rows) * d], false, false);
@@ -668,17 +667,6 @@ pub fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
 
 struct SwigluOp;
 
-/// `sigmoid(x)` from `exp(-|x|)`, which never overflows.
-#[inline(always)]
-fn sigmoid(x: f32) -> f32 {
-    let e = (-x.abs()).exp();
-    if x >= 0.0 {
-        1.0 / (1.0 + e)
-    } else {
-        e / (1.0 + e)
-    }
-}
-
 impl candle_core::CustomOp2 for SwigluOp {
     fn name(&self) -> &'static str {
         "swiglu"
@@ -690,10 +678,9 @@ impl candle_core::CustomOp2 for SwigluOp {
         let mut y = vec![0f32; g.len()];
         let out = crate::kernels::Out(y.as_mut_ptr());
         crate::kernels::parallel_ranges(g.len(), 20 * g.len(), |r| {
-            for i in r {
-                // SAFETY: each thread writes its own range of y.
-                unsafe { *out.at(i) = g[i] * sigmoid(g[i]) * u[i] };
-            }
+            // SAFETY: each thread writes its own range of y.
+            let ys = unsafe { std::slice::from_raw_parts_mut(out.at(r.start), r.len()) };
+            crate::eval::swiglu_fwd_slice(ys, &g[r.clone()], &u[r]);
         });
         Ok((to_storage(y, s1.dtype())?, l1.shape().clone()))
     }
@@ -707,14 +694,9 @@ impl candle_core::CustomOp2 for SwigluOp {
             let (gv, uv, dy) = (v[0], v[1], v[2]);
             let (dg_out, du_out) = (crate::kernels::Out(dg.as_mut_ptr()), crate::kernels::Out(du.as_mut_ptr()));
             crate::kernels::parallel_ranges(n, 30 * n, |r| {
-                for i in r {
-                    let s = sigmoid(gv[i]);
-                    // SAFETY: each thread writes its own range of dg and du.
-                    unsafe {
-                        *dg_out.at(i) = dy[i] * uv[i] * s * (1.0 + gv[i] * (1.0 - s));
-                        *du_out.at(i) = dy[i] * gv[i] * s;
-                    }
-                }
+                // SAFETY: each thread writes its own range of dg and du.
+                let (dgs, dus) = unsafe { (std::slice::from_raw_parts_mut(dg_out.at(r.start), r.len()), std::slice::from_raw_parts_mut(du_out.at(r.start), r.len())) };
+                crate::eval::swiglu_bwd_slice(dgs, dus, &gv[r.clone()], &uv[r.clone()], &dy[r]);
             });
             Ok(())
         })?;
