@@ -65,6 +65,21 @@ def train(a) -> float:
 
     for _ in range(2):
         step()
+    if a.profile:
+        # Where PyTorch's step goes, to set beside `lorafleet bench train --ops`: the
+        # operators with the most self CPU time over the timed steps, per step.
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.time()
+            for _ in range(a.steps):
+                step()
+            dt = time.time() - t0
+        rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        print(f"{'op (self CPU time, all threads)':<56} {'ms/step':>10} {'calls':>8}", file=sys.stderr)
+        for e in rows[:a.profile]:
+            print(f"{e.key[:56]:<56} {e.self_cpu_time_total / 1e3 / a.steps:>10.1f} {e.count / a.steps:>8.0f}", file=sys.stderr)
+        print(f"{'step (wall)':<56} {dt * 1e3 / a.steps:>10.1f}", file=sys.stderr)
+        return a.steps * a.seq / dt
     t0 = time.time()
     for _ in range(a.steps):
         step()
@@ -97,6 +112,8 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="train: profile the timed steps with torch.profiler and print the N operators with the most self CPU time (stderr)")
     a = p.parse_args()
     tps = train(a) if a.what == "train" else generate(a)
     import peft
