@@ -270,6 +270,12 @@ pub fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> can
 /// and 32).
 pub const QUERY_BLOCK: usize = 96;
 
+/// Probabilities [`attention_fused`] keeps per head for a causal mask over `s` positions
+/// (its query blocks against the keys they see: about `s^2 / 2 + 48 s`, not `s^2`).
+pub fn causal_probabilities_kept(s: usize) -> usize {
+    (0..s).step_by(QUERY_BLOCK).map(|first| QUERY_BLOCK.min(s - first) * (first + QUERY_BLOCK).min(s)).sum()
+}
+
 /// One block of query rows: `rows` rows from `first`, against keys `0 .. keys`, its `P`
 /// at `p_at` of its head's kept probabilities.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -701,5 +707,27 @@ impl candle_core::CustomOp2 for SwigluOp {
             Ok(())
         })?;
         Ok((Some(like(dg, g.dims(), g)?), Some(like(du, u.dims(), u)?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_causal_mask_keeps_the_lower_triangle_in_query_blocks() {
+        for s in [1, 5, QUERY_BLOCK, QUERY_BLOCK + 1, 3 * QUERY_BLOCK + 7, 1024] {
+            let mask: Vec<f32> = (0..s * s).map(|x| if x % s <= x / s { 0.0 } else { f32::NEG_INFINITY }).collect();
+            let blocks = query_blocks(&mask, 1, s, s);
+            let (blocks, size) = &blocks[0];
+            assert_eq!(*size, causal_probabilities_kept(s), "s = {s}");
+            for b in blocks {
+                // A block sees the keys up to its last row, no more.
+                assert_eq!(b.keys, b.first + b.rows, "s = {s}: {b:?}");
+            }
+            assert!(s < 2 * QUERY_BLOCK || *size * 10 < s * s * 7, "s = {s}: {size} of {}", s * s);
+        }
+        // A fully masked row sees nothing.
+        assert_eq!(query_blocks(&[f32::NEG_INFINITY; 4], 1, 2, 2)[0].0[0].keys, 0);
     }
 }

@@ -332,13 +332,22 @@ fn pack_xt(xt: &mut Vec<f32>, x: &[f32], k: usize, ic: usize, mc: usize, pc: usi
     xt.clear();
     xt.resize(kc * mc_pad, 0f32);
     let xt_out = Out(xt.as_mut_ptr());
+    // Panel by panel, 16 depth steps at a time: the 16 panel rows being filled (2 KiB)
+    // stay in L1 while 32 rows of x are read (row by row, one pass over the whole depth
+    // wrote every panel row 32 times from L2).
+    const PB: usize = 16;
     run_split(split(mc, NR, mc * kc * 8, parallel), |is| {
-        for i in is {
-            let (t, c) = (i / NR, i % NR);
-            let row = &x[(ic + i) * k + pc..(ic + i) * k + pc + kc];
-            for (p, &v) in row.iter().enumerate() {
-                // SAFETY: inside xt; threads own disjoint whole panels.
-                unsafe { *xt_out.at(t * kc * NR + p * NR + c) = v };
+        for t in is.start / NR..is.end.div_ceil(NR) {
+            let rows = NR.min(mc - t * NR);
+            for p0 in (0..kc).step_by(PB) {
+                let pl = PB.min(kc - p0);
+                for c in 0..rows {
+                    let src = &x[(ic + t * NR + c) * k + pc + p0..][..pl];
+                    for (dp, &v) in src.iter().enumerate() {
+                        // SAFETY: inside xt; threads own disjoint whole panels.
+                        unsafe { *xt_out.at(t * kc * NR + (p0 + dp) * NR + c) = v };
+                    }
+                }
             }
         }
     });

@@ -145,12 +145,23 @@ pub fn linear_fwd(m: usize, n: usize, k: usize, x: &[f32], w: Rows, y: &mut [f32
             // rows up to whole panels.
             xt.clear();
             xt.resize(kp * mc_pad, 0);
-            let mut col = vec![0u32; kp];
-            for i in 0..mc {
-                let (t, c) = (i / NR, i % NR);
-                pack_pairs(&mut col, &x[(ic + i) * k + k0..(ic + i) * k + k1]);
-                for (p, &v) in col.iter().enumerate() {
-                    xt[t * kp * NR + p * NR + c] = v;
+            // Panel by panel: its rows paired into `rows_buf`, then moved 16 depth steps
+            // at a time, so that the panel rows being filled stay in L1.
+            let mut rows_buf = vec![0u32; NR * kp];
+            for t in 0..mc.div_ceil(NR) {
+                let rows = NR.min(mc - t * NR);
+                for c in 0..rows {
+                    let i = ic + t * NR + c;
+                    pack_pairs(&mut rows_buf[c * kp..(c + 1) * kp], &x[i * k + k0..i * k + k1]);
+                }
+                let panel = &mut xt[t * kp * NR..(t + 1) * kp * NR];
+                for p0 in (0..kp).step_by(16) {
+                    let pl = 16.min(kp - p0);
+                    for c in 0..rows {
+                        for (dp, &v) in rows_buf[c * kp + p0..c * kp + p0 + pl].iter().enumerate() {
+                            panel[(p0 + dp) * NR + c] = v;
+                        }
+                    }
                 }
             }
             let xt = &xt[..];

@@ -16,7 +16,8 @@
 //! - **activations kept for the backward pass**: candle keeps every tensor of the forward
 //!   graph until the backward pass ends, so without checkpointing every intermediate of
 //!   every block (counted op by op for each architecture below, with the attention
-//!   probabilities `[b, heads, s, s]` in f32); with checkpointing a block keeps three
+//!   probabilities in f32: `[b, heads]` times the causal query blocks' visible keys, about
+//!   `s^2 / 2`, see `fused::causal_probabilities_kept`); with checkpointing a block keeps three
 //!   hidden-size tensors (its detached output, the hook's and their sum), and the
 //!   backward pass recomputes one block at a time: one block's intermediates, plus as
 //!   much again for their gradients in flight;
@@ -189,7 +190,7 @@ pub fn estimate_training(cfg: &ModelConfig, p: &MemoryParams) -> Result<MemoryEs
         ArchConfig::Llama(l) => l.num_heads,
         ArchConfig::Falcon(f) => f.num_heads,
     } as u64;
-    let probs = p.micro_batch as u64 * num_heads * (p.seq_len as u64).pow(2) * 4;
+    let probs = p.micro_batch as u64 * num_heads * crate::fused::causal_probabilities_kept(p.seq_len) as u64 * 4;
     let per_block = tokens * (act_c * c + act_f * 4) + probs;
     let activations = if p.gradient_checkpointing {
         // Three hidden-size tensors per block, then one block recomputed with its
