@@ -343,9 +343,13 @@ fn pack_xt(xt: &mut Vec<f32>, x: &[f32], k: usize, ic: usize, mc: usize, pc: usi
                 let pl = PB.min(kc - p0);
                 for c in 0..rows {
                     let src = &x[(ic + t * NR + c) * k + pc + p0..][..pl];
-                    for (dp, &v) in src.iter().enumerate() {
-                        // SAFETY: inside xt; threads own disjoint whole panels.
-                        unsafe { *xt_out.at(t * kc * NR + (p0 + dp) * NR + c) = v };
+                    // Pointer steps, not index arithmetic (checked in dev builds).
+                    let mut dst = xt_out.at(t * kc * NR + p0 * NR + c);
+                    for &v in src {
+                        // SAFETY: inside xt (pl steps of NR from a panel row); threads own
+                        // disjoint whole panels.
+                        unsafe { *dst = v };
+                        dst = dst.wrapping_add(NR);
                     }
                 }
             }
@@ -461,8 +465,8 @@ fn linear_bwd_any(isa: Isa, m: usize, rows: usize, cols: usize, lhs: Lhs, rhs: R
                         }
                         for c in 0..cs {
                             let src = &wt[(range.start + t * NR + c) * rows + pc..][..kc];
-                            for (p, &v) in src.iter().enumerate() {
-                                panel[p * NR + c] = v;
+                            for (d, &v) in panel[c..].iter_mut().step_by(NR).zip(src) {
+                                *d = v;
                             }
                         }
                     }
@@ -502,7 +506,8 @@ fn linear_bwd_any(isa: Isa, m: usize, rows: usize, cols: usize, lhs: Lhs, rhs: R
                                 } else if gp == 1 {
                                     dst.copy_from_slice(&g[(i + r) * gi + pc..(i + r) * gi + pc + kc]);
                                 } else {
-                                    dst.iter_mut().enumerate().for_each(|(p, d)| *d = g[(i + r) * gi + (pc + p) * gp]);
+                                    let src = g[(i + r) * gi + pc * gp..].iter().step_by(gp);
+                                    dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v);
                                 }
                             }
                             (a.as_ptr(), kc, 1)

@@ -158,8 +158,9 @@ pub fn linear_fwd(m: usize, n: usize, k: usize, x: &[f32], w: Rows, y: &mut [f32
                 for p0 in (0..kp).step_by(16) {
                     let pl = 16.min(kp - p0);
                     for c in 0..rows {
-                        for (dp, &v) in rows_buf[c * kp + p0..c * kp + p0 + pl].iter().enumerate() {
-                            panel[(p0 + dp) * NR + c] = v;
+                        let src = &rows_buf[c * kp + p0..c * kp + p0 + pl];
+                        for (d, &v) in panel[p0 * NR + c..].iter_mut().step_by(NR).zip(src) {
+                            *d = v;
                         }
                     }
                 }
