@@ -110,15 +110,7 @@ impl RandomLlama {
         tensors.push(("model.embed_tokens.weight".into(), s, d));
         for l in 0..self.num_layers {
             let p = format!("model.layers.{l}");
-            for (name, shape) in [
-                ("self_attn.q_proj", vec![h, h]),
-                ("self_attn.k_proj", vec![kv, h]),
-                ("self_attn.v_proj", vec![kv, h]),
-                ("self_attn.o_proj", vec![h, h]),
-                ("mlp.gate_proj", vec![i, h]),
-                ("mlp.up_proj", vec![i, h]),
-                ("mlp.down_proj", vec![h, i]),
-            ] {
+            for (name, shape) in llama_linears(h, kv, i) {
                 let (s, d) = normal(shape);
                 tensors.push((format!("{p}.{name}.weight"), s, d));
             }
@@ -152,6 +144,20 @@ impl RandomLlama {
         }
         Ok(())
     }
+}
+
+/// A Llama block's linear layers (under `model.layers.N.`) and their `[out, in]` shapes,
+/// for hidden size `h`, K/V width `kv` and intermediate size `i`.
+pub fn llama_linears(h: usize, kv: usize, i: usize) -> [(&'static str, Vec<usize>); 7] {
+    [
+        ("self_attn.q_proj", vec![h, h]),
+        ("self_attn.k_proj", vec![kv, h]),
+        ("self_attn.v_proj", vec![kv, h]),
+        ("self_attn.o_proj", vec![h, h]),
+        ("mlp.gate_proj", vec![i, h]),
+        ("mlp.up_proj", vec![i, h]),
+        ("mlp.down_proj", vec![h, i]),
+    ]
 }
 
 /// `n` draws of N(0, std) (Box-Muller on ChaCha8 uniforms).

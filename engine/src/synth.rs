@@ -148,15 +148,7 @@ impl SynthShape {
                 t.push(("model.embed_tokens.weight".to_string(), vec![vocab, h], Fill::Normal));
                 for l in 0..layers {
                     let p = format!("model.layers.{l}");
-                    for (name, shape) in [
-                        ("self_attn.q_proj", vec![h, h]),
-                        ("self_attn.k_proj", vec![kv, h]),
-                        ("self_attn.v_proj", vec![kv, h]),
-                        ("self_attn.o_proj", vec![h, h]),
-                        ("mlp.gate_proj", vec![i, h]),
-                        ("mlp.up_proj", vec![i, h]),
-                        ("mlp.down_proj", vec![h, i]),
-                    ] {
+                    for (name, shape) in crate::demo::llama_linears(h, kv, i) {
                         t.push((format!("{p}.{name}.weight"), shape, Fill::Normal));
                     }
                     t.push((format!("{p}.input_layernorm.weight"), vec![h], Fill::Ones));
