@@ -103,18 +103,7 @@ fn run(opts: &BenchOptions, dir: &std::path::Path, device: &Device) -> Result<Be
     let load = bench_load_options(opts.quant, opts.compute_dtype, device);
     let estimate = {
         let cfg = crate::model::read_model_config(dir)?;
-        let lora = load.lora.as_ref().ok_or_else(|| EngineError::Config("bench: no lora settings".into()))?;
-        let params = crate::memory::MemoryParams {
-            quant: load.quant,
-            compute_dtype: load.compute_dtype,
-            lora_r: lora.r,
-            lora_targets: crate::model::loader::resolve_targets(&cfg, lora.target_modules.as_ref())?,
-            lora_dropout: lora.dropout > 0.0,
-            eight_bit_optimizer: false,
-            seq_len: opts.seq_len,
-            micro_batch: 1,
-            gradient_checkpointing: opts.gradient_checkpointing,
-        };
+        let params = crate::memory::MemoryParams::for_load(&load, &cfg, opts.seq_len, 1, opts.gradient_checkpointing, false)?;
         crate::memory::estimate_training(&cfg, &params)?
     };
     let model = crate::model::load_model(dir, &load)?;

@@ -64,6 +64,25 @@ pub struct MemoryParams {
     pub gradient_checkpointing: bool,
 }
 
+impl MemoryParams {
+    /// The settings of a run loading with `load` (its LoRA settings resolved against
+    /// `cfg`) on sequences of `seq_len` tokens, `micro_batch` at a time.
+    pub fn for_load(load: &crate::model::LoadOptions, cfg: &ModelConfig, seq_len: usize, micro_batch: usize, gradient_checkpointing: bool, eight_bit_optimizer: bool) -> Result<Self> {
+        let lora = load.lora.as_ref().ok_or_else(|| EngineError::Config("memory estimate: the run has no LoRA settings".into()))?;
+        Ok(Self {
+            quant: load.quant,
+            compute_dtype: load.compute_dtype,
+            lora_r: lora.r,
+            lora_targets: crate::model::loader::resolve_targets(cfg, lora.target_modules.as_ref())?,
+            lora_dropout: lora.dropout > 0.0,
+            eight_bit_optimizer,
+            seq_len,
+            micro_batch,
+            gradient_checkpointing,
+        })
+    }
+}
+
 /// An estimate in bytes, by part.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MemoryEstimate {
@@ -104,16 +123,9 @@ fn block_linears(cfg: &ModelConfig) -> Vec<(&'static str, usize, usize)> {
             ]
         }
         ArchConfig::Falcon(c) => {
-            let (h, hd, nh, nkv) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
-            let qkv = if c.new_decoder_architecture {
-                (2 * nkv + nh) * hd
-            } else if c.multi_query {
-                h + 2 * hd
-            } else {
-                3 * h
-            };
+            let (h, hd, nh) = (c.hidden_size, c.head_dim, c.num_heads);
             vec![
-                ("query_key_value", qkv, h),
+                ("query_key_value", c.qkv_out(), h),
                 ("dense", h, nh * hd),
                 ("dense_h_to_4h", c.ffn_hidden_size, h),
                 ("dense_4h_to_h", h, c.ffn_hidden_size),

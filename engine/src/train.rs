@@ -290,18 +290,15 @@ pub fn train_ranks(run: &TrainRun, collectives: Vec<Box<dyn Collective>>, observ
 
 /// The memory settings of a run (`memory::MemoryParams`), from its spec and model config.
 pub fn memory_params(spec: &JobSpec, cfg: &crate::model::config::ModelConfig) -> Result<crate::memory::MemoryParams> {
-    let load = load_options(spec, None, &Device::Cpu);
-    Ok(crate::memory::MemoryParams {
-        quant: load.quant,
-        compute_dtype: load.compute_dtype,
-        lora_r: spec.lora.r as usize,
-        lora_targets: crate::model::loader::resolve_targets(cfg, spec.lora.target_modules.as_ref())?,
-        lora_dropout: spec.lora.dropout > 0.0,
-        eight_bit_optimizer: spec.training.optimizer == Optimizer::AdamW8bit,
-        seq_len: spec.data.max_seq_len as usize,
-        micro_batch: spec.training.micro_batch_size.max(1) as usize,
-        gradient_checkpointing: spec.training.gradient_checkpointing,
-    })
+    let t = &spec.training;
+    crate::memory::MemoryParams::for_load(
+        &load_options(spec, None, &Device::Cpu),
+        cfg,
+        spec.data.max_seq_len as usize,
+        t.micro_batch_size.max(1) as usize,
+        t.gradient_checkpointing,
+        t.optimizer == Optimizer::AdamW8bit,
+    )
 }
 
 /// The memory estimate of `run` on one device, and the settings it was made from.

@@ -101,6 +101,21 @@ pub struct FalconConfig {
     pub tie_word_embeddings: bool,
 }
 
+impl FalconConfig {
+    /// Output width of the fused `query_key_value` projection: grouped K/V heads in the
+    /// new decoder architecture, one shared K/V head with multi-query, else three full
+    /// projections.
+    pub fn qkv_out(&self) -> usize {
+        if self.new_decoder_architecture {
+            (2 * self.num_kv_heads + self.num_heads) * self.head_dim
+        } else if self.multi_query {
+            self.hidden_size + 2 * self.head_dim
+        } else {
+            3 * self.hidden_size
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum ArchConfig {
     Llama(LlamaConfig),

@@ -111,13 +111,7 @@ impl Block for FalconBlock {
 /// Build a Falcon model from its weights.
 pub fn build(cfg: &FalconConfig, mut b: Builder) -> Result<Transformer> {
     let (hs, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
-    let qkv_out = if cfg.new_decoder_architecture {
-        (2 * nkv + nh) * hd
-    } else if cfg.multi_query {
-        hs + 2 * hd
-    } else {
-        3 * hs
-    };
+    let qkv_out = cfg.qkv_out();
     let embed = b.dense("transformer.word_embeddings.weight", &[cfg.vocab_size, hs])?;
     let mut blocks: Vec<Arc<dyn Block>> = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
