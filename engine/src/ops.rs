@@ -199,13 +199,19 @@ pub(crate) fn with_weight_rows<R>(inner: &FrozenInner, f: impl FnOnce(Rows) -> R
 /// ([`crate::kernels_bf16`]): bf16 compute, the AVX-512 kernels as the backend, a CPU
 /// with AVX512-BF16, and `LORAFLEET_BF16_DOT` not `off`.
 pub(crate) fn bf16_dot(inner: &FrozenInner) -> bool {
+    inner.dtype == DType::BF16 && bf16_dot_products()
+}
+
+/// Whether bf16 compute's frozen products run on the bf16 dot-product kernels in this
+/// process: the AVX-512 kernels as the backend, a CPU with AVX512-BF16, and
+/// `LORAFLEET_BF16_DOT` not `off` (decided once).
+pub fn bf16_dot_products() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    inner.dtype == DType::BF16
-        && *ON.get_or_init(|| {
-            std::env::var("LORAFLEET_BF16_DOT").map_or(true, |v| v != "off")
-                && matches!(crate::blas::kernel_isa(), Some(crate::kernels::Isa::Avx512))
-                && crate::kernels_bf16::available()
-        })
+    *ON.get_or_init(|| {
+        std::env::var("LORAFLEET_BF16_DOT").map_or(true, |v| v != "off")
+            && matches!(crate::blas::kernel_isa(), Some(crate::kernels::Isa::Avx512))
+            && crate::kernels_bf16::available()
+    })
 }
 
 /// `y[m, out] (+)= x[m, in] W^T` on the process-wide backend.

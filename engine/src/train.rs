@@ -196,14 +196,16 @@ pub fn load_options(spec: &JobSpec, init_adapter: Option<&Path>, device: &Device
 }
 
 /// A warning for settings that are slower on `device` than an equivalent choice: bf16
-/// compute on a CPU without AVX512-BF16 (or with `LORAFLEET_BF16_DOT=off`), where the
-/// frozen products cannot use bf16 dot products and every op converts: in `lorafleet
+/// compute on a CPU where the frozen products cannot use bf16 dot products
+/// ([`crate::ops::bf16_dot_products`]: no AVX512-BF16, another matmul backend, or
+/// `LORAFLEET_BF16_DOT=off`) and every op converts: in `lorafleet
 /// bench train` (NF4, sequence 256, 2026-12-01) that ran ~1.05-1.2x slower than f32
 /// compute, where with AVX512-BF16 bf16 compute is ~1.05-1.1x faster than f32.
 pub fn device_advice(spec: &JobSpec, device: &Device) -> Option<String> {
-    let bf16_dot = std::env::var("LORAFLEET_BF16_DOT").map_or(true, |v| v != "off") && crate::kernels_bf16::available();
-    (device.is_cpu() && spec.quantization.compute_dtype == ComputeDtype::Bf16 && !bf16_dot).then(|| {
-        "quantization.compute_dtype: bf16 on a CPU without AVX512-BF16 trains slower than f32 in lorafleet's benchmark          (~1.05-1.2x: the frozen products cannot use bf16 dot products and every op converts; it saves ~30% of activation          memory): set `quantization.compute_dtype: f32` for speed on this CPU"
+    (device.is_cpu() && spec.quantization.compute_dtype == ComputeDtype::Bf16 && !crate::ops::bf16_dot_products()).then(|| {
+        "quantization.compute_dtype: bf16 on a CPU without bf16 dot products (AVX512-BF16 and the built-in AVX-512 \
+         kernels) trains slower than f32 in lorafleet's benchmark (~1.05-1.2x: every op converts; it saves ~30% of \
+         activation memory): set `quantization.compute_dtype: f32` for speed on this CPU"
             .to_string()
     })
 }

@@ -169,8 +169,8 @@ fn qlora_defaults_train_nf4_bf16() {
     assert!(obs.0.iter().all(|l| l.is_finite() && *l > 0.0), "{:?}", obs.0);
     // bf16 compute on the CPU works, and where the CPU has no bf16 dot products (or they
     // are turned off) the run says that f32 would be faster.
-    let dot = lorafleet_engine::kernels_bf16::available() && std::env::var("LORAFLEET_BF16_DOT").map_or(true, |v| v != "off");
-    let warned = obs.1.iter().any(|n| n.starts_with("warn: quantization.compute_dtype: bf16 on a CPU without AVX512-BF16"));
+    let dot = lorafleet_engine::ops::bf16_dot_products();
+    let warned = obs.1.iter().any(|n| n.starts_with("warn: quantization.compute_dtype: bf16 on a CPU without bf16 dot products"));
     assert_eq!(warned, !dot, "{:?}", obs.1);
     assert_eq!(s.steps, 3);
     let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("adapter_config.json")).unwrap()).unwrap();
