@@ -262,7 +262,14 @@ pub fn attention_fused(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> can
     let mask = tensor_f32(&mask.to_dtype(DType::F32)?.contiguous()?, "attention mask")?;
     let Some(isa) = crate::blas::kernel_isa() else { candle_core::bail!("attention: the fused op needs the built-in kernels (check attention_fusable)") };
     let blocks = query_blocks(&mask, mrows, s, t);
-    let op = AttentionOp { isa, b, h, kvh, s, t, d, mask, mask_rows: mrows, blocks, saved_p: std::sync::Mutex::new(None) };
+    // Where each head's P starts in the kept probabilities (heads of one batch row share
+    // its mask rows' blocks).
+    let mut p_at = Vec::with_capacity(b * h + 1);
+    p_at.push(0);
+    for head in 0..b * h {
+        p_at.push(p_at[head] + blocks[if mrows == 1 { 0 } else { head / h }].1);
+    }
+    let op = AttentionOp { isa, b, h, kvh, s, t, d, mask, blocks, p_at, saved_p: std::sync::Mutex::new(None) };
     q.contiguous()?.apply_op3_arc(&k.contiguous()?, &v.contiguous()?, Arc::new(Box::new(op)))
 }
 
@@ -315,9 +322,10 @@ struct AttentionOp {
     t: usize,
     d: usize,
     mask: Vec<f32>,
-    mask_rows: usize,
-    /// Per mask row set: its query blocks and one head's `P` size.
+    /// Per mask row set (1 or b): its query blocks and one head's `P` size.
     blocks: Vec<(Vec<QueryBlock>, usize)>,
+    /// Offset of each head's `P` in the kept probabilities, and their total last.
+    p_at: Vec<usize>,
     /// Softmax probabilities of every head's query blocks (`[rows, keys]` each) from the
     /// forward pass.
     saved_p: std::sync::Mutex<Option<Vec<f32>>>,
@@ -338,34 +346,15 @@ impl AttentionOp {
         1.0 / (self.d as f32).sqrt()
     }
 
-    fn mask_row(&self, head: usize) -> usize {
-        if self.mask_rows == 1 {
-            0
-        } else {
-            head / self.h
-        }
-    }
-
-    /// Offsets of every head's `P` in the kept probabilities, and their total size.
-    fn p_offsets(&self) -> (Vec<usize>, usize) {
-        let mut at = Vec::with_capacity(self.b * self.h);
-        let mut total = 0;
-        for head in 0..self.b * self.h {
-            at.push(total);
-            total += self.blocks[self.mask_row(head)].1;
-        }
-        (at, total)
-    }
-
-    fn head<'a>(&'a self, head: usize, p_at: &[usize]) -> HeadAt<'a> {
+    fn head(&self, head: usize) -> HeadAt<'_> {
         let (bi, hh) = (head / self.h, head % self.h);
         let g = hh / (self.h / self.kvh);
-        let mrow = self.mask_row(head);
+        let mrow = if self.blocks.len() == 1 { 0 } else { bi };
         HeadAt {
             q: (bi * self.h + hh) * self.s * self.d,
             kv: (bi * self.kvh + g) * self.t * self.d,
             mask: mrow * self.s * self.t,
-            p: p_at[head],
+            p: self.p_at[head],
             blocks: &self.blocks[mrow].0,
         }
     }
@@ -382,14 +371,13 @@ impl candle_core::CustomOp3 for AttentionOp {
         let (q, k, v) = (cpu_f32(s1, l1, "attention q")?, cpu_f32(s2, l2, "attention k")?, cpu_f32(s3, l3, "attention v")?);
         let (b, h, s, t, d) = (self.b, self.h, self.s, self.t, self.d);
         let mut out = vec![0f32; b * s * h * d];
-        let (p_at, p_total) = self.p_offsets();
-        let mut p = vec![0f32; p_total];
+        let mut p = vec![0f32; self.p_at[b * h]];
         let (out_ptr, p_ptr) = (Out(out.as_mut_ptr()), Out(p.as_mut_ptr()));
         let scale = self.scale();
         crate::kernels::parallel_ranges(b * h, 4 * b * h * s * t * d, |heads| {
             let mut o = vec![0f32; s * d];
             for head in heads {
-                let at = self.head(head, &p_at);
+                let at = self.head(head);
                 let (kh, vh) = (&k[at.kv..at.kv + t * d], &v[at.kv..at.kv + t * d]);
                 o.fill(0.0);
                 for blk in at.blocks {
@@ -438,7 +426,6 @@ impl AttentionOp {
         use crate::kernels::{linear_bwd_ext, linear_bwd_tn, matmul_nt, Out, Rows};
         let (b, h, kvh, s, t, d) = (self.b, self.h, self.kvh, self.s, self.t, self.d);
         let scale = self.scale();
-        let (p_at, _) = self.p_offsets();
         let mut dq = vec![0f32; b * h * s * d];
         // Per query head; summed over the heads of each K/V group below.
         let mut dk_h = vec![0f32; b * h * t * d];
@@ -447,7 +434,7 @@ impl AttentionOp {
         crate::kernels::parallel_ranges(b * h, 8 * b * h * s * t * d, |heads| {
             let (mut go, mut ds) = (vec![0f32; s * d], vec![0f32; QUERY_BLOCK.min(s) * t]);
             for head in heads {
-                let at = self.head(head, &p_at);
+                let at = self.head(head);
                 let (bi, hh) = (head / h, head % h);
                 for (i, row) in go.chunks_exact_mut(d).enumerate() {
                     let src = (bi * s + i) * h * d + hh * d;
