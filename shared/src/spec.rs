@@ -208,6 +208,111 @@ pub struct TrainingSpec {
     /// Prompts answered (greedy) at each evaluation, to watch the model learn.
     pub sample_prompts: Vec<String>,
     pub sample_max_new_tokens: u32,
+    /// Answer-quality metrics at each evaluation: the first N examples of the eval set
+    /// (file order) are answered greedily with `data.template` and scored against their
+    /// reference answers (exact match and ROUGE-L F1). 0 (the default): none. Needs eval
+    /// data in the `qa` or `alpaca` format.
+    pub eval_generate_samples: u32,
+    /// New tokens per generated eval answer; absent: `sample_max_new_tokens`.
+    pub eval_generate_max_new_tokens: Option<u32>,
+    /// Keep the adapter of the best evaluation as the job's adapter (absent: the last).
+    pub save_best: Option<SaveBestSpec>,
+    /// Stop a run whose evaluations stopped improving (absent: never).
+    pub early_stopping: Option<EarlyStoppingSpec>,
+}
+
+/// An evaluation metric `save_best` and `early_stopping` can follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalMetric {
+    /// Mean token loss on the eval set.
+    EvalLoss,
+    /// Fraction of generated answers equal to the reference (whitespace normalised).
+    ExactMatch,
+    /// Mean ROUGE-L F1 of generated answers against the references.
+    RougeL,
+}
+
+impl EvalMetric {
+    /// The name used in the spec, metrics.jsonl and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            EvalMetric::EvalLoss => "eval_loss",
+            EvalMetric::ExactMatch => "exact_match",
+            EvalMetric::RougeL => "rouge_l",
+        }
+    }
+    /// Which direction is better when the spec does not say: min for eval_loss, max for
+    /// the generation metrics.
+    pub fn default_mode(self) -> MetricMode {
+        match self {
+            EvalMetric::EvalLoss => MetricMode::Min,
+            EvalMetric::ExactMatch | EvalMetric::RougeL => MetricMode::Max,
+        }
+    }
+    /// Does it need generated answers (`training.eval_generate_samples > 0`)?
+    pub fn needs_generation(self) -> bool {
+        !matches!(self, EvalMetric::EvalLoss)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricMode {
+    /// Lower is better.
+    Min,
+    /// Higher is better.
+    Max,
+}
+
+/// `training.save_best`: after every evaluation whose `metric` is better than every
+/// earlier one (strictly; `min_delta` does not apply), its adapter is kept in the output's
+/// `best/`; the run's adapter is that one, not the last.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaveBestSpec {
+    pub metric: EvalMetric,
+    /// Absent: `min` for eval_loss, `max` for exact_match and rouge_l.
+    #[serde(default)]
+    pub mode: Option<MetricMode>,
+}
+
+impl SaveBestSpec {
+    pub fn mode(&self) -> MetricMode {
+        self.mode.unwrap_or(self.metric.default_mode())
+    }
+}
+
+/// `training.early_stopping`: training stops (successfully) once `patience` evaluations
+/// in a row did not improve the metric by more than `min_delta` over the best value that
+/// did. The metric is `save_best`'s (with its mode), or eval_loss (min) without it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EarlyStoppingSpec {
+    pub patience: u32,
+    pub min_delta: f64,
+}
+
+impl Default for EarlyStoppingSpec {
+    fn default() -> Self {
+        Self { patience: 3, min_delta: 0.0 }
+    }
+}
+
+impl TrainingSpec {
+    /// The metric (and its direction) `save_best` and `early_stopping` follow, when
+    /// either is set.
+    pub fn tracked_metric(&self) -> Option<(EvalMetric, MetricMode)> {
+        match (&self.save_best, &self.early_stopping) {
+            (Some(b), _) => Some((b.metric, b.mode())),
+            (None, Some(_)) => Some((EvalMetric::EvalLoss, MetricMode::Min)),
+            (None, None) => None,
+        }
+    }
+    /// New tokens per generated eval answer.
+    pub fn eval_max_new_tokens(&self) -> u32 {
+        self.eval_generate_max_new_tokens.unwrap_or(self.sample_max_new_tokens)
+    }
 }
 
 impl Default for TrainingSpec {
@@ -233,6 +338,10 @@ impl Default for TrainingSpec {
             checkpoint_every: 0,
             sample_prompts: Vec::new(),
             sample_max_new_tokens: 64,
+            eval_generate_samples: 0,
+            eval_generate_max_new_tokens: None,
+            save_best: None,
+            early_stopping: None,
         }
     }
 }
@@ -421,6 +530,32 @@ impl JobSpec {
         });
         v.check("training.log_every", t.log_every >= 1, || "must be at least 1".into());
         v.range_u("training.sample_max_new_tokens", t.sample_max_new_tokens as u64, 1, 4096);
+        // Answer-quality evaluation, best adapter, early stopping: all need eval data.
+        let has_eval = d.eval.is_some() || d.eval_split > 0.0;
+        v.range_u("training.eval_generate_samples", t.eval_generate_samples as u64, 0, MAX_EVAL_GENERATE_SAMPLES);
+        if t.eval_generate_samples > 0 {
+            v.check("training.eval_generate_samples", has_eval, || "needs eval data (data.eval or data.eval_split > 0)".into());
+            v.check("training.eval_generate_samples", matches!(d.format, DataFormat::Qa | DataFormat::Alpaca), || {
+                format!("needs reference answers: data.format qa or alpaca, got {}", format_name(d.format))
+            });
+        }
+        if let Some(n) = t.eval_generate_max_new_tokens {
+            v.range_u("training.eval_generate_max_new_tokens", n as u64, 1, 4096);
+        }
+        if let Some(b) = &t.save_best {
+            v.check("training.save_best", has_eval, || "needs eval data (data.eval or data.eval_split > 0)".into());
+            v.check("training.save_best.metric", !b.metric.needs_generation() || t.eval_generate_samples > 0, || {
+                format!("{} needs generated answers: set training.eval_generate_samples > 0", b.metric.name())
+            });
+        }
+        if let Some(es) = &t.early_stopping {
+            v.check("training.early_stopping", has_eval, || "needs eval data (data.eval or data.eval_split > 0)".into());
+            v.check("training.early_stopping", t.eval_every > 0, || "needs evaluations during training: set training.eval_every > 0".into());
+            v.range_u("training.early_stopping.patience", es.patience as u64, 1, 1_000_000);
+            v.check("training.early_stopping.min_delta", es.min_delta.is_finite() && es.min_delta >= 0.0, || {
+                format!("must be a finite number >= 0, got {}", es.min_delta)
+            });
+        }
 
         v.non_empty("output.dir", &self.output.dir);
         v.no_nul("output.dir", &self.output.dir);
@@ -471,6 +606,18 @@ impl JobSpec {
             v.no_nul(&format!("training.sample_prompts[{i}]"), p);
         }
         v.finish()
+    }
+}
+
+/// Most eval examples answered at each evaluation (`training.eval_generate_samples`).
+pub const MAX_EVAL_GENERATE_SAMPLES: u64 = 10_000;
+
+fn format_name(f: DataFormat) -> &'static str {
+    match f {
+        DataFormat::Qa => "qa",
+        DataFormat::Alpaca => "alpaca",
+        DataFormat::Messages => "messages",
+        DataFormat::Text => "text",
     }
 }
 
@@ -696,5 +843,90 @@ output: { dir: ./out/faq-falcon }
         assert_eq!(s.lora.target_modules, Some(TargetModules::Named("all-linear".into())));
         let y = format!("{MINIMAL}lora: {{ target_modules: everything }}\n");
         assert!(JobSpec::from_yaml(&y, SpecContext::Local).is_err());
+    }
+
+    const EVAL: &str = "name: faq\nmodel: { source: ./m }\ndata: { train: ./faq.json, eval: ./e.json }\noutput: { dir: out/faq }\n";
+
+    fn errors(y: &str) -> Vec<String> {
+        match JobSpec::from_yaml(y, SpecContext::Local) {
+            Ok(_) => vec![],
+            Err(e) => e.errors.iter().map(|f| f.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn answer_quality_keys_parse_with_defaults() {
+        let s = JobSpec::from_yaml(EVAL, SpecContext::Local).unwrap();
+        assert_eq!(s.training.eval_generate_samples, 0);
+        assert_eq!((s.training.save_best.clone(), s.training.early_stopping.clone()), (None, None));
+        assert_eq!(s.training.tracked_metric(), None);
+        assert_eq!(s.training.eval_max_new_tokens(), 64);
+
+        let y = format!("{EVAL}training: {{ eval_every: 5, eval_generate_samples: 8, eval_generate_max_new_tokens: 16, save_best: {{ metric: rouge_l }}, early_stopping: {{ patience: 2, min_delta: 0.01 }} }}\n");
+        let s = JobSpec::from_yaml(&y, SpecContext::Remote).unwrap();
+        let t = &s.training;
+        assert_eq!(t.eval_generate_samples, 8);
+        assert_eq!(t.eval_max_new_tokens(), 16);
+        assert_eq!(t.save_best, Some(SaveBestSpec { metric: EvalMetric::RougeL, mode: None }));
+        assert_eq!(t.tracked_metric(), Some((EvalMetric::RougeL, MetricMode::Max)), "generation metrics default to max");
+        assert_eq!(t.early_stopping, Some(EarlyStoppingSpec { patience: 2, min_delta: 0.01 }));
+        assert_eq!(JobSpec::from_yaml(&s.to_yaml(), SpecContext::Remote).unwrap(), s, "YAML round trip");
+
+        // eval_loss defaults to min; an explicit mode wins; early stopping alone follows eval_loss.
+        let y = format!("{EVAL}training: {{ save_best: {{ metric: eval_loss }} }}\n");
+        assert_eq!(JobSpec::from_yaml(&y, SpecContext::Local).unwrap().training.tracked_metric(), Some((EvalMetric::EvalLoss, MetricMode::Min)));
+        let y = format!("{EVAL}training: {{ save_best: {{ metric: eval_loss, mode: max }} }}\n");
+        assert_eq!(JobSpec::from_yaml(&y, SpecContext::Local).unwrap().training.tracked_metric(), Some((EvalMetric::EvalLoss, MetricMode::Max)));
+        let y = format!("{EVAL}training: {{ eval_every: 2, early_stopping: {{}} }}\n");
+        let s = JobSpec::from_yaml(&y, SpecContext::Local).unwrap();
+        assert_eq!(s.training.early_stopping, Some(EarlyStoppingSpec { patience: 3, min_delta: 0.0 }));
+        assert_eq!(s.training.tracked_metric(), Some((EvalMetric::EvalLoss, MetricMode::Min)));
+        // An eval split is eval data too.
+        let y = format!("{MINIMAL}data: {{ train: ./faq.json, eval_split: 0.2 }}\ntraining: {{ eval_every: 2, eval_generate_samples: 2, save_best: {{ metric: exact_match }}, early_stopping: {{ patience: 1 }} }}\n");
+        assert_eq!(errors(&y.replace("data: { train: ./faq.json }\n", "")), Vec::<String>::new());
+    }
+
+    #[test]
+    fn answer_quality_bad_values_name_their_key() {
+        let no_eval = MINIMAL;
+        for (yaml, want) in [
+            (format!("{no_eval}training: {{ eval_generate_samples: 4 }}\n"), "training.eval_generate_samples: needs eval data (data.eval or data.eval_split > 0)"),
+            (format!("{EVAL}training: {{ eval_generate_samples: 10001 }}\n"), "training.eval_generate_samples: must be between 0 and 10000, got 10001"),
+            (
+                EVAL.replace("eval: ./e.json }", "eval: ./e.json, format: text }") + "training: { eval_generate_samples: 4 }\n",
+                "training.eval_generate_samples: needs reference answers: data.format qa or alpaca, got text",
+            ),
+            (format!("{EVAL}training: {{ eval_generate_max_new_tokens: 0 }}\n"), "training.eval_generate_max_new_tokens: must be between 1 and 4096, got 0"),
+            (format!("{no_eval}training: {{ save_best: {{ metric: eval_loss }} }}\n"), "training.save_best: needs eval data (data.eval or data.eval_split > 0)"),
+            (
+                format!("{EVAL}training: {{ save_best: {{ metric: exact_match }} }}\n"),
+                "training.save_best.metric: exact_match needs generated answers: set training.eval_generate_samples > 0",
+            ),
+            (
+                format!("{EVAL}training: {{ save_best: {{ metric: rouge_l, mode: max }} }}\n"),
+                "training.save_best.metric: rouge_l needs generated answers: set training.eval_generate_samples > 0",
+            ),
+            (format!("{no_eval}training: {{ eval_every: 2, early_stopping: {{ patience: 2 }} }}\n"), "training.early_stopping: needs eval data (data.eval or data.eval_split > 0)"),
+            (format!("{EVAL}training: {{ early_stopping: {{ patience: 2 }} }}\n"), "training.early_stopping: needs evaluations during training: set training.eval_every > 0"),
+            (format!("{EVAL}training: {{ eval_every: 2, early_stopping: {{ patience: 0 }} }}\n"), "training.early_stopping.patience: must be between 1 and 1000000, got 0"),
+            (format!("{EVAL}training: {{ eval_every: 2, early_stopping: {{ min_delta: -0.1 }} }}\n"), "training.early_stopping.min_delta: must be a finite number >= 0, got -0.1"),
+            (format!("{EVAL}training: {{ eval_every: 2, early_stopping: {{ min_delta: .nan }} }}\n"), "training.early_stopping.min_delta: must be a finite number >= 0, got NaN"),
+            (format!("{EVAL}training: {{ eval_every: 2, early_stopping: {{ min_delta: .inf }} }}\n"), "training.early_stopping.min_delta: must be a finite number >= 0, got inf"),
+        ] {
+            assert_eq!(errors(&yaml), vec![want.to_string()], "{yaml}");
+        }
+        // Parsing: unknown keys and values name their path.
+        for (yaml, path) in [
+            (format!("{EVAL}training: {{ save_best: {{ metric: eval_loss, mdoe: min }} }}\n"), "training.save_best.mdoe"),
+            (format!("{EVAL}training: {{ save_best: {{ metric: accuracy }} }}\n"), "training.save_best.metric"),
+            (format!("{EVAL}training: {{ save_best: {{ metric: eval_loss, mode: lowest }} }}\n"), "training.save_best.mode"),
+            (format!("{EVAL}training: {{ save_best: {{ mode: min }} }}\n"), "training.save_best"),
+            (format!("{EVAL}training: {{ early_stopping: {{ patiense: 2 }} }}\n"), "training.early_stopping.patiense"),
+            (format!("{EVAL}training: {{ early_stopping: {{ patience: -1 }} }}\n"), "training.early_stopping.patience"),
+            (format!("{EVAL}training: {{ eval_generate_samples: many }}\n"), "training.eval_generate_samples"),
+        ] {
+            let e = JobSpec::from_yaml(&yaml, SpecContext::Local).unwrap_err();
+            assert_eq!(e.errors[0].path, path, "{yaml}: {e}");
+        }
     }
 }
