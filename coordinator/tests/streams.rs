@@ -56,7 +56,7 @@ async fn full_job_lifecycle_with_watch_logs_checkpoints_and_adapter_download() {
         epoch: lease.epoch,
         worker_id: wid.clone(),
         steps: vec![pb::StepMetrics { step: 1, total_steps: 2, loss: 2.0, ..Default::default() }],
-        evals: vec![pb::EvalMetrics { step: 1, eval_loss: 1.9, perplexity: 6.7, samples: vec![] }],
+        evals: vec![pb::EvalMetrics { step: 1, eval_loss: 1.9, perplexity: 6.7, samples: vec![], ..Default::default() }],
         logs: (0..3).map(|i| pb::LogLine { unix_ms: i, level: "info".into(), message: format!("line {i}") }).collect(),
         ranks: vec![],
     };

@@ -12,8 +12,8 @@ use crate as pb;
 use lorafleet_shared::ids::{Epoch, JobId, WorkerId};
 use lorafleet_shared::job::{FailureClass, JobState};
 use lorafleet_shared::spec::{
-    ComputeDtype, DataFormat, DataSpec, DeviceKind, JobSpec, LoraSpec, ModelSpec, Optimizer, OutputSpec, QuantMethod,
-    QuantizationSpec, ResourceSpec, Schedule, TargetModules, TrainingSpec,
+    ComputeDtype, DataFormat, DataSpec, DeviceKind, EarlyStoppingSpec, EvalMetric, JobSpec, LoraSpec, MetricMode, ModelSpec,
+    Optimizer, OutputSpec, QuantMethod, QuantizationSpec, ResourceSpec, SaveBestSpec, Schedule, TargetModules, TrainingSpec,
 };
 
 /// A wire value that does not convert: which field, and why.
@@ -114,6 +114,39 @@ pub fn device_kind_to_pb(k: DeviceKind) -> pb::DeviceKind {
     }
 }
 
+pub fn eval_metric_from_pb(field: &str, v: i32) -> Result<EvalMetric, ConvertError> {
+    Ok(match enum_value::<pb::EvalMetric>(field, v)? {
+        pb::EvalMetric::Unspecified => return Err(invalid(field, "must be set")),
+        pb::EvalMetric::EvalLoss => EvalMetric::EvalLoss,
+        pb::EvalMetric::ExactMatch => EvalMetric::ExactMatch,
+        pb::EvalMetric::RougeL => EvalMetric::RougeL,
+    })
+}
+
+pub fn eval_metric_to_pb(m: EvalMetric) -> pb::EvalMetric {
+    match m {
+        EvalMetric::EvalLoss => pb::EvalMetric::EvalLoss,
+        EvalMetric::ExactMatch => pb::EvalMetric::ExactMatch,
+        EvalMetric::RougeL => pb::EvalMetric::RougeL,
+    }
+}
+
+/// A mode that is present must be MIN or MAX (absent is the metric's default).
+pub fn metric_mode_from_pb(field: &str, v: i32) -> Result<MetricMode, ConvertError> {
+    Ok(match enum_value::<pb::MetricMode>(field, v)? {
+        pb::MetricMode::Unspecified => return Err(invalid(field, "must be MIN or MAX when present (absent: the metric's default)")),
+        pb::MetricMode::Min => MetricMode::Min,
+        pb::MetricMode::Max => MetricMode::Max,
+    })
+}
+
+pub fn metric_mode_to_pb(m: MetricMode) -> pb::MetricMode {
+    match m {
+        MetricMode::Min => pb::MetricMode::Min,
+        MetricMode::Max => pb::MetricMode::Max,
+    }
+}
+
 // ---- job spec: proto -> domain --------------------------------------------------------
 
 /// Convert a wire spec. `field` is the path of the message itself (`spec`); errors
@@ -211,6 +244,16 @@ pub fn spec_from_pb(p: pb::JobSpec) -> Result<JobSpec, ConvertError> {
                 checkpoint_every: t.checkpoint_every,
                 sample_prompts: t.sample_prompts,
                 sample_max_new_tokens: t.sample_max_new_tokens,
+                eval_generate_samples: t.eval_generate_samples,
+                eval_generate_max_new_tokens: t.eval_generate_max_new_tokens,
+                save_best: match t.save_best {
+                    None => None,
+                    Some(b) => Some(SaveBestSpec {
+                        metric: eval_metric_from_pb("training.save_best.metric", b.metric)?,
+                        mode: b.mode.map(|m| metric_mode_from_pb("training.save_best.mode", m)).transpose()?,
+                    }),
+                },
+                early_stopping: t.early_stopping.map(|e| EarlyStoppingSpec { patience: e.patience, min_delta: e.min_delta }),
             },
         },
         output: OutputSpec { dir: output.dir },
@@ -308,6 +351,13 @@ pub fn spec_to_pb(s: &JobSpec) -> pb::JobSpec {
             checkpoint_every: t.checkpoint_every,
             sample_prompts: t.sample_prompts.clone(),
             sample_max_new_tokens: t.sample_max_new_tokens,
+            eval_generate_samples: t.eval_generate_samples,
+            eval_generate_max_new_tokens: t.eval_generate_max_new_tokens,
+            save_best: t.save_best.as_ref().map(|b| pb::SaveBest {
+                metric: eval_metric_to_pb(b.metric) as i32,
+                mode: b.mode.map(|m| metric_mode_to_pb(m) as i32),
+            }),
+            early_stopping: t.early_stopping.as_ref().map(|e| pb::EarlyStopping { patience: e.patience, min_delta: e.min_delta }),
         }),
         output: Some(pb::OutputSpec { dir: s.output.dir.clone() }),
         resources: Some(pb::ResourceSpec {
@@ -350,6 +400,37 @@ mod tests {
         assert_eq!(back, s);
         let named = JobSpec::from_yaml(&YAML.replace("[q_proj, v_proj]", "all-linear"), SpecContext::Local).unwrap();
         assert_eq!(spec_from_pb(spec_to_pb(&named)).unwrap(), named);
+    }
+
+    #[test]
+    fn answer_quality_fields_round_trip() {
+        for training in [
+            "{ eval_every: 5, eval_generate_samples: 8, eval_generate_max_new_tokens: 24, save_best: { metric: rouge_l }, early_stopping: { patience: 2, min_delta: 0.01 } }",
+            "{ eval_every: 5, eval_generate_samples: 3, save_best: { metric: exact_match, mode: min } }",
+            "{ eval_every: 5, save_best: { metric: eval_loss, mode: max } }",
+            "{ eval_every: 5, early_stopping: { patience: 1 } }",
+        ] {
+            let s = JobSpec::from_yaml(&YAML.replace("training: { epochs: 2.5, warmup_steps: 3, optimizer: adamw_8bit }", &format!("training: {training}")), SpecContext::Local).unwrap();
+            assert!(s.training.save_best.is_some() || s.training.early_stopping.is_some(), "{training}");
+            let p = spec_to_pb(&s);
+            assert_eq!(spec_from_pb(p.clone()).unwrap(), s, "{training}");
+            // and back to the same wire message
+            assert_eq!(spec_to_pb(&spec_from_pb(p.clone()).unwrap()), p);
+        }
+        // An older client omits the new fields: no generation, no best, no early stopping.
+        let s = JobSpec::from_yaml(YAML, SpecContext::Local).unwrap();
+        let mut p = spec_to_pb(&s);
+        let t = p.training.as_mut().unwrap();
+        (t.eval_generate_samples, t.eval_generate_max_new_tokens, t.save_best, t.early_stopping) = (0, None, None, None);
+        let back = spec_from_pb(p).unwrap();
+        assert_eq!((back.training.eval_generate_samples, back.training.tracked_metric()), (0, None));
+        // UNSPECIFIED and unknown enum values are refused, naming the field.
+        let with_best = JobSpec::from_yaml(&YAML.replace("training: { epochs: 2.5, warmup_steps: 3, optimizer: adamw_8bit }", "training: { save_best: { metric: eval_loss, mode: min } }"), SpecContext::Local).unwrap();
+        for (field, metric, mode) in [("training.save_best.metric", 0, Some(1)), ("training.save_best.metric", 9, None), ("training.save_best.mode", 1, Some(0)), ("training.save_best.mode", 1, Some(7))] {
+            let mut p = spec_to_pb(&with_best);
+            p.training.as_mut().unwrap().save_best = Some(pb::SaveBest { metric, mode });
+            assert_eq!(spec_from_pb(p).unwrap_err().field, field);
+        }
     }
 
     #[test]
