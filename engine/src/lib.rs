@@ -25,6 +25,7 @@ pub mod kernels;
 pub mod kernels_bf16;
 pub(crate) mod gemv;
 pub mod lora;
+pub mod multi_lora;
 pub mod peft;
 pub mod quantize;
 pub mod merge;

@@ -5,17 +5,19 @@
 //! under gradient checkpointing draws the very same masks.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::model::LoraSettings;
+use crate::multi_lora::RowAdapters;
 use crate::ops::FrozenLinear;
 use crate::{EngineError, Result};
 
 /// Per forward pass switches.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ForwardCtx {
     /// Build the autograd graph through the LoRA variables (false: use detached copies,
     /// for the no-graph forward of a checkpointed block).
@@ -25,11 +27,13 @@ pub struct ForwardCtx {
     pub dropout_seed: u64,
     /// Counter of the forward pass (selects the dropout stream).
     pub pass: u64,
+    /// Served adapters by row (batched serving of several adapters; inference only).
+    pub adapters: Option<Arc<RowAdapters>>,
 }
 
 impl ForwardCtx {
     pub fn inference() -> Self {
-        Self { track: false, training: false, dropout_seed: 0, pass: 0 }
+        Self { track: false, training: false, dropout_seed: 0, pass: 0, adapters: None }
     }
 }
 
@@ -72,6 +76,20 @@ pub fn dropout_mask(n: usize, p: f64, seed: u64, pass: u64, id: u64) -> Vec<f32>
 
 impl LoraLinear {
     pub fn forward(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let y = self.forward_own(x, ctx)?;
+        let Some(rows) = &ctx.adapters else { return Ok(y) };
+        let dims = y.dims().to_vec();
+        let k = self.base.in_dim();
+        let m = x.elem_count() / k.max(1);
+        if rows.rows() != m {
+            return Err(EngineError::Config(format!("{}: the pass has {m} rows, its adapters cover {}", self.name, rows.rows())));
+        }
+        let out = rows.apply(&self.name, &x.reshape((m, k))?, &y.reshape((m, self.base.out_dim()))?)?;
+        Ok(out.reshape(dims)?)
+    }
+
+    /// The layer with its own adapter (if any).
+    fn forward_own(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let Some(l) = &self.lora else { return Ok(self.base.forward(x)?) };
         if !crate::fused::lora_fusable(&self.base, x) {
             return self.forward_composite(x, ctx);

@@ -179,7 +179,7 @@ fn lora_linear_grads() {
         id: 0,
     };
     let layer = LoraLinear { name: "m".into(), base, lora: Some(adapter) };
-    let ctx = ForwardCtx { track: true, training: false, dropout_seed: 0, pass: 0 };
+    let ctx = ForwardCtx { track: true, training: false, dropout_seed: 0, pass: 0, adapters: None };
     let x = rand_t(&[2, 3, 128], 33, DType::F32);
     check_grad("lora/x", &x, &|t| layer.forward(t, &ctx).unwrap(), 1e-1, 1e-4);
     // Gradients wrt A and B through the layer (rebuild the layer around perturbed copies).
@@ -355,7 +355,7 @@ fn fused_lora_layer_equals_the_composite_ops() {
         let b = Var::from_tensor(&rand_t(&[n, r], 44, DType::F32)).unwrap();
         let adapter = lorafleet_engine::lora::LoraAdapter { key_a: "a".into(), key_b: "b".into(), a: a.clone(), b: b.clone(), scaling: 1.5, dropout, id: 3 };
         let layer = LoraLinear { name: "m".into(), base, lora: Some(adapter) };
-        let ctx = ForwardCtx { track: true, training: dropout > 0.0, dropout_seed: 9, pass: 2 };
+        let ctx = ForwardCtx { track: true, training: dropout > 0.0, dropout_seed: 9, pass: 2, adapters: None };
         let x0 = rand_t(&[1, m, k], 45, DType::F32);
         let x = if x_tracks { Var::from_tensor(&x0).unwrap().as_tensor().clone() } else { x0 };
         let rw = rand_t(&[1, m, n], 46, DType::F32);
@@ -533,7 +533,7 @@ fn fused_ops_in_bf16_equal_the_composite_ops() {
         let b = Var::from_tensor(&rand_t(&[n, r], 44, DType::F32)).unwrap();
         let adapter = lorafleet_engine::lora::LoraAdapter { key_a: "a".into(), key_b: "b".into(), a, b, scaling: 1.5, dropout: 0.0, id: 3 };
         let layer = LoraLinear { name: "m".into(), base, lora: Some(adapter) };
-        let ctx = ForwardCtx { track: true, training: false, dropout_seed: 9, pass: 2 };
+        let ctx = ForwardCtx { track: true, training: false, dropout_seed: 9, pass: 2, adapters: None };
         let x0 = bf(rand_t(&[1, 37, k], 45, DType::F32));
         if common::expect_fused() {
             assert!(fused::lora_fusable(&layer.base, &x0), "the fused path must be the one under test here");

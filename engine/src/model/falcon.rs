@@ -9,7 +9,7 @@ use candle_core::Tensor;
 
 use super::config::FalconConfig;
 use super::loader::Builder;
-use super::transformer::{attention, update_cache, Block, BlockEnv, LayerCache, Norm, Transformer};
+use super::transformer::{attend, Block, BlockEnv, Kv, Norm, Transformer};
 use crate::lora::{ForwardCtx, LoraLinear};
 use crate::ops;
 use crate::Result;
@@ -72,7 +72,7 @@ pub fn split_fused_qkv(
 }
 
 impl Block for FalconBlock {
-    fn forward(&self, x: &Tensor, env: &BlockEnv, ctx: &ForwardCtx, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, env: &BlockEnv, ctx: &ForwardCtx, kv: Kv<'_>) -> Result<Tensor> {
         let ln = |l: &Ln, t: &Tensor| ops::layer_norm(t, &l.w, &l.b, self.eps);
         let attn_in = ln(&self.ln_attn, x)?;
         let fused = self.query_key_value.forward(&attn_in, ctx)?;
@@ -80,8 +80,7 @@ impl Block for FalconBlock {
             split_fused_qkv(&fused, self.num_heads, self.num_kv_heads, self.head_dim, self.new_arch, self.multi_query)?;
         let q = crate::fused::rope_heads(&q, None, &env.cos, &env.sin)?;
         let k = crate::fused::rope_heads(&k, None, &env.cos, &env.sin)?;
-        let (k, v) = update_cache(cache, k, v)?;
-        let a = attention(&q, &k, &v, &env.mask)?;
+        let a = attend(&q, k, v, env, kv)?;
         let attn_out = self.dense.forward(&a, ctx)?;
         let mlp = |t: &Tensor| -> Result<Tensor> {
             let h = ops::gelu_erf(&self.dense_h_to_4h.forward(t, ctx)?)?;

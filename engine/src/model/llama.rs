@@ -7,7 +7,7 @@ use candle_core::Tensor;
 
 use super::config::LlamaConfig;
 use super::loader::Builder;
-use super::transformer::{attention, split_heads, update_cache, Block, BlockEnv, LayerCache, Norm, Transformer};
+use super::transformer::{attend, split_heads, Block, BlockEnv, Kv, Norm, Transformer};
 use crate::lora::{ForwardCtx, LoraLinear};
 use crate::fused;
 use crate::Result;
@@ -29,13 +29,12 @@ pub struct LlamaBlock {
 }
 
 impl Block for LlamaBlock {
-    fn forward(&self, x: &Tensor, env: &BlockEnv, ctx: &ForwardCtx, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, env: &BlockEnv, ctx: &ForwardCtx, kv: Kv<'_>) -> Result<Tensor> {
         let h = fused::rms_norm_fused(x, &self.input_layernorm, self.eps)?;
         let q = fused::rope_heads(&self.q_proj.forward(&h, ctx)?, Some(self.num_heads), &env.cos, &env.sin)?;
         let k = fused::rope_heads(&self.k_proj.forward(&h, ctx)?, Some(self.num_kv_heads), &env.cos, &env.sin)?;
         let v = split_heads(&self.v_proj.forward(&h, ctx)?, self.num_kv_heads, self.head_dim)?;
-        let (k, v) = update_cache(cache, k, v)?;
-        let a = attention(&q, &k, &v, &env.mask)?;
+        let a = attend(&q, k, v, env, kv)?;
         let x = (x + self.o_proj.forward(&a, ctx)?)?;
         let h = fused::rms_norm_fused(&x, &self.post_attention_layernorm, self.eps)?;
         let g = self.gate_proj.forward(&h, ctx)?;

@@ -45,6 +45,19 @@ pub trait CausalLm: Send + Sync {
     /// f32 logits of the last position `[batch, vocab]`.
     fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor>;
 
+    /// Batched serving: the new tokens of several sequences, each with its own cache and
+    /// adapter, in one pass (continuous batching: some sequences may be prompts, others
+    /// one decoding step). Returns f32 logits of each sequence's last new token
+    /// `[seqs, vocab]`; every cache grows by its sequence's new tokens.
+    fn forward_packed(&self, _seqs: &mut [crate::multi_lora::PackedSeq<'_>]) -> Result<Tensor> {
+        Err(crate::EngineError::Config(format!("{}: batched serving is not supported by this model", self.info().model_type)))
+    }
+
+    /// The frozen linear modules by path, with `(out, in)` (for checking adapters).
+    fn linear_shapes(&self) -> Vec<(String, usize, usize)> {
+        Vec::new()
+    }
+
     /// Backpropagate a scalar loss. Returns the gradient of every LoRA parameter, keyed
     /// by its PEFT key, with `None` for none. (Gradient checkpointing computes part of
     /// the gradients inside recomputation, which is why this goes through the model.)

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::{CausalLm, ForwardInput, KvCache, ModelInfo};
 use crate::lora::{ForwardCtx, LoraLinear};
+use crate::multi_lora::{PackedSeq, RowAdapters};
 use crate::fused;
 use crate::ops::{self, CheckpointHook, FrozenLinear};
 use crate::{EngineError, Result};
@@ -20,16 +21,69 @@ pub struct BlockEnv {
     /// `[b, s, head_dim]` in the compute dtype.
     pub cos: Tensor,
     pub sin: Tensor,
-    /// Additive f32 mask `[b or 1, 1, s, t]`.
+    /// Who attends to whom.
+    pub attn: AttnLayout,
+}
+
+/// The attention pattern of a pass.
+#[derive(Clone)]
+pub enum AttnLayout {
+    /// Every row of the batch attends through one additive f32 mask `[b or 1, 1, s, t]`.
+    Masked(Tensor),
+    /// One row packing several sequences end to end (batched serving): each segment
+    /// attends to its own cache and its own earlier tokens only.
+    Packed(Arc<[PackedSegment]>),
+}
+
+/// One sequence's tokens within a packed row.
+#[derive(Clone)]
+pub struct PackedSegment {
+    /// First token of the segment in the packed row.
+    pub start: usize,
+    pub len: usize,
+    /// Additive f32 mask `[1, 1, len, past + len]` over the segment's cache and itself.
     pub mask: Tensor,
 }
 
 /// `(k, v)` of one layer, `[batch, kv_heads, seq, head_dim]`.
 pub type LayerCache = Option<(Tensor, Tensor)>;
 
+/// Where a block's attention keeps keys and values.
+pub enum Kv<'a> {
+    /// Nothing kept (training, evaluation).
+    None,
+    /// The cache of the pass's batch ([`AttnLayout::Masked`]).
+    One(&'a mut LayerCache),
+    /// One cache per segment of an [`AttnLayout::Packed`] pass, in segment order.
+    Packed(Vec<&'a mut LayerCache>),
+}
+
+/// Attention of a block's rotated queries and keys (`q [b, h, s, d]`, `k`/`v`
+/// `[b, kvh, s, d]`) under the pass's layout, appending the new keys and values to the
+/// cache(s) it is given. Returns `[b, s, h * d]`.
+pub fn attend(q: &Tensor, k: Tensor, v: Tensor, env: &BlockEnv, kv: Kv<'_>) -> Result<Tensor> {
+    match (&env.attn, kv) {
+        (AttnLayout::Masked(mask), Kv::None) => attention(q, &k, &v, mask),
+        (AttnLayout::Masked(mask), Kv::One(slot)) => {
+            let (k, v) = update_cache(Some(slot), k, v)?;
+            attention(q, &k, &v, mask)
+        }
+        (AttnLayout::Packed(segs), Kv::Packed(slots)) if segs.len() == slots.len() => {
+            let mut outs = Vec::with_capacity(segs.len());
+            for (seg, slot) in segs.iter().zip(slots) {
+                let part = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(2, seg.start, seg.len)?.contiguous()?) };
+                let (k, v) = update_cache(Some(slot), part(&k)?, part(&v)?)?;
+                outs.push(attention(&part(q)?, &k, &v, &seg.mask)?);
+            }
+            Ok(Tensor::cat(&outs, 1)?)
+        }
+        _ => Err(EngineError::Config("attention: the pass's caches do not match its layout".into())),
+    }
+}
+
 /// One decoder block.
 pub trait Block: Send + Sync {
-    fn forward(&self, x: &Tensor, env: &BlockEnv, ctx: &ForwardCtx, cache: Option<&mut LayerCache>) -> Result<Tensor>;
+    fn forward(&self, x: &Tensor, env: &BlockEnv, ctx: &ForwardCtx, kv: Kv<'_>) -> Result<Tensor>;
     /// The block's linear layers (for LoRA parameters).
     fn linears(&self) -> Vec<&LoraLinear>;
 }
@@ -218,17 +272,17 @@ impl Transformer {
     /// Run one block, checkpointed when asked (and a graph is being built).
     fn run_block(&self, block: &Arc<dyn Block>, x: &Tensor, env: &BlockEnv, ctx: &ForwardCtx) -> Result<Tensor> {
         if !(ctx.track && self.checkpointing.load(Ordering::Relaxed)) {
-            return block.forward(x, env, ctx, None);
+            return block.forward(x, env, ctx, Kv::None);
         }
-        let detached = ForwardCtx { track: false, ..*ctx };
-        let out = block.forward(&x.detach(), env, &detached, None)?;
-        let (blk, env2, ctx2, side) = (block.clone(), env.clone(), *ctx, self.side_grads.clone());
+        let detached = ForwardCtx { track: false, ..ctx.clone() };
+        let out = block.forward(&x.detach(), env, &detached, Kv::None)?;
+        let (blk, env2, ctx2, side) = (block.clone(), env.clone(), ctx.clone(), self.side_grads.clone());
         let recompute = move |input: &Tensor, grad_out: &Tensor| -> candle_core::Result<Tensor> {
             // The first block's input (from the frozen embeddings) needs no gradient:
             // left untracked, the block's backward skips every product for it.
             let v = if input.track_op() { Some(Var::from_tensor(&input.detach())?) } else { None };
             let x = v.as_ref().map_or_else(|| input.detach(), |v| v.as_tensor().clone());
-            let y = blk.forward(&x, &env2, &ctx2, None).map_err(to_candle)?;
+            let y = blk.forward(&x, &env2, &ctx2, Kv::None).map_err(to_candle)?;
             let s = (y.to_dtype(DType::F32)? * grad_out.to_dtype(DType::F32)?)?.sum_all()?;
             let grads = s.backward()?;
             let mut side = side.lock().map_err(|_| candle_core::Error::Msg("gradient store poisoned".into()))?;
@@ -287,12 +341,13 @@ impl CausalLm for Transformer {
         };
         let (cos, sin) = rope_tables(&self.inv_freq, &positions, self.dtype, &self.device)?;
         let mask = causal_mask(b, s, 0, segments.as_deref(), self.sliding_window, &self.device)?;
-        let env = BlockEnv { cos, sin, mask };
+        let env = BlockEnv { cos, sin, attn: AttnLayout::Masked(mask) };
         let ctx = ForwardCtx {
             track: true,
             training: self.training.load(Ordering::Relaxed),
             dropout_seed: self.dropout_seed.load(Ordering::Relaxed),
             pass: self.pass.fetch_add(1, Ordering::Relaxed),
+            adapters: None,
         };
         let mut x = self.embed_ids(&input.input_ids)?;
         for block in &self.blocks {
@@ -318,16 +373,59 @@ impl CausalLm for Transformer {
         let positions: Vec<Vec<u32>> = vec![(past as u32..(past + s) as u32).collect(); b];
         let (cos, sin) = rope_tables(&self.inv_freq, &positions, self.dtype, &self.device)?;
         let mask = causal_mask(b, s, past, None, self.sliding_window, &self.device)?;
-        let env = BlockEnv { cos, sin, mask };
+        let env = BlockEnv { cos, sin, attn: AttnLayout::Masked(mask) };
         let ctx = ForwardCtx::inference();
         let mut x = self.embed_ids(input_ids)?;
         for (block, layer) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            x = block.forward(&x, &env, &ctx, Some(layer))?;
+            x = block.forward(&x, &env, &ctx, Kv::One(layer))?;
         }
         cache.seq_len += s;
         let x = self.final_norm.forward(&x)?;
         let last = x.narrow(1, s - 1, 1)?.squeeze(1)?;
         self.logits(&last)
+    }
+
+    fn forward_packed(&self, seqs: &mut [PackedSeq<'_>]) -> Result<Tensor> {
+        if seqs.is_empty() || seqs.iter().any(|s| s.tokens.is_empty()) {
+            return Err(EngineError::Config("packed pass: every sequence needs at least one new token".into()));
+        }
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut segments = Vec::with_capacity(seqs.len());
+        let mut rows = RowAdapters::default();
+        let mut last = Vec::with_capacity(seqs.len());
+        for seq in seqs.iter_mut() {
+            if seq.cache.layers.len() != self.blocks.len() {
+                seq.cache.layers.resize_with(self.blocks.len(), || None);
+            }
+            let (past, len) = (seq.cache.seq_len, seq.tokens.len());
+            let mask = causal_mask(1, len, past, None, self.sliding_window, &self.device)?;
+            segments.push(PackedSegment { start: ids.len(), len, mask });
+            ids.extend_from_slice(seq.tokens);
+            positions.extend(past as u32..(past + len) as u32);
+            rows.push(len, seq.adapter.as_ref());
+            last.push((ids.len() - 1) as u32);
+        }
+        let total = ids.len();
+        let (cos, sin) = rope_tables(&self.inv_freq, &[positions], self.dtype, &self.device)?;
+        let env = BlockEnv { cos, sin, attn: AttnLayout::Packed(segments.into()) };
+        let ctx = ForwardCtx { adapters: Some(Arc::new(rows)), ..ForwardCtx::inference() };
+        let mut x = self.embed_ids(&Tensor::from_vec(ids, (1, total), &self.device)?)?;
+        for (l, block) in self.blocks.iter().enumerate() {
+            let slots: Vec<&mut LayerCache> = seqs.iter_mut().map(|s| &mut s.cache.layers[l]).collect();
+            x = block.forward(&x, &env, &ctx, Kv::Packed(slots))?;
+        }
+        for seq in seqs.iter_mut() {
+            seq.cache.seq_len += seq.tokens.len();
+        }
+        let x = self.final_norm.forward(&x.squeeze(0)?)?;
+        let n = last.len();
+        let last = x.index_select(&Tensor::from_vec(last, n, &self.device)?, 0)?;
+        self.logits(&last)
+    }
+
+    fn linear_shapes(&self) -> Vec<(String, usize, usize)> {
+        self.blocks.iter().flat_map(|b| b.linears()).map(|l| (l.name.clone(), l.base.out_dim(), l.base.in_dim())).collect()
     }
 
     fn backward(&self, loss: &Tensor) -> Result<BTreeMap<String, Tensor>> {
