@@ -10,7 +10,7 @@
 //!   `kernels` and `kernels_bf16`: the matrix products they run on (`gemv`: their
 //!   decoding form, one to four activation rows).
 //! - `lora`: LoRA layers and PEFT adapter files.
-//! - `data`, `optim`, `train`, `eval`, `generate`: the training side; `memory`: a
+//! - `data`, `optim`, `train`, `eval`, `answer_metrics`, `generate`: the training side; `memory`: a
 //!   training run's peak memory estimate and the check that refuses a run that cannot fit.
 //! - `demo`, `synth`, `bench`: random models (tiny ones, and 7B-shape checkpoints) and
 //!   benchmarks.
@@ -29,11 +29,13 @@ pub mod multi_lora;
 pub mod peft;
 pub mod quantize;
 pub mod merge;
+pub mod gguf;
 pub mod tokenizer;
 pub mod data;
 pub mod optim;
 pub mod schedule;
 pub mod eval;
+pub mod answer_metrics;
 pub mod generate;
 pub mod demo;
 pub mod synth;
