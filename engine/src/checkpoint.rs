@@ -5,6 +5,10 @@
 //!   from `seed` and the step, so these are the RNG states), lr schedule and the loss
 //!   history so far.
 //!
+//! - `best/` (runs with `training.save_best`, once an evaluation was best): the best
+//!   adapter so far (PEFT files and `best.json`), so that it survives a resume on another
+//!   machine along with the rest of the checkpoint.
+//!
 //! A checkpoint is written to `step-N.tmp` and renamed, so a directory named `step-N`
 //! is always complete.
 
@@ -22,6 +26,42 @@ pub const STATE_FILE: &str = "state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+/// The best adapter's directory, in a run's output and in its checkpoints.
+pub const BEST_DIR: &str = "best";
+/// In [`BEST_DIR`]: the [`BestRecord`] of the adapter there.
+pub const BEST_FILE: &str = "best.json";
+
+/// The best evaluation so far of the metric `save_best` / `early_stopping` follow.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BestRecord {
+    /// `eval_loss`, `exact_match` or `rouge_l`.
+    pub metric: String,
+    pub step: u64,
+    pub value: f64,
+}
+
+/// One evaluation (kept in checkpoints so the eval points of the loss plot and
+/// metrics.jsonl survive a resume). `loss` is absent when there was no eval data (only
+/// sample prompts).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    pub step: u64,
+    #[serde(default)]
+    pub loss: Option<f64>,
+    #[serde(default)]
+    pub exact_match: Option<f64>,
+    #[serde(default)]
+    pub rouge_l: Option<f64>,
+}
+
+/// Early stopping's count: `reference` is the value of the last evaluation that improved
+/// on the one before by more than `min_delta` (the first evaluation sets it), `bad_evals`
+/// the evaluations since that did not.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct PatienceState {
+    pub reference: Option<f64>,
+    pub bad_evals: u32,
+}
 
 /// One logged optimizer step (kept in checkpoints so metrics survive a resume).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,6 +84,14 @@ pub struct TrainState {
     pub schedule: LrSchedule,
     pub tokens_seen: u64,
     pub history: Vec<StepRecord>,
+    /// Evaluations so far (absent in checkpoints written before evaluations were kept).
+    #[serde(default)]
+    pub evals: Vec<EvalRecord>,
+    /// The best evaluation so far of the tracked metric (`save_best` / `early_stopping`).
+    #[serde(default)]
+    pub best: Option<BestRecord>,
+    #[serde(default)]
+    pub patience: PatienceState,
 }
 
 /// The dropout seed of one micro-batch (SplitMix64 of seed, step and micro index).
@@ -60,6 +108,12 @@ pub fn checkpoint_dir(work_dir: &Path, step: u64) -> PathBuf {
 
 /// Write a complete checkpoint.
 pub fn save(work_dir: &Path, state: &TrainState, model: &dyn CausalLm, base_model: &str, opt: &AdamW) -> Result<PathBuf> {
+    save_with_best(work_dir, state, model, base_model, opt, None)
+}
+
+/// Write a complete checkpoint that also carries the best adapter so far (the files of
+/// `best`, copied into its [`BEST_DIR`]).
+pub fn save_with_best(work_dir: &Path, state: &TrainState, model: &dyn CausalLm, base_model: &str, opt: &AdamW, best: Option<&Path>) -> Result<PathBuf> {
     let dir = checkpoint_dir(work_dir, state.step);
     let tmp = dir.with_extension("tmp");
     if tmp.exists() {
@@ -70,6 +124,9 @@ pub fn save(work_dir: &Path, state: &TrainState, model: &dyn CausalLm, base_mode
     opt.save(&tmp.join(OPTIMIZER_FILE))?;
     let sp = tmp.join(STATE_FILE);
     std::fs::write(&sp, serde_json::to_string_pretty(state).expect("json")).map_err(|e| EngineError::file(&sp, format!("cannot write: {e}")))?;
+    if let Some(b) = best {
+        copy_files(b, &tmp.join(BEST_DIR))?;
+    }
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| EngineError::file(&dir, format!("cannot replace: {e}")))?;
     }
@@ -85,4 +142,24 @@ pub fn restore(dir: &Path, model: &dyn CausalLm, opt: &mut AdamW) -> Result<Trai
     crate::peft::load_adapter_weights(model, dir)?;
     opt.load(&dir.join(OPTIMIZER_FILE))?;
     Ok(state)
+}
+
+/// Copy the files of `from` (not recursive) into `to`, replacing `to`: written to
+/// `to.tmp` and renamed, so `to` is always complete.
+pub fn copy_files(from: &Path, to: &Path) -> Result<()> {
+    let tmp = to.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| EngineError::file(&tmp, format!("cannot create: {e}")))?;
+    let entries = std::fs::read_dir(from).map_err(|e| EngineError::file(from, format!("cannot read: {e}")))?;
+    for e in entries {
+        let e = e.map_err(|e| EngineError::file(from, format!("cannot read: {e}")))?;
+        if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            let dst = tmp.join(e.file_name());
+            std::fs::copy(e.path(), &dst).map_err(|err| EngineError::file(&dst, format!("cannot copy {}: {err}", e.path().display())))?;
+        }
+    }
+    if to.exists() {
+        std::fs::remove_dir_all(to).map_err(|e| EngineError::file(to, format!("cannot replace: {e}")))?;
+    }
+    std::fs::rename(&tmp, to).map_err(|e| EngineError::file(to, format!("cannot finish: {e}")))
 }

@@ -23,9 +23,27 @@
 //! evaluates, and writes checkpoints (after a barrier: every rank reached the step),
 //! metrics and the adapter. `training.grad_accum` must be at least the world size.
 //!
+//! Evaluation (rank 0, every `eval_every` steps and at the end, when there is eval data
+//! or sample prompts): eval loss and perplexity; with `eval_generate_samples` N > 0, the
+//! first N question/answer examples of the eval set (file order; an `eval_split` keeps
+//! file order too) answered greedily with the spec's template and scored against their
+//! answers (`answer_metrics`: exact match, ROUGE-L F1, averaged). With `save_best` or
+//! `early_stopping` one metric is tracked ([`lorafleet_shared::spec::TrainingSpec::tracked_metric`]):
+//! an evaluation strictly better than every earlier one is the best; with `save_best` its
+//! adapter is written to `output_dir/best/` (PEFT files + `best.json`: metric, step,
+//! value), carried in every later checkpoint (`checkpoint::BEST_DIR`) and restored on
+//! resume, and at the end it is the run's adapter (copied bit for bit), not the last one.
+//! Early stopping counts evaluations that do not improve on the reference value (the
+//! last one that did) by more than `min_delta`; at `patience` of them rank 0 decides to
+//! stop, broadcasts the decision, and every rank ends the loop at that step; the run
+//! succeeds, with the reason in its log (`TrainObserver::on_notice`) and summary. A
+//! non-finite metric (no eval data left, no generated answers) neither improves nor
+//! counts.
+//!
 //! Outputs in `output_dir`: the PEFT adapter (`adapter_config.json`,
-//! `adapter_model.safetensors`), `metrics.jsonl` (one line per step and per eval),
-//! `loss.svg` and `train_summary.json`.
+//! `adapter_model.safetensors`), `best/` (with `save_best`), `metrics.jsonl` (one line
+//! per step and per eval), `loss.svg` (training loss, eval loss points, the best step)
+//! and `train_summary.json`.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -35,10 +53,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use lorafleet_shared::spec::{ComputeDtype, JobSpec, Optimizer, QuantMethod};
+use lorafleet_shared::spec::{ComputeDtype, EarlyStoppingSpec, EvalMetric, JobSpec, MetricMode, Optimizer, QuantMethod};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{self, StepRecord, TrainState};
+use crate::checkpoint::{self, BestRecord, EvalRecord, StepRecord, TrainState};
 use crate::collective::{Collective, Solo, TcpRing};
 use crate::data::{self, Batcher, DataReport, Dataset};
 use crate::eval;
@@ -132,6 +150,31 @@ pub struct EvalMetrics {
     pub tokens: u64,
     /// `(prompt, greedy answer)` for `training.sample_prompts`.
     pub samples: Vec<(String, String)>,
+    /// Mean exact match (fraction) of the generated eval answers
+    /// (`training.eval_generate_samples`; absent without).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact_match: Option<f64>,
+    /// Mean ROUGE-L F1 of the generated eval answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rouge_l: Option<f64>,
+    /// Eval examples answered.
+    #[serde(default)]
+    pub generated: usize,
+    /// The best evaluation so far (this one included) of the tracked metric, when
+    /// `save_best` or `early_stopping` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<BestRecord>,
+}
+
+impl EvalMetrics {
+    /// The value of `metric` in this evaluation (NaN when it was not computed).
+    pub fn value(&self, metric: EvalMetric) -> f64 {
+        match metric {
+            EvalMetric::EvalLoss => self.loss,
+            EvalMetric::ExactMatch => self.exact_match.unwrap_or(f64::NAN),
+            EvalMetric::RougeL => self.rouge_l.unwrap_or(f64::NAN),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -147,6 +190,85 @@ pub struct TrainSummary {
     pub train_data: DataReport,
     pub eval_data: Option<DataReport>,
     pub resumed_from_step: Option<u64>,
+    /// The best evaluation of the tracked metric (`save_best` / `early_stopping`).
+    #[serde(default)]
+    pub best: Option<BestRecord>,
+    /// The step whose adapter is the run's adapter: the best one with `save_best` (when
+    /// an evaluation happened), else the last step.
+    #[serde(default)]
+    pub adapter_step: u64,
+    /// Early stopping ended the run before `total_steps`.
+    #[serde(default)]
+    pub stopped_early: bool,
+    #[serde(default)]
+    pub stop_reason: Option<String>,
+}
+
+/// Whether `a` is better than `b` by more than `delta` in `mode`.
+fn better(mode: MetricMode, a: f64, b: f64, delta: f64) -> bool {
+    match mode {
+        MetricMode::Min => a < b - delta,
+        MetricMode::Max => a > b + delta,
+    }
+}
+
+/// What one evaluation did to the tracked metric.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tracked {
+    /// Strictly better than every earlier evaluation: the new best.
+    pub improved: bool,
+    /// Early stopping's decision to stop, with the reason.
+    pub stop: Option<String>,
+}
+
+/// The metric `save_best` and `early_stopping` follow (module docs), applied to the
+/// [`TrainState`] (which keeps the best and the count across a resume).
+#[derive(Debug, Clone)]
+pub struct MetricTracker {
+    pub metric: EvalMetric,
+    pub mode: MetricMode,
+    pub early_stopping: Option<EarlyStoppingSpec>,
+}
+
+impl MetricTracker {
+    /// The tracker a spec asks for, if any.
+    pub fn from_spec(spec: &JobSpec) -> Option<Self> {
+        let t = &spec.training;
+        t.tracked_metric().map(|(metric, mode)| Self { metric, mode, early_stopping: t.early_stopping.clone() })
+    }
+
+    /// Record the evaluation of `step` whose metric is `value` in the run's best and
+    /// early-stopping count (`TrainState::best`, `TrainState::patience`).
+    pub fn observe(&self, best: &mut Option<BestRecord>, patience: &mut checkpoint::PatienceState, step: u64, value: f64) -> Tracked {
+        if !value.is_finite() {
+            return Tracked { improved: false, stop: None };
+        }
+        let improved = best.as_ref().is_none_or(|b| better(self.mode, value, b.value, 0.0));
+        if improved {
+            *best = Some(BestRecord { metric: self.metric.name().into(), step, value });
+        }
+        let mut stop = None;
+        if let Some(es) = &self.early_stopping {
+            let p = patience;
+            if p.reference.is_none_or(|r| better(self.mode, value, r, es.min_delta)) {
+                p.reference = Some(value);
+                p.bad_evals = 0;
+            } else {
+                p.bad_evals += 1;
+            }
+            if p.bad_evals >= es.patience.max(1) {
+                let best = best.as_ref().map(|b| format!("; best {:.6} at step {}", b.value, b.step)).unwrap_or_default();
+                stop = Some(format!(
+                    "early stopping at step {step}: {} did not improve by more than {} in {} evaluation{}{best}",
+                    self.metric.name(),
+                    es.min_delta,
+                    p.bad_evals,
+                    if p.bad_evals == 1 { "" } else { "s" }
+                ));
+            }
+        }
+        Tracked { improved, stop }
+    }
 }
 
 /// Number of optimizer steps: `max_steps` and/or `ceil(epochs * steps_per_epoch)`
@@ -561,7 +683,13 @@ fn train_rank(run: &TrainRun, device: &Device, mut comm: Box<dyn Collective>, ob
         schedule,
         tokens_seen: 0,
         history: vec![],
+        evals: vec![],
+        best: None,
+        patience: Default::default(),
     };
+    let tracker = MetricTracker::from_spec(spec);
+    let save_best = t.save_best.is_some();
+    let best_dir = run.output_dir.join(checkpoint::BEST_DIR);
     let base_model = spec.model.source.clone();
     let mut resumed_from = None;
     let restore_checked = |ck: &Path, opt: &mut AdamW| -> Result<TrainState> {
@@ -578,6 +706,23 @@ fn train_rank(run: &TrainRun, device: &Device, mut comm: Box<dyn Collective>, ob
         let st = restore_checked(ck, &mut opt)?;
         resumed_from = Some(st.step);
         tracing::info!(step = st.step, checkpoint = %ck.display(), "resuming");
+        if save_best {
+            // The best adapter as of the checkpoint (a newer one in the output, from a
+            // run that got further, is found again: the steps after it are replayed).
+            match &st.best {
+                Some(b) => {
+                    let from = ck.join(checkpoint::BEST_DIR);
+                    if !from.join(checkpoint::ADAPTER_WEIGHTS).is_file() {
+                        return Err(EngineError::file(ck, format!("checkpoint names a best adapter (step {}) but has no {}/", b.step, checkpoint::BEST_DIR)));
+                    }
+                    checkpoint::copy_files(&from, &best_dir)?;
+                    tracing::info!(metric = %b.metric, step = b.step, value = b.value, "best adapter restored from the checkpoint");
+                }
+                None => {
+                    let _ = std::fs::remove_dir_all(&best_dir);
+                }
+            }
+        }
         state = st;
     }
     if world > 1 {
@@ -602,7 +747,7 @@ fn train_rank(run: &TrainRun, device: &Device, mut comm: Box<dyn Collective>, ob
     model.set_gradient_checkpointing(t.gradient_checkpointing);
     let mut metrics = if leader {
         std::fs::create_dir_all(&run.output_dir).map_err(|e| io_err(&run.output_dir, e))?;
-        Some(MetricsFile::create(&run.output_dir.join("metrics.jsonl"), &state.history)?)
+        Some(MetricsFile::create(&run.output_dir.join("metrics.jsonl"), &state.history, &state.evals)?)
     } else {
         None
     };
@@ -614,6 +759,8 @@ fn train_rank(run: &TrainRun, device: &Device, mut comm: Box<dyn Collective>, ob
     let first_step = state.step;
     let mut last_loss = state.history.last().map(|h| h.loss).unwrap_or(f64::NAN);
     let mut last_eval = None;
+    let mut stop_reason: Option<String> = None;
+    let generation_set = eval_ds.as_ref().map(|d| generation_set(d, t.eval_generate_samples as usize)).unwrap_or_default();
     let eval_batches = eval_ds.as_ref().map(|d| data::eval_batches(d, t.micro_batch_size as usize, tok.pad_id()));
     let mut reduced = vec![0f32; layout.len];
     while state.step < total {
@@ -685,22 +832,66 @@ fn train_rank(run: &TrainRun, device: &Device, mut comm: Box<dyn Collective>, ob
 
         let eval_now = (t.eval_every > 0 && state.step.is_multiple_of(t.eval_every)) || state.step == total;
         if leader && eval_now && (eval_batches.is_some() || !t.sample_prompts.is_empty()) {
-            let em = run_eval(model, &tok, spec, eval_batches.as_deref(), state.step, device)?;
-            tracing::info!(step = em.step, eval_loss = em.loss, perplexity = em.perplexity, tokens = em.tokens, "eval");
+            let mut em = run_eval(model, &tok, spec, eval_batches.as_deref(), &generation_set, state.step, device)?;
+            tracing::info!(
+                step = em.step,
+                eval_loss = em.loss,
+                perplexity = em.perplexity,
+                tokens = em.tokens,
+                exact_match = em.exact_match,
+                rouge_l = em.rouge_l,
+                generated = em.generated,
+                "eval"
+            );
             for (p, a) in &em.samples {
                 tracing::info!(prompt = %p, answer = %a, "sample");
             }
+            if let Some(tr) = &tracker {
+                let value = em.value(tr.metric);
+                let tracked = tr.observe(&mut state.best, &mut state.patience, state.step, value);
+                if !value.is_finite() {
+                    tracing::warn!(step = state.step, metric = tr.metric.name(), "the tracked metric was not computed at this evaluation; it neither improves nor counts");
+                }
+                if tracked.improved {
+                    tracing::info!(step = state.step, metric = tr.metric.name(), value, "new best evaluation");
+                    if save_best {
+                        write_best(model, &best_dir, &base_model, state.best.as_ref().expect("just set"))?;
+                    }
+                }
+                em.best = state.best.clone();
+                stop_reason = tracked.stop;
+            }
+            state.evals.push(EvalRecord { step: em.step, loss: em.loss.is_finite().then_some(em.loss), exact_match: em.exact_match, rouge_l: em.rouge_l });
             if let Some(mf) = metrics.as_mut() {
                 mf.eval(&em)?;
             }
             observer.on_eval(&em);
             last_eval = Some(em);
         }
+        if world > 1 && eval_now && t.early_stopping.is_some() {
+            // Rank 0's decision, so that every rank ends at the same step.
+            let mut blob = stop_reason.clone().unwrap_or_default().into_bytes();
+            comm.broadcast(&mut blob)?;
+            let reason = String::from_utf8(blob).map_err(|_| EngineError::Collective("the broadcast stop decision is malformed".into()))?;
+            stop_reason = (!reason.is_empty()).then_some(reason);
+        }
+        if let Some(reason) = &stop_reason {
+            if state.step < total {
+                if leader {
+                    tracing::info!(step = state.step, total_steps = total, "{reason}");
+                    observer.on_notice("info", reason);
+                }
+                break;
+            }
+            // The last step: nothing is cut short.
+            stop_reason = None;
+        }
         if t.checkpoint_every > 0 && state.step.is_multiple_of(t.checkpoint_every) && state.step < total {
             // A checkpoint is committed only once every rank has reached its step.
             comm.barrier()?;
             if leader {
-                let dir = checkpoint::save(&run.work_dir, &state, model, &base_model, &opt)?;
+                let best = (save_best && state.best.is_some()).then_some(best_dir.as_path());
+                let dir = checkpoint::save_with_best(&run.work_dir, &state, model, &base_model, &opt, best)?;
                 tracing::info!(step = state.step, dir = %dir.display(), "checkpoint written");
                 observer.on_checkpoint(state.step, &dir)?;
             }
@@ -709,10 +900,24 @@ fn train_rank(run: &TrainRun, device: &Device, mut comm: Box<dyn Collective>, ob
     if world > 1 {
         comm.barrier()?;
     }
+    let best_adapter = state.best.as_ref().filter(|_| save_best);
+    let adapter_step = best_adapter.map(|b| b.step).unwrap_or(state.step);
     if leader {
-        crate::peft::save_adapter(model, &run.output_dir, &base_model)?;
+        match best_adapter {
+            Some(b) => {
+                // The run's adapter is the best one, bit for bit.
+                for f in [checkpoint::ADAPTER_WEIGHTS, checkpoint::ADAPTER_CONFIG] {
+                    let (from, to) = (best_dir.join(f), run.output_dir.join(f));
+                    std::fs::copy(&from, &to).map_err(|e| io_err(&from, e))?;
+                }
+                let msg = format!("the adapter is the best evaluation's: {} {:.6} at step {} (of {})", b.metric, b.value, b.step, state.step);
+                tracing::info!("{msg}");
+                observer.on_notice("info", &msg);
+            }
+            None => crate::peft::save_adapter(model, &run.output_dir, &base_model)?,
+        }
         let svg = run.output_dir.join("loss.svg");
-        std::fs::write(&svg, loss_svg(&state.history)).map_err(|e| io_err(&svg, e))?;
+        std::fs::write(&svg, loss_svg_with_evals(&state.history, &state.evals, state.best.as_ref().map(|b| b.step))).map_err(|e| io_err(&svg, e))?;
     }
     let summary = TrainSummary {
         steps: state.step,
@@ -725,6 +930,10 @@ fn train_rank(run: &TrainRun, device: &Device, mut comm: Box<dyn Collective>, ob
         train_data: train_ds.report.clone(),
         eval_data: eval_ds.as_ref().map(|d| d.report.clone()),
         resumed_from_step: resumed_from,
+        best: state.best.clone(),
+        adapter_step,
+        stopped_early: stop_reason.is_some(),
+        stop_reason,
     };
     if leader {
         let sp = run.output_dir.join("train_summary.json");
@@ -753,11 +962,39 @@ fn micro_step(model: &dyn CausalLm, device: &Device, mb: &data::MicroBatch, seed
     Ok(Some((value, grads)))
 }
 
+/// The `(question, reference answer)` pairs answered at each evaluation: the first `n`
+/// question/answer records of the eval set, in its order.
+pub fn generation_set(ds: &Dataset, n: usize) -> Vec<(String, String)> {
+    ds.records
+        .iter()
+        .filter_map(|r| match &r.kind {
+            data::RecordKind::Qa { question, answer } => Some((question.clone(), answer.clone())),
+            _ => None,
+        })
+        .take(n)
+        .collect()
+}
+
+/// Write `model`'s adapter as the best one: `dir` replaced by the PEFT files and
+/// `best.json`.
+fn write_best(model: &dyn CausalLm, dir: &Path, base_model: &str, best: &BestRecord) -> Result<()> {
+    let tmp = dir.with_extension("new");
+    let _ = std::fs::remove_dir_all(&tmp);
+    crate::peft::save_adapter(model, &tmp, base_model)?;
+    let bf = tmp.join(checkpoint::BEST_FILE);
+    std::fs::write(&bf, serde_json::to_string_pretty(best).expect("json")).map_err(|e| io_err(&bf, e))?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| io_err(dir, e))
+}
+
 fn run_eval(
     model: &dyn CausalLm,
     tok: &Tokenizer,
     spec: &JobSpec,
     batches: Option<&[data::MicroBatch]>,
+    generation_set: &[(String, String)],
     step: u64,
     device: &Device,
 ) -> Result<EvalMetrics> {
@@ -770,8 +1007,26 @@ fn run_eval(
         let a = generate::answer(model, tok, &spec.data.template, p, spec.training.sample_max_new_tokens as usize, device)?;
         samples.push((p.clone(), a));
     }
+    let max_new = spec.training.eval_max_new_tokens() as usize;
+    let mut answers = Vec::with_capacity(generation_set.len());
+    for (q, reference) in generation_set {
+        let a = generate::answer(model, tok, &spec.data.template, q, max_new, device)?;
+        tracing::debug!(question = %q, answer = %a, reference = %reference, "eval answer");
+        answers.push(a);
+    }
+    let scores = crate::answer_metrics::score_answers(answers.iter().zip(generation_set).map(|(a, (_, r))| (a.as_str(), r.as_str())));
     model.set_training(true);
-    Ok(EvalMetrics { step, loss: r.loss, perplexity: r.perplexity, tokens: r.tokens, samples })
+    Ok(EvalMetrics {
+        step,
+        loss: r.loss,
+        perplexity: r.perplexity,
+        tokens: r.tokens,
+        samples,
+        exact_match: scores.map(|s| s.exact_match),
+        rouge_l: scores.map(|s| s.rouge_l),
+        generated: answers.len(),
+        best: None,
+    })
 }
 
 /// `metrics.jsonl`: `{"type":"step",...}` and `{"type":"eval",...}` lines.
@@ -781,11 +1036,22 @@ struct MetricsFile {
 }
 
 impl MetricsFile {
-    fn create(path: &Path, history: &[StepRecord]) -> Result<Self> {
+    fn create(path: &Path, history: &[StepRecord], evals: &[EvalRecord]) -> Result<Self> {
         let mut file = std::fs::File::create(path).map_err(|e| io_err(path, e))?;
+        let mut evals = evals.iter().peekable();
         for h in history {
             let line = serde_json::json!({"type": "step", "step": h.step, "loss": h.loss, "lr": h.lr, "grad_norm": h.grad_norm, "resumed": true});
             writeln!(file, "{line}").map_err(|e| io_err(path, e))?;
+            while let Some(e) = evals.next_if(|e| e.step <= h.step) {
+                let mut line = serde_json::json!({"type": "eval", "step": e.step, "loss": e.loss, "resumed": true});
+                if let Some(x) = e.exact_match {
+                    line["exact_match"] = x.into();
+                }
+                if let Some(x) = e.rouge_l {
+                    line["rouge_l"] = x.into();
+                }
+                writeln!(file, "{line}").map_err(|e| io_err(path, e))?;
+            }
         }
         Ok(Self { path: path.to_path_buf(), file })
     }
@@ -806,8 +1072,15 @@ impl MetricsFile {
 
 /// A self-contained SVG line chart of the training loss per step.
 pub fn loss_svg(history: &[StepRecord]) -> String {
+    loss_svg_with_evals(history, &[], None)
+}
+
+/// [`loss_svg`] with the eval losses as points (orange) and the best evaluation's step
+/// (`best_step`) as a dashed green line.
+pub fn loss_svg_with_evals(history: &[StepRecord], evals: &[EvalRecord], best_step: Option<u64>) -> String {
     let (w, h, ml, mr, mt, mb) = (720.0, 360.0, 60.0, 20.0, 30.0, 40.0);
     let pts: Vec<(f64, f64)> = history.iter().filter(|r| r.loss.is_finite()).map(|r| (r.step as f64, r.loss)).collect();
+    let eval_pts: Vec<(f64, f64)> = evals.iter().filter_map(|e| e.loss.filter(|l| l.is_finite()).map(|l| (e.step as f64, l))).collect();
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"18\" text-anchor=\"middle\" font-size=\"14\">training loss</text>\n",
         w / 2.0
@@ -818,8 +1091,8 @@ pub fn loss_svg(history: &[StepRecord]) -> String {
     }
     let xmin = pts.first().unwrap().0;
     let xmax = pts.last().unwrap().0.max(xmin + 1.0);
-    let ymin = pts.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
-    let ymax = pts.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let ymin = pts.iter().chain(&eval_pts).map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let ymax = pts.iter().chain(&eval_pts).map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
     let (ymin, ymax) = if ymax - ymin < 1e-9 { (ymin - 0.5, ymax + 0.5) } else { (ymin, ymax) };
     let px = |x: f64| ml + (x - xmin) / (xmax - xmin) * (w - ml - mr);
     let py = |y: f64| mt + (ymax - y) / (ymax - ymin) * (h - mt - mb);
@@ -848,7 +1121,30 @@ pub fn loss_svg(history: &[StepRecord]) -> String {
     }
     s.push_str(&format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">step</text>\n", (ml + w - mr) / 2.0, h - 6.0));
     let path: Vec<String> = pts.iter().map(|(x, y)| format!("{:.1},{:.1}", px(*x), py(*y))).collect();
-    s.push_str(&format!("<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n</svg>\n", path.join(" ")));
+    s.push_str(&format!("<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n", path.join(" ")));
+    if let Some(b) = best_step {
+        let x = px((b as f64).clamp(xmin, xmax));
+        s.push_str(&format!(
+            "<line class=\"best\" x1=\"{x:.1}\" y1=\"{mt}\" x2=\"{x:.1}\" y2=\"{}\" stroke=\"#2ca02c\" stroke-dasharray=\"4 3\"/><text x=\"{:.1}\" y=\"{}\" fill=\"#2ca02c\">best (step {b})</text>\n",
+            h - mb,
+            x + 4.0,
+            mt + 12.0
+        ));
+    }
+    for (x, y) in &eval_pts {
+        s.push_str(&format!("<circle class=\"eval\" cx=\"{:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"#ff7f0e\"/>\n", px(*x), py(*y)));
+    }
+    if !eval_pts.is_empty() {
+        s.push_str(&format!(
+            "<line x1=\"{}\" y1=\"22\" x2=\"{}\" y2=\"22\" stroke=\"#1f77b4\" stroke-width=\"1.5\"/><text x=\"{}\" y=\"26\">train</text><circle cx=\"{}\" cy=\"22\" r=\"3.5\" fill=\"#ff7f0e\"/><text x=\"{}\" y=\"26\">eval</text>\n",
+            w - mr - 150.0,
+            w - mr - 130.0,
+            w - mr - 125.0,
+            w - mr - 70.0,
+            w - mr - 62.0
+        ));
+    }
+    s.push_str("</svg>\n");
     s
 }
 

@@ -231,6 +231,12 @@ impl TrainObserver for Observer {
             eval_loss: m.loss,
             perplexity: m.perplexity,
             samples: m.samples.iter().map(|(p, c)| pb::SampleOutput { prompt: p.clone(), completion: c.clone() }).collect(),
+            exact_match: m.exact_match,
+            rouge_l: m.rouge_l,
+            generated: m.generated as u32,
+            best_metric: m.best.as_ref().map(|b| b.metric.clone()).unwrap_or_default(),
+            best_step: m.best.as_ref().map(|b| b.step).unwrap_or(0),
+            best_value: m.best.as_ref().map(|b| b.value),
         }));
     }
 
