@@ -932,3 +932,164 @@ pub mod vocab {
         Ok(kv)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(json: &str) -> ModelConfig {
+        ModelConfig::from_value(&serde_json::from_str(json).unwrap(), Path::new("config.json")).unwrap()
+    }
+
+    fn llama() -> ModelConfig {
+        cfg(r#"{"model_type":"llama","vocab_size":32,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":2,"num_attention_heads":2,"num_key_value_heads":1}"#)
+    }
+
+    fn falcon40b() -> ModelConfig {
+        cfg(r#"{"model_type":"falcon","vocab_size":32,"hidden_size":8,"num_hidden_layers":2,"num_attention_heads":4,"num_kv_heads":2,"new_decoder_architecture":true}"#)
+    }
+
+    #[test]
+    fn header_metadata_and_alignment() {
+        let mut g = GgufFile::new();
+        g.set("general.architecture", Value::Str("llama".into()));
+        g.set("a.u", Value::U32(7));
+        g.set("a.u", Value::U32(9));
+        g.set("a.list", Value::StrArray(vec!["x".into(), "yz".into()]));
+        g.add_tensor("t.weight", &[2, 3], &[1., 2., 3., 4., 5., 6.], GgmlType::F32).unwrap();
+        g.add_tensor("u.bias", &[1], &[0.5], GgmlType::F32).unwrap();
+        let b = g.to_bytes();
+        assert_eq!(&b[..4], b"GGUF");
+        assert_eq!(u32::from_le_bytes(b[4..8].try_into().unwrap()), 3);
+        assert_eq!(u64::from_le_bytes(b[8..16].try_into().unwrap()), 2, "tensor count");
+        assert_eq!(u64::from_le_bytes(b[16..24].try_into().unwrap()), 3, "kv count (a.u replaced, not added)");
+        // first key: u64 length + bytes, then the value type (8 = string)
+        assert_eq!(u64::from_le_bytes(b[24..32].try_into().unwrap()), 20);
+        assert_eq!(&b[32..52], b"general.architecture");
+        assert_eq!(u32::from_le_bytes(b[52..56].try_into().unwrap()), 8);
+        let head = g.head_bytes();
+        assert_eq!(head.len() % ALIGNMENT, 0);
+        // t.weight's info: dims reversed (ggml order [3, 2]), type 0, offset 0
+        let at = head.windows(8).position(|w| w == b"t.weight").unwrap() + 8;
+        let u64_at = |i: usize| u64::from_le_bytes(head[i..i + 8].try_into().unwrap());
+        assert_eq!(u32::from_le_bytes(head[at..at + 4].try_into().unwrap()), 2);
+        assert_eq!((u64_at(at + 4), u64_at(at + 12)), (3, 2));
+        assert_eq!(u64_at(at + 24), 0);
+        // u.bias starts at the next aligned offset after 24 bytes of data
+        let at = head.windows(6).position(|w| w == b"u.bias").unwrap() + 6;
+        assert_eq!(u64_at(at + 4 + 8 + 4), 32);
+        assert_eq!(b.len(), head.len() + 64);
+        assert_eq!(f32::from_le_bytes(b[head.len() + 32..head.len() + 36].try_into().unwrap()), 0.5);
+        assert!(g.add_tensor("t.weight", &[1], &[0.0], GgmlType::F32).is_err(), "duplicate name");
+        assert!(g.add_tensor("v.weight", &[2, 2], &[0.0], GgmlType::F32).is_err(), "wrong value count");
+    }
+
+    #[test]
+    fn q8_0_round_trip_within_its_bound() {
+        let values: Vec<f32> = (0..256).map(|i| (i as f32 * 0.37).sin() * (1.0 + i as f32 / 50.0)).collect();
+        let bytes = encode(&values, GgmlType::Q8_0).unwrap();
+        assert_eq!(bytes.len(), 8 * 34);
+        let back = decode_q8_0(&bytes);
+        for (blk, (x, y)) in values.chunks(32).zip(back.chunks(32)).enumerate() {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let bound = amax / 127.0 * 0.5 + amax * 2f32.powi(-11) * 1.01;
+            for (a, b) in x.iter().zip(y) {
+                assert!((a - b).abs() <= bound, "block {blk}: {a} -> {b} (bound {bound})");
+            }
+        }
+        // halves round away from zero, the scale is max|x| / 127, zeros stay zero
+        let mut block = vec![0f32; 32];
+        block[0] = 127.0;
+        block[1] = 2.5;
+        block[2] = -2.5;
+        let b = encode(&block, GgmlType::Q8_0).unwrap();
+        assert_eq!(half::f16::from_le_bytes([b[0], b[1]]).to_f32(), 1.0);
+        assert_eq!((b[2] as i8, b[3] as i8, b[4] as i8, b[5] as i8), (127, 3, -3, 0));
+        assert_eq!(decode_q8_0(&encode(&[0.0; 32], GgmlType::Q8_0).unwrap()), vec![0.0; 32]);
+        assert!(encode(&[1.0; 33], GgmlType::Q8_0).is_err());
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even_like_ggml() {
+        assert_eq!(bf16_bits(1.0), 0x3f80);
+        assert_eq!(bf16_bits(f32::from_bits(0x3f80_8000)), 0x3f80, "tie to even (down)");
+        assert_eq!(bf16_bits(f32::from_bits(0x3f81_8000)), 0x3f82, "tie to even (up)");
+        assert_eq!(bf16_bits(f32::from_bits(0x7f80_0001)) & 0x7fc0, 0x7fc0, "nan made quiet");
+    }
+
+    #[test]
+    fn tensor_types_follow_the_converter() {
+        assert_eq!(tensor_type("blk.0.attn_norm.weight", &[64], GgufDtype::Q8_0), GgmlType::F32);
+        assert_eq!(tensor_type("output_norm.weight", &[2, 64], GgufDtype::F16), GgmlType::F32);
+        assert_eq!(tensor_type("blk.0.attn_q.bias", &[64, 2], GgufDtype::F16), GgmlType::F32);
+        assert_eq!(tensor_type("blk.0.ffn_down.weight", &[64, 176], GgufDtype::Q8_0), GgmlType::F16);
+        assert_eq!(tensor_type("blk.0.ffn_up.weight", &[176, 64], GgufDtype::Q8_0), GgmlType::Q8_0);
+        assert_eq!(tensor_type("blk.0.attn_q.weight.lora_b", &[64, 8], GgufDtype::Q8_0), GgmlType::F16);
+        assert_eq!(tensor_type("blk.0.attn_q.weight.lora_a", &[8, 64], GgufDtype::Bf16), GgmlType::Bf16);
+    }
+
+    #[test]
+    fn llama_names_and_rope_permutation() {
+        let c = llama();
+        let m = |n: &str| map_tensor_name(&c, n).unwrap();
+        assert_eq!(m("model.embed_tokens.weight").as_deref(), Some("token_embd.weight"));
+        assert_eq!(m("model.norm.weight").as_deref(), Some("output_norm.weight"));
+        assert_eq!(m("lm_head.weight").as_deref(), Some("output.weight"));
+        assert_eq!(m("model.layers.1.self_attn.q_proj.weight").as_deref(), Some("blk.1.attn_q.weight"));
+        assert_eq!(m("model.layers.0.post_attention_layernorm.weight").as_deref(), Some("blk.0.ffn_norm.weight"));
+        assert_eq!(m("model.layers.0.mlp.down_proj.weight").as_deref(), Some("blk.0.ffn_down.weight"));
+        assert_eq!(m("model.layers.0.self_attn.rotary_emb.inv_freq"), None);
+        let e = map_tensor_name(&c, "model.layers.0.self_attn.q_norm.weight").unwrap_err().to_string();
+        assert!(e.contains("model.layers.0.self_attn.q_norm.weight") && e.contains("llama"), "{e}");
+        // head_dim 4: rows [0 1 2 3] of each head become [0 2 1 3]
+        assert_eq!(row_permutation(&c, "blk.0.attn_q.weight").unwrap(), vec![0, 2, 1, 3, 4, 6, 5, 7]);
+        assert_eq!(row_permutation(&c, "blk.0.attn_k.weight").unwrap(), vec![0, 2, 1, 3]);
+        assert!(row_permutation(&c, "blk.0.attn_v.weight").is_none());
+        let qwen = cfg(r#"{"model_type":"qwen2","vocab_size":32,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2}"#);
+        assert_eq!(arch_name(&qwen), "qwen2");
+        assert!(row_permutation(&qwen, "blk.0.attn_q.weight").is_none(), "qwen2 keeps neox rope rows");
+    }
+
+    #[test]
+    fn falcon_names_and_qkv_regrouping() {
+        let c = falcon40b();
+        let m = |n: &str| map_tensor_name(&c, n).unwrap().unwrap();
+        assert_eq!(m("transformer.word_embeddings.weight"), "token_embd.weight");
+        assert_eq!(m("transformer.ln_f.bias"), "output_norm.bias");
+        assert_eq!(m("transformer.h.1.self_attention.query_key_value.weight"), "blk.1.attn_qkv.weight");
+        assert_eq!(m("transformer.h.1.self_attention.dense.weight"), "blk.1.attn_output.weight");
+        assert_eq!(m("transformer.h.1.mlp.dense_h_to_4h.weight"), "blk.1.ffn_up.weight");
+        assert_eq!(m("transformer.h.1.ln_mlp.weight"), "blk.1.attn_norm.weight");
+        assert_eq!(m("transformer.h.1.ln_attn.weight"), "blk.1.attn_norm_2.weight");
+        // 4 heads in 2 kv groups, head_dim 2: HF rows per group = q q k v (2 rows each)
+        let order = row_permutation(&c, "blk.0.attn_qkv.weight").unwrap();
+        let q = [0, 1, 2, 3, 8, 9, 10, 11];
+        let k = [4, 5, 12, 13];
+        let v = [6, 7, 14, 15];
+        assert_eq!(order, [&q[..], &k[..], &v[..]].concat());
+        // multi-query falcon-7b: one group, already q..., k, v: unchanged
+        let mq = cfg(r#"{"model_type":"falcon","vocab_size":32,"hidden_size":8,"num_hidden_layers":1,"num_attention_heads":4,"num_kv_heads":4,"multi_query":true}"#);
+        let order = row_permutation(&mq, "blk.0.attn_qkv.weight").unwrap();
+        assert_eq!(order, (0..12).collect::<Vec<_>>());
+        let e = permute_rows("blk.0.attn_qkv.weight", &[10, 2], &[0.0; 20], &order).unwrap_err().to_string();
+        assert!(e.contains("blk.0.attn_qkv.weight"), "{e}");
+    }
+
+    #[test]
+    fn byte_fallback_tokenizer_is_written_as_llama() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = r#"{"added_tokens":[{"id":0,"content":"<s>","special":true}],"model":{"type":"BPE","byte_fallback":true,"vocab":{"<s>":0,"<0x0A>":1,"\u2581a":2},"merges":[]},
+            "post_processor":{"type":"TemplateProcessing","single":[{"SpecialToken":{"id":"<s>","type_id":0}},{"Sequence":{"id":"A","type_id":0}}]}}"#;
+        std::fs::write(dir.path().join("tokenizer.json"), tok).unwrap();
+        let c = cfg(r#"{"model_type":"llama","vocab_size":4,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2,"bos_token_id":0}"#);
+        let kv: std::collections::HashMap<_, _> = vocab::tokenizer_metadata(dir.path(), &c).unwrap().into_iter().collect();
+        assert_eq!(kv["tokenizer.ggml.model"], Value::Str("llama".into()));
+        assert_eq!(kv["tokenizer.ggml.token_type"], Value::I32Array(vec![vocab::CONTROL, vocab::BYTE, vocab::NORMAL, vocab::UNUSED]));
+        assert_eq!(kv["tokenizer.ggml.tokens"], Value::StrArray(vec!["<s>".into(), "<0x0A>".into(), "\u{2581}a".into(), "[PAD3]".into()]));
+        assert_eq!(kv["tokenizer.ggml.add_bos_token"], Value::Bool(true));
+        assert_eq!(kv["tokenizer.ggml.bos_token_id"], Value::U32(0));
+        let small = cfg(r#"{"model_type":"llama","vocab_size":2,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,"num_attention_heads":2}"#);
+        let e = vocab::tokenizer_metadata(dir.path(), &small).unwrap_err().to_string();
+        assert!(e.contains("tokenizer.json") && e.contains("vocab_size 2"), "{e}");
+    }
+}
