@@ -1,13 +1,15 @@
 //! The `lorafleet` command. Local commands (`train`, `eval`, `generate`, `quantize`,
 //! `merge`, `bench`) run the engine in-process; remote commands (`submit`, `jobs`,
 //! `status`, `watch`, `logs`, `cancel`, `checkpoints`, `fetch`, `workers`) talk to a
-//! coordinator over gRPC; `dev` runs coordinator + worker + file storage embedded.
+//! coordinator over gRPC; `dev` runs coordinator + worker + file storage embedded;
+//! `serve` answers OpenAI API requests with a base model and many adapters.
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 pub mod local;
 pub mod remote;
+pub mod serve;
 
 /// Fine-tune open LLMs on your own question/answer data with QLoRA.
 ///
@@ -35,6 +37,7 @@ pub enum Command {
     Local(local::LocalCommand),
     #[command(flatten)]
     Remote(remote::RemoteCommand),
+    Serve(serve::ServeArgs),
 }
 
 pub fn init_tracing(filter: &str, json: bool) {
@@ -48,12 +51,13 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log, cli.log_json);
     // Commands that train or run a model load the BLAS now, while this is the only thread.
-    if matches!(cli.command, Command::Local(_) | Command::Remote(remote::RemoteCommand::Dev(_))) {
+    if matches!(cli.command, Command::Local(_) | Command::Serve(_) | Command::Remote(remote::RemoteCommand::Dev(_))) {
         lorafleet_engine::blas::init_early();
     }
     let result = match cli.command {
         Command::Local(c) => local::run(c),
         Command::Remote(c) => remote::run(c),
+        Command::Serve(a) => serve::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

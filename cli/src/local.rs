@@ -532,6 +532,16 @@ fn spec_path(spec_dir: &Path, p: &str) -> PathBuf {
     }
 }
 
+/// lorafleet's local cache: $LORAFLEET_CACHE, else $XDG_CACHE_HOME/lorafleet, else
+/// ~/.cache/lorafleet.
+pub fn cache_root() -> PathBuf {
+    std::env::var_os("LORAFLEET_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("lorafleet")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lorafleet")))
+        .unwrap_or_else(|| PathBuf::from(".lorafleet/cache"))
+}
+
 /// A model or adapter source as local commands take it: a local directory (or
 /// `file://`), or `s3://bucket/prefix` / `hf://org/name[@revision]`, fetched (verified)
 /// into the local cache once (`$LORAFLEET_CACHE`, default `~/.cache/lorafleet`).
@@ -544,11 +554,7 @@ pub fn resolve_source(field: &str, source: &Path) -> anyhow::Result<PathBuf> {
     if !s.contains("://") {
         return Ok(source.to_path_buf());
     }
-    let root = std::env::var_os("LORAFLEET_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("lorafleet")))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lorafleet")))
-        .unwrap_or_else(|| PathBuf::from(".lorafleet/cache"));
+    let root = cache_root();
     eprintln!("fetching {s} into {} ...", root.display());
     let cache = lorafleet_storage::Cache::new(root);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

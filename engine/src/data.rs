@@ -300,6 +300,36 @@ pub fn format_prompt(template: &str, question: &str) -> String {
     template.replace("{question}", question)
 }
 
+/// A conversation's tokens in order, each piece flagged when it is an answer: system
+/// text goes in front of the first prompt; each user turn is formatted with the
+/// template, each assistant turn is an answer (" " + text + eos).
+fn chat_pieces(tok: &Tokenizer, template: &str, turns: &[Turn]) -> Result<Vec<(Vec<u32>, bool)>> {
+    let mut system = String::new();
+    let mut first = true;
+    let mut out = Vec::with_capacity(turns.len());
+    for t in turns {
+        match t.role.as_str() {
+            "system" => {
+                system.push_str(&t.content);
+                system.push('\n');
+            }
+            "user" => {
+                let text = format!("{}{}", if first { system.as_str() } else { "\n" }, format_prompt(template, &t.content));
+                out.push((tok.encode(&text, first)?, false));
+                first = false;
+            }
+            _ => out.push((tok.encode_answer(&t.content)?, true)),
+        }
+    }
+    Ok(out)
+}
+
+/// The prompt of a conversation that ends with a user turn, tokenized as training
+/// tokenizes conversations (the model then continues with the answer).
+pub fn encode_chat_prompt(tok: &Tokenizer, template: &str, turns: &[Turn]) -> Result<Vec<u32>> {
+    Ok(chat_pieces(tok, template, turns)?.into_iter().flat_map(|(p, _)| p).collect())
+}
+
 /// Tokenize one record. Returns `None` for a text file that has to be chunked (handled
 /// by the caller); errors are reasons for skipping the row.
 fn tokenize_record(kind: &RecordKind, tok: &Tokenizer, spec: &DataSpec) -> Result<Vec<Example>> {
@@ -315,29 +345,9 @@ fn tokenize_record(kind: &RecordKind, tok: &Tokenizer, spec: &DataSpec) -> Resul
             ids.extend(a);
         }
         RecordKind::Chat(turns) => {
-            // system text goes in front of the first prompt; each user turn is formatted
-            // with the template, each assistant turn is an answer (" " + text + eos).
-            let mut system = String::new();
-            let mut first = true;
-            for t in turns {
-                match t.role.as_str() {
-                    "system" => {
-                        system.push_str(&t.content);
-                        system.push('\n');
-                    }
-                    "user" => {
-                        let text = format!("{}{}", if first { system.as_str() } else { "\n" }, format_prompt(&spec.template, &t.content));
-                        let p = tok.encode(&text, first)?;
-                        first = false;
-                        targets.extend(std::iter::repeat_n(spec.train_on_prompt, p.len()));
-                        ids.extend(p);
-                    }
-                    _ => {
-                        let a = tok.encode_answer(&t.content)?;
-                        targets.extend(std::iter::repeat_n(true, a.len()));
-                        ids.extend(a);
-                    }
-                }
+            for (piece, answer) in chat_pieces(tok, &spec.template, turns)? {
+                targets.extend(std::iter::repeat_n(answer || spec.train_on_prompt, piece.len()));
+                ids.extend(piece);
             }
         }
         RecordKind::Text(text) => {

@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::model::CausalLm;
 use crate::peft;
 use crate::{EngineError, Result};
 
@@ -38,13 +37,14 @@ pub struct ServedAdapter {
 }
 
 impl ServedAdapter {
-    /// Read the PEFT adapter in `dir` and check it against `model`'s linear modules:
-    /// every tensor must name a linear of the model with the shapes `[r, in]` / `[out, r]`.
-    pub fn load(name: &str, dir: &Path, model: &dyn CausalLm, dtype: DType, device: &Device) -> Result<Self> {
+    /// Read the PEFT adapter in `dir` and check it against the base model's linear
+    /// modules (`model.linear_shapes()`: path, out, in): every tensor must name one of
+    /// them, with the shapes `[r, in]` / `[out, r]`.
+    pub fn load(name: &str, dir: &Path, linears: &[(String, usize, usize)], dtype: DType, device: &Device) -> Result<Self> {
         let cfg = peft::read_adapter_config(dir)?;
         let mut tensors = peft::read_adapter_tensors(dir)?;
         let file = dir.join(peft::ADAPTER_WEIGHTS);
-        let shapes: HashMap<String, (usize, usize)> = model.linear_shapes().into_iter().map(|(n, o, i)| (n, (o, i))).collect();
+        let shapes: HashMap<&str, (usize, usize)> = linears.iter().map(|(n, o, i)| (n.as_str(), (*o, *i))).collect();
         let mut modules = HashMap::new();
         let mut keys: Vec<String> = tensors.keys().cloned().collect();
         keys.sort();
@@ -52,7 +52,7 @@ impl ServedAdapter {
         for key in keys {
             let Some(module) = key.strip_prefix("base_model.model.").and_then(|k| k.strip_suffix(".lora_A.weight")) else { continue };
             let module = module.to_string();
-            let &(out, inp) = shapes.get(&module).ok_or_else(|| {
+            let &(out, inp) = shapes.get(module.as_str()).ok_or_else(|| {
                 EngineError::AdapterMismatch(format!("{}: tensor {key} names module {module}, which the base model does not have", file.display()))
             })?;
             let mut take = |k: &str, want: [usize; 2]| -> Result<Tensor> {

@@ -187,6 +187,34 @@ pub fn write_adapter(dir: &Path, settings: &LoraSettings, tensors: &BTreeMap<Str
     write_safetensors_f32(&dir.join(ADAPTER_WEIGHTS), tensors, meta)
 }
 
+/// lorafleet's note next to the PEFT files: the prompt template the adapter was trained
+/// with, so that generation and serving format prompts the same way. PEFT ignores it.
+pub const PROMPT_FILE: &str = "lorafleet_prompt.json";
+
+/// Write [`PROMPT_FILE`] into an adapter directory.
+pub fn write_prompt_file(dir: &Path, template: &str) -> Result<()> {
+    let path = dir.join(PROMPT_FILE);
+    let text = serde_json::to_string_pretty(&serde_json::json!({ "template": template })).map_err(|e| EngineError::file(&path, e.to_string()))?;
+    std::fs::write(&path, text + "\n").map_err(|e| EngineError::file(&path, format!("cannot write: {e}")))
+}
+
+/// The template recorded in an adapter directory's [`PROMPT_FILE`]: `None` when the
+/// file is absent (an adapter from elsewhere), an error when it is unreadable or has no
+/// `template` with `{question}`.
+pub fn read_prompt_template(dir: &Path) -> Result<Option<String>> {
+    let path = dir.join(PROMPT_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(EngineError::file(&path, format!("cannot read: {e}"))),
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| EngineError::file(&path, format!("not valid JSON: {e}")))?;
+    match v.get("template").and_then(|t| t.as_str()) {
+        Some(t) if t.contains("{question}") => Ok(Some(t.to_string())),
+        _ => Err(EngineError::file(&path, "\"template\" must be a string containing {question}")),
+    }
+}
+
 /// Save the model's current LoRA weights as a PEFT adapter.
 pub fn save_adapter(model: &dyn CausalLm, dir: &Path, base_model_name_or_path: &str) -> Result<()> {
     let settings = model

@@ -101,8 +101,8 @@ fn check_model(model: &str, quant: Quant, tol: f32) {
     other_adapter(model, odir.path());
     let opts = LoadOptions { quant, ..LoadOptions::default() };
     let base = load_model(&mdir, &opts).unwrap();
-    let fixture = Arc::new(ServedAdapter::load("fixture", &adir, base.as_ref(), DType::F32, &Device::Cpu).unwrap());
-    let other = Arc::new(ServedAdapter::load("other", odir.path(), base.as_ref(), DType::F32, &Device::Cpu).unwrap());
+    let fixture = Arc::new(ServedAdapter::load("fixture", &adir, &base.linear_shapes(), DType::F32, &Device::Cpu).unwrap());
+    let other = Arc::new(ServedAdapter::load("other", odir.path(), &base.linear_shapes(), DType::F32, &Device::Cpu).unwrap());
     assert!(fixture.module_count() > 0 && fixture.scaling == 2.0);
     let with_other = load_model(&mdir, &with_adapter(odir.path(), quant)).unwrap();
     let (base_key, adapter_key) = match quant {
@@ -143,8 +143,8 @@ fn packed_passes_match_on_an_nf4_base() {
 fn adapters_that_do_not_fit_the_base_are_refused() {
     let base = load_model(&fixtures().join("models/tiny-llama"), &LoadOptions::default()).unwrap();
     // The falcon adapter names modules the llama model does not have.
-    let err = ServedAdapter::load("x", &fixtures().join("adapters/tiny-falcon"), base.as_ref(), DType::F32, &Device::Cpu).unwrap_err().to_string();
+    let err = ServedAdapter::load("x", &fixtures().join("adapters/tiny-falcon"), &base.linear_shapes(), DType::F32, &Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("does not have") || err.contains("shape"), "{err}");
-    let err = ServedAdapter::load("x", Path::new("/nonexistent/adapter"), base.as_ref(), DType::F32, &Device::Cpu).unwrap_err().to_string();
+    let err = ServedAdapter::load("x", Path::new("/nonexistent/adapter"), &base.linear_shapes(), DType::F32, &Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("adapter_config.json"), "{err}");
 }
