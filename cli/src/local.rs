@@ -15,6 +15,7 @@ use lorafleet_engine::tokenizer::Tokenizer;
 use lorafleet_engine::train::{self, TrainRun};
 use lorafleet_shared::spec::{ComputeDtype, DataFormat, DataSpec, JobSpec, QuantMethod, SpecContext};
 
+mod export;
 mod progress;
 
 #[derive(Debug, Subcommand)]
@@ -71,8 +72,9 @@ pub enum LocalCommand {
     },
     /// Fold a LoRA adapter into its base model (a full checkpoint, servable without PEFT).
     ///
-    /// Example:
+    /// Examples:
     ///   lorafleet merge --model models/demo --adapter out/faq --out models/demo-faq --dtype bf16
+    ///   lorafleet merge --model models/demo --adapter out/faq --out demo-faq.gguf --format gguf --dtype q8_0
     #[command(verbatim_doc_comment)]
     Merge {
         /// Base model directory.
@@ -84,10 +86,19 @@ pub enum LocalCommand {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
-        /// Weight dtype of the merged checkpoint.
+        /// Weight dtype of the merged checkpoint (f16 and q8_0 with --format gguf).
         #[arg(long, value_enum, default_value = "f32")]
-        dtype: DtypeArg,
+        dtype: export::WeightDtype,
+        /// Output: a Hugging Face directory, or one llama.cpp GGUF file.
+        #[arg(long, value_enum, default_value = "safetensors")]
+        format: export::MergeFormat,
     },
+    /// Write a PEFT LoRA adapter as a llama.cpp GGUF LoRA adapter (llama-cli --lora).
+    ///
+    /// Example:
+    ///   lorafleet export --adapter out/faq --format gguf -o faq.gguf --model models/demo
+    #[command(verbatim_doc_comment)]
+    Export(export::ExportArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -500,16 +511,8 @@ pub fn run(c: LocalCommand) -> anyhow::Result<()> {
             println!("wrote the nf4 model to {}", out.display());
             Ok(())
         }
-        LocalCommand::Merge { model, adapter, out, dtype } => {
-            let dt = match dtype {
-                DtypeArg::Bf16 => candle_core::DType::BF16,
-                DtypeArg::F32 => candle_core::DType::F32,
-            };
-            let (model, adapter) = (resolve_source("--model", &model)?, resolve_source("--adapter", &adapter)?);
-            lorafleet_engine::merge::merge_adapter(&model, &adapter, &out, dt)?;
-            println!("wrote the merged model to {}", out.display());
-            Ok(())
-        }
+        LocalCommand::Merge { model, adapter, out, dtype, format } => export::run_merge(model, adapter, out, format, dtype),
+        LocalCommand::Export(a) => export::run_export(a),
         LocalCommand::DemoModel { out } => {
             RandomLlama::demo().write(&out)?;
             println!("wrote the demo model to {}", out.display());
@@ -814,7 +817,7 @@ mod tests {
         let bad = BenchCommand::MakeModel { shape: "falcon-7b".into(), out: "d".into(), seed: 0, init_std: 0.02, shard_gb: 0.0 };
         assert!(run(LocalCommand::Bench(bad)).unwrap_err().to_string().contains("--shard-gb"));
         let c = TestCli::try_parse_from(["x", "merge", "--model", "m", "--adapter", "a", "--out", "o", "--dtype", "bf16"]).unwrap();
-        assert!(matches!(c.c, LocalCommand::Merge { dtype: DtypeArg::Bf16, .. }));
+        assert!(matches!(c.c, LocalCommand::Merge { dtype: export::WeightDtype::Bf16, .. }));
     }
 
     #[test]
@@ -837,7 +840,7 @@ mod tests {
             template: lorafleet_shared::spec::DEFAULT_TEMPLATE.into(),
         };
         run(LocalCommand::Generate(args(&q))).unwrap();
-        let e = run(LocalCommand::Merge { model: m.clone(), adapter: t.path().join("none"), out: t.path().join("merged"), dtype: DtypeArg::F32 })
+        let e = run(LocalCommand::Merge { model: m.clone(), adapter: t.path().join("none"), out: t.path().join("merged"), dtype: export::WeightDtype::F32, format: export::MergeFormat::Safetensors })
             .unwrap_err()
             .to_string();
         assert!(e.contains("none"), "{e}");

@@ -105,7 +105,7 @@ pub fn tensor_type(name: &str, shape: &[usize], want: GgufDtype) -> GgmlType {
     }
     let row = shape.last().copied().unwrap_or(0);
     match want.ggml() {
-        GgmlType::Q8_0 if row % Q8_0_BLOCK != 0 => GgmlType::F16,
+        GgmlType::Q8_0 if !row.is_multiple_of(Q8_0_BLOCK) => GgmlType::F16,
         t => t,
     }
 }
@@ -140,7 +140,7 @@ pub fn encode(values: &[f32], ty: GgmlType) -> Result<Vec<u8>> {
         GgmlType::F16 => out.extend(values.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes())),
         GgmlType::Bf16 => out.extend(values.iter().flat_map(|x| bf16_bits(*x).to_le_bytes())),
         GgmlType::Q8_0 => {
-            if values.len() % Q8_0_BLOCK != 0 {
+            if !values.len().is_multiple_of(Q8_0_BLOCK) {
                 return Err(EngineError::Config(format!("q8_0 needs a multiple of {Q8_0_BLOCK} values, got {}", values.len())));
             }
             values.chunks(Q8_0_BLOCK).for_each(|b| q8_0_block(b, &mut out));
