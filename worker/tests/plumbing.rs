@@ -28,6 +28,8 @@ struct Fake {
     completes: Mutex<Vec<pb::CompleteAttemptRequest>>,
     fails: Mutex<Vec<pb::FailAttemptRequest>>,
     steps: Mutex<Vec<u64>>,
+    evals: Mutex<Vec<pb::EvalMetrics>>,
+    logs: Mutex<Vec<String>>,
     storage: Mutex<Option<Storage>>,
 }
 
@@ -66,7 +68,10 @@ impl WorkerService for Svc {
         if self.0.stale.load(Ordering::SeqCst) {
             return Err(Status::failed_precondition("stale epoch"));
         }
-        self.0.steps.lock().unwrap().extend(r.into_inner().steps.iter().map(|s| s.step));
+        let r = r.into_inner();
+        self.0.steps.lock().unwrap().extend(r.steps.iter().map(|s| s.step));
+        self.0.evals.lock().unwrap().extend(r.evals);
+        self.0.logs.lock().unwrap().extend(r.logs.into_iter().map(|l| l.message));
         Ok(Response::new(pb::ReportProgressResponse { cancel: self.0.cancel.load(Ordering::SeqCst) }))
     }
     async fn commit_checkpoint(&self, r: Request<pb::CommitCheckpointRequest>) -> Result<Response<pb::CommitCheckpointResponse>, Status> {
@@ -140,7 +145,7 @@ struct Env {
     model: std::path::PathBuf,
 }
 
-async fn start(trainer: Scripted) -> Env {
+async fn start(trainer: impl Trainer) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let storage_url = url::Url::from_directory_path(dir.path().join("store")).unwrap().to_string();
     let storage = Storage::open(&storage_url).unwrap();
@@ -296,4 +301,79 @@ async fn cancel_stops_within_a_heartbeat() {
     assert!(t.elapsed() < Duration::from_millis(1500), "took {:?} (heartbeat is 1 s)", t.elapsed());
     assert_eq!(fake.fails.lock().unwrap()[0].reason, "cancelled");
     assert!(fake.completes.lock().unwrap().is_empty());
+}
+
+/// The real engine on the tiny Llama fixture with `save_best` (eval_loss, mode max: an
+/// early evaluation is the best, since the eval loss falls as the model trains on the
+/// eval data) and early stopping: the job completes before max_steps with the reason in
+/// its log, its adapter in storage is the best one (the attempt's `best/`), and an
+/// attempt resumed from the first attempt's checkpoint in a fresh scratch directory (as
+/// on another worker) gets the same best adapter back from storage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn save_best_job_uploads_the_best_adapter_and_a_resumed_attempt_keeps_it() {
+    let env = start(lorafleet_worker::EngineTrainer).await;
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hf");
+    let data = std::fs::read(fixtures.join("train/tiny-llama/data.jsonl")).unwrap();
+    let sha = env.storage.put_dataset_bytes(bytes::Bytes::from(data)).await.unwrap();
+    let ds = format!("dataset://sha256/{sha}");
+    let yaml = format!(
+        "name: best\nmodel: {{ source: {m:?} }}\nquantization: {{ method: none, compute_dtype: f32 }}\n\
+         lora: {{ r: 8, alpha: 16, dropout: 0.0, target_modules: all-linear }}\n\
+         data: {{ train: {ds:?}, eval: {ds:?}, max_seq_len: 64 }}\n\
+         training: {{ max_steps: 40, micro_batch_size: 2, grad_accum: 2, lr: 5.0e-3, schedule: constant, warmup_steps: 0, seed: 3, eval_every: 2, checkpoint_every: 4, \
+         eval_generate_samples: 2, eval_generate_max_new_tokens: 4, save_best: {{ metric: eval_loss, mode: max }}, early_stopping: {{ patience: 3 }} }}\n\
+         output: {{ dir: out }}\n",
+        m = fixtures.join("models/tiny-llama").display().to_string()
+    );
+    let spec = JobSpec::from_yaml(&yaml, SpecContext::Remote).unwrap();
+    let job = uuid::Uuid::new_v4().to_string();
+    let mut l = lease(&env, &job, 1, &ds);
+    l.spec = Some(pb::JobSpec::from(&spec));
+    env.fake.leases.lock().unwrap().push(l.clone());
+    let fake = env.fake.clone();
+    wait_for("completion", Duration::from_secs(120), || !fake.completes.lock().unwrap().is_empty() || !fake.fails.lock().unwrap().is_empty()).await;
+    assert!(fake.fails.lock().unwrap().is_empty(), "{:?}", fake.fails.lock().unwrap());
+    let done = fake.completes.lock().unwrap()[0].clone();
+
+    // Stopped early, said so in the job's log, and reported the answer metrics and the best.
+    let last_step = *fake.steps.lock().unwrap().iter().max().unwrap();
+    assert!(last_step < 40, "stopped at {last_step}");
+    let logs = fake.logs.lock().unwrap().clone();
+    let reason = logs.iter().find(|l| l.starts_with(&format!("early stopping at step {last_step}: eval_loss did not improve by more than 0 in 3 evaluations; best ")));
+    assert!(reason.is_some(), "{logs:?}");
+    let evals = fake.evals.lock().unwrap().clone();
+    let last = evals.last().unwrap();
+    assert_eq!((last.step, last.generated, last.best_metric.as_str()), (last_step, 2, "eval_loss"));
+    assert!(last.exact_match.is_some() && last.rouge_l.is_some(), "{last:?}");
+    let best_step = last.best_step;
+    assert!(best_step < last_step);
+    assert!(logs.iter().any(|l| l.contains("the adapter is the best evaluation's: eval_loss") && l.contains(&format!("at step {best_step}"))), "{logs:?}");
+
+    // The attempt's adapter in storage is its best/ adapter.
+    let got = tempfile::tempdir().unwrap();
+    env.storage.download_dir(&layout::manifest_dir(&done.adapter_manifest_key).unwrap(), got.path()).await.unwrap();
+    let adapter = std::fs::read(got.path().join("adapter_model.safetensors")).unwrap();
+    assert!(adapter == std::fs::read(got.path().join("best/adapter_model.safetensors")).unwrap(), "the job's adapter is the best one");
+    let best: serde_json::Value = serde_json::from_slice(&std::fs::read(got.path().join("best/best.json")).unwrap()).unwrap();
+    assert_eq!(best["step"], best_step);
+    // The committed checkpoints carry best/.
+    let commits = fake.commits.lock().unwrap().clone();
+    assert_eq!(commits[0].0, 4);
+    let ck = tempfile::tempdir().unwrap();
+    env.storage.download_dir(&layout::manifest_dir(&commits[0].1).unwrap(), ck.path()).await.unwrap();
+    assert!(ck.path().join("best/adapter_model.safetensors").is_file());
+
+    // A second attempt resumed from the step-4 checkpoint, in a fresh scratch directory:
+    // the same best adapter.
+    fake.completes.lock().unwrap().clear();
+    let mut l2 = l.clone();
+    (l2.epoch, l2.attempt, l2.output_prefix, l2.resume_checkpoint_key) = (2, 2, format!("jobs/{job}/attempts/2/"), commits[0].1.clone());
+    env.fake.leases.lock().unwrap().push(l2);
+    wait_for("completion of attempt 2", Duration::from_secs(120), || !fake.completes.lock().unwrap().is_empty() || !fake.fails.lock().unwrap().is_empty()).await;
+    assert!(fake.fails.lock().unwrap().is_empty(), "{:?}", fake.fails.lock().unwrap());
+    let done2 = fake.completes.lock().unwrap()[0].clone();
+    assert_eq!(done2.adapter_manifest_key, format!("jobs/{job}/attempts/2/adapter/manifest.json"));
+    let got2 = tempfile::tempdir().unwrap();
+    env.storage.download_dir(&layout::manifest_dir(&done2.adapter_manifest_key).unwrap(), got2.path()).await.unwrap();
+    assert!(std::fs::read(got2.path().join("adapter_model.safetensors")).unwrap() == adapter, "the resumed attempt's adapter is the same best one");
 }
