@@ -1,4 +1,6 @@
-//! The `lorafleet train` progress bar: step, loss, lr, tokens/s and ETA.
+//! The `lorafleet train` progress bar: step, loss, lr, tokens/s and ETA; evaluations
+//! (loss, perplexity, exact match, ROUGE-L, the best so far) and the run's notices (early
+//! stopping, the best adapter kept) as lines above it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -90,17 +92,68 @@ impl TrainObserver for CliObserver {
 
     fn on_eval(&mut self, m: &EvalMetrics) {
         let mut lines = vec![];
-        if m.tokens > 0 {
-            lines.push(format!("eval at step {}: loss {:.4} perplexity {:.3} ({} tokens)", m.step, m.loss, m.perplexity, m.tokens));
+        if let Some(l) = eval_line(m) {
+            lines.push(l);
         }
         for (p, a) in &m.samples {
             lines.push(format!("  {p} -> {a}"));
         }
         for l in lines {
-            match &self.bar {
-                Some(b) => b.println(l),
-                None => eprintln!("{l}"),
-            }
+            self.println(l);
         }
+    }
+
+    /// Info notices (early stopping, the best adapter kept); warnings already reach the
+    /// terminal through the log.
+    fn on_notice(&mut self, level: &str, message: &str) {
+        if level == "info" {
+            self.println(message.to_string());
+        }
+    }
+}
+
+impl CliObserver {
+    fn println(&self, l: String) {
+        match &self.bar {
+            Some(b) => b.println(l),
+            None => eprintln!("{l}"),
+        }
+    }
+}
+
+/// `eval at step 20: loss 1.2345 perplexity 3.437 (512 tokens), exact match 25.0% ROUGE-L
+/// 0.612 (8 answers), best eval_loss 1.2345 at step 20`; `None` when the evaluation had
+/// neither eval data nor generated answers (sample prompts only).
+pub fn eval_line(m: &EvalMetrics) -> Option<String> {
+    let mut parts = vec![];
+    if m.tokens > 0 {
+        parts.push(format!("loss {:.4} perplexity {:.3} ({} tokens)", m.loss, m.perplexity, m.tokens));
+    }
+    if let (Some(em), Some(rl)) = (m.exact_match, m.rouge_l) {
+        parts.push(format!("exact match {:.1}% ROUGE-L {:.3} ({} answers)", em * 100.0, rl, m.generated));
+    }
+    if let Some(b) = &m.best {
+        parts.push(format!("best {} {:.4} at step {}", b.metric, b.value, b.step));
+    }
+    (!parts.is_empty()).then(|| format!("eval at step {}: {}", m.step, parts.join(", ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lorafleet_engine::checkpoint::BestRecord;
+
+    #[test]
+    fn eval_line_shows_the_answer_metrics_and_the_best() {
+        let mut m = EvalMetrics { step: 20, loss: 1.23456, perplexity: 3.4368, tokens: 512, samples: vec![], exact_match: None, rouge_l: None, generated: 0, best: None };
+        assert_eq!(eval_line(&m).unwrap(), "eval at step 20: loss 1.2346 perplexity 3.437 (512 tokens)");
+        (m.exact_match, m.rouge_l, m.generated) = (Some(0.25), Some(0.6123), 8);
+        m.best = Some(BestRecord { metric: "rouge_l".into(), step: 10, value: 0.7 });
+        assert_eq!(
+            eval_line(&m).unwrap(),
+            "eval at step 20: loss 1.2346 perplexity 3.437 (512 tokens), exact match 25.0% ROUGE-L 0.612 (8 answers), best rouge_l 0.7000 at step 10"
+        );
+        let none = EvalMetrics { tokens: 0, exact_match: None, rouge_l: None, best: None, ..m };
+        assert_eq!(eval_line(&none), None);
     }
 }

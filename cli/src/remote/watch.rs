@@ -127,11 +127,7 @@ pub async fn watch(client: &mut JobServiceClient<AuthChannel>, job_id: &str) -> 
                             bar.set_message(msg);
                         }
                         Some(pb::job_event::Event::Eval(e)) => {
-                            let line = if e.eval_loss.is_finite() {
-                                format!("eval at step {}: loss {:.4} perplexity {:.2}", e.step, e.eval_loss, e.perplexity)
-                            } else {
-                                format!("samples at step {}:", e.step)
-                            };
+                            let line = eval_line(&e);
                             bar.println(line.clone());
                             if !tty {
                                 println!("{line}");
@@ -240,5 +236,42 @@ mod tests {
         assert_eq!(rank_summary(&[rank(0, "", 5, f64::NAN)], 5), "ranks r0@- - tok/s");
         let many: Vec<_> = (0..10).map(|i| rank(i, "w", 1, 1.0)).collect();
         assert!(rank_summary(&many, 1).ends_with("r7@w 1 tok/s, +2 more"), "{}", rank_summary(&many, 1));
+    }
+}
+
+/// One evaluation as `watch` prints it: loss and perplexity, exact match and ROUGE-L of
+/// the generated answers, and the best so far (`samples at step N:` when it had none of
+/// these, only sample prompts).
+pub fn eval_line(e: &pb::EvalMetrics) -> String {
+    let mut parts = vec![];
+    if e.eval_loss.is_finite() {
+        parts.push(format!("loss {:.4} perplexity {:.2}", e.eval_loss, e.perplexity));
+    }
+    if let (Some(em), Some(rl)) = (e.exact_match, e.rouge_l) {
+        parts.push(format!("exact match {:.1}% ROUGE-L {:.3} ({} answers)", em * 100.0, rl, e.generated));
+    }
+    if let Some(v) = e.best_value.filter(|_| !e.best_metric.is_empty()) {
+        parts.push(format!("best {} {v:.4} at step {}", e.best_metric, e.best_step));
+    }
+    if parts.is_empty() {
+        format!("samples at step {}:", e.step)
+    } else {
+        format!("eval at step {}: {}", e.step, parts.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod eval_line_tests {
+    use super::*;
+
+    #[test]
+    fn eval_lines_show_answer_metrics_and_the_best() {
+        let mut e = pb::EvalMetrics { step: 8, eval_loss: 1.5, perplexity: 4.4817, ..Default::default() };
+        assert_eq!(eval_line(&e), "eval at step 8: loss 1.5000 perplexity 4.48");
+        (e.exact_match, e.rouge_l, e.generated) = (Some(0.5), Some(0.75), 4);
+        (e.best_metric, e.best_step, e.best_value) = ("exact_match".into(), 6, Some(0.75));
+        assert_eq!(eval_line(&e), "eval at step 8: loss 1.5000 perplexity 4.48, exact match 50.0% ROUGE-L 0.750 (4 answers), best exact_match 0.7500 at step 6");
+        let samples_only = pb::EvalMetrics { step: 3, eval_loss: f64::NAN, ..Default::default() };
+        assert_eq!(eval_line(&samples_only), "samples at step 3:");
     }
 }
