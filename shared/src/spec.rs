@@ -887,6 +887,13 @@ output: { dir: ./out/faq-falcon }
     }
 
     #[test]
+    fn the_evaluation_example_parses() {
+        let s = JobSpec::from_yaml(include_str!("../../examples/faq-eval.yaml"), SpecContext::Local).unwrap();
+        assert_eq!(s.training.tracked_metric(), Some((EvalMetric::ExactMatch, MetricMode::Max)));
+        assert!(s.training.eval_generate_samples > 0 && s.training.early_stopping.is_some());
+    }
+
+    #[test]
     fn answer_quality_bad_values_name_their_key() {
         let no_eval = MINIMAL;
         for (yaml, want) in [
