@@ -56,10 +56,12 @@ enum Kind {
     OptF64,
     F64s,
     U32,
+    OptU32,
     U64,
     OptU64,
     I32,
     Enum,
+    OptEnum,
     Bool,
     Section,
 }
@@ -75,9 +77,11 @@ enum Wire {
     OptF64(Option<f64>),
     F64s(Vec<f64>),
     U32(u32),
+    OptU32(Option<u32>),
     U64(u64),
     OptU64(Option<u64>),
     I32(i32),
+    OptI32(Option<i32>),
     Bool(bool),
     Section(bool),
 }
@@ -130,6 +134,14 @@ const FIELDS: &[(&str, Kind)] = &[
     ("training.checkpoint_every", Kind::U64),
     ("training.sample_prompts", Kind::Strs),
     ("training.sample_max_new_tokens", Kind::U32),
+    ("training.eval_generate_samples", Kind::U32),
+    ("training.eval_generate_max_new_tokens", Kind::OptU32),
+    ("training.save_best", Kind::Section),
+    ("training.save_best.metric", Kind::Enum),
+    ("training.save_best.mode", Kind::OptEnum),
+    ("training.early_stopping", Kind::Section),
+    ("training.early_stopping.patience", Kind::U32),
+    ("training.early_stopping.min_delta", Kind::F64),
     ("output", Kind::Section),
     ("output.dir", Kind::Str),
     ("resources", Kind::Section),
@@ -143,7 +155,7 @@ const FIELDS: &[(&str, Kind)] = &[
 ];
 
 const ENUMS: &[&str] =
-    &["quantization.method", "quantization.compute_dtype", "data.format", "training.schedule", "training.optimizer", "resources.device"];
+    &["quantization.method", "quantization.compute_dtype", "data.format", "training.schedule", "training.optimizer", "training.save_best.metric", "resources.device"];
 
 /// Set `path` of `p` to `w` (a section is created when one of its fields is set).
 fn apply(p: &mut pb::JobSpec, path: &str, w: Wire) {
@@ -201,6 +213,14 @@ fn apply(p: &mut pb::JobSpec, path: &str, w: Wire) {
         ("training.checkpoint_every", U64(v)) => sec!(training).checkpoint_every = v,
         ("training.sample_prompts", Strs(v)) => sec!(training).sample_prompts = v,
         ("training.sample_max_new_tokens", U32(v)) => sec!(training).sample_max_new_tokens = v,
+        ("training.eval_generate_samples", U32(v)) => sec!(training).eval_generate_samples = v,
+        ("training.eval_generate_max_new_tokens", OptU32(v)) => sec!(training).eval_generate_max_new_tokens = v,
+        ("training.save_best", Section(on)) => sec!(training).save_best = on.then(Default::default),
+        ("training.save_best.metric", I32(v)) => sec!(training).save_best.get_or_insert_with(Default::default).metric = v,
+        ("training.save_best.mode", OptI32(v)) => sec!(training).save_best.get_or_insert_with(Default::default).mode = v,
+        ("training.early_stopping", Section(on)) => sec!(training).early_stopping = on.then(Default::default),
+        ("training.early_stopping.patience", U32(v)) => sec!(training).early_stopping.get_or_insert_with(Default::default).patience = v,
+        ("training.early_stopping.min_delta", F64(v)) => sec!(training).early_stopping.get_or_insert_with(Default::default).min_delta = v,
         ("output", Section(on)) => p.output = on.then(Default::default),
         ("output.dir", Str(s)) => sec!(output).dir = s,
         ("resources", Section(on)) => p.resources = on.then(Default::default),
@@ -268,10 +288,12 @@ fn value(kind: Kind) -> BoxedStrategy<Wire> {
         Kind::OptF64 => prop::option::of(wire_f64()).prop_map(Wire::OptF64).boxed(),
         Kind::F64s => prop::collection::vec(wire_f64(), 0..4).prop_map(Wire::F64s).boxed(),
         Kind::U32 => wire_u32().prop_map(Wire::U32).boxed(),
+        Kind::OptU32 => prop::option::of(wire_u32()).prop_map(Wire::OptU32).boxed(),
         Kind::U64 => wire_u64().prop_map(Wire::U64).boxed(),
         Kind::OptU64 => prop::option::of(wire_u64()).prop_map(Wire::OptU64).boxed(),
         Kind::I32 => any::<i32>().prop_map(Wire::I32).boxed(),
         Kind::Enum => prop_oneof![3 => 0i32..5, 1 => any::<i32>()].prop_map(Wire::I32).boxed(),
+        Kind::OptEnum => prop::option::of(prop_oneof![3 => 0i32..5, 1 => any::<i32>()]).prop_map(Wire::OptI32).boxed(),
         Kind::Bool => any::<bool>().prop_map(Wire::Bool).boxed(),
         Kind::Section => prop_oneof![3 => Just(true), 1 => Just(false)].prop_map(Wire::Section).boxed(),
     }
@@ -335,6 +357,9 @@ fn convert_and_check(p: pb::JobSpec) -> Result<bool, TestCaseError> {
     prop_assert!(prompts.len() <= MAX_ENTRIES && prompts.iter().all(|p| p.len() <= MAX_TEXT_LEN && !p.contains('\0')));
     prop_assert!(spec.training.betas.iter().all(|b| (0.0..1.0).contains(b)));
     prop_assert!(spec.lora.alpha.is_finite() && spec.training.lr.is_finite() && spec.training.eps.is_finite());
+    if let Some(es) = &spec.training.early_stopping {
+        prop_assert!(es.patience >= 1 && es.min_delta.is_finite() && es.min_delta >= 0.0, "{:?}", es);
+    }
     // What the coordinator shows back converts to the same spec.
     let back = spec_from_pb(spec_to_pb(&spec)).map_err(|e| TestCaseError::fail(format!("round trip: {e}")))?;
     prop_assert_eq!(back, spec);
@@ -397,7 +422,7 @@ proptest! {
     fn enum_values_out_of_range_are_refused(field in prop::sample::select(ENUMS.to_vec()), v in prop_oneof![-2i32..6, any::<i32>()]) {
         let defined = match field {
             "data.format" => 1..=4,
-            "training.schedule" => 1..=3,
+            "training.schedule" | "training.save_best.metric" => 1..=3,
             _ => 1..=2,
         };
         let mut p = valid();
