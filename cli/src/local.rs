@@ -373,8 +373,11 @@ pub struct GenerateArgs {
     /// Use the prompt as is, without the template.
     #[arg(long)]
     pub raw: bool,
-    #[arg(long, default_value = lorafleet_shared::spec::DEFAULT_TEMPLATE)]
-    pub template: String,
+    /// Prompt template (must contain {question}); default: the one the adapter was
+    /// trained with (recorded next to its files), else the spec's default
+    /// "<human>: {question}\n<assistant>:".
+    #[arg(long)]
+    pub template: Option<String>,
 }
 
 pub fn run(c: LocalCommand) -> anyhow::Result<()> {
@@ -688,8 +691,16 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     if a.temperature < 0.0 || !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--temperature must be >= 0 and --top-p in (0, 1]");
     }
+    let recorded = match &a.model.adapter {
+        Some(dir) if a.template.is_none() && !a.raw => lorafleet_engine::peft::read_prompt_template(&resolve_source("--adapter", dir)?)?,
+        _ => None,
+    };
+    let template = a.template.clone().or(recorded).unwrap_or_else(|| lorafleet_shared::spec::DEFAULT_TEMPLATE.to_string());
+    if !a.raw && !template.contains("{question}") {
+        bail!("--template must contain {{question}}");
+    }
     let (model, tok) = load(&a.model)?;
-    let prompt = if a.raw { tok.encode(&a.prompt, true)? } else { tok.encode_prompt(&format_prompt(&a.template, &a.prompt))? };
+    let prompt = if a.raw { tok.encode(&a.prompt, true)? } else { tok.encode_prompt(&format_prompt(&template, &a.prompt))? };
     let opts = GenerateOptions { max_new_tokens: a.max_new_tokens, temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, seed: a.seed, stop_ids: vec![] };
     let mut out = std::io::stdout().lock();
     let mut first = true;

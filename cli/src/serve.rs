@@ -121,7 +121,7 @@ fn device(s: &str) -> anyhow::Result<candle_core::Device> {
     }
     if let Some(n) = s.strip_prefix("cuda:") {
         let n: usize = n.parse().with_context(|| format!("--device {s}: not cuda:N"))?;
-        return Ok(candle_core::Device::new_cuda(n).with_context(|| format!("--device {s}"))?);
+        return candle_core::Device::new_cuda(n).with_context(|| format!("--device {s}"));
     }
     bail!("--device {s}: expected cpu or cuda:N")
 }

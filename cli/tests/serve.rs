@@ -40,10 +40,14 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-/// A spec training the demo model on `data` (the example's settings).
-fn spec(dir: &Path, model: &Path, data: &Path, out: &Path) -> PathBuf {
+const TEMPLATE: &str = r#"template: "<human>: {question}\n<assistant>:""#;
+
+/// A spec training the demo model on `data` (the example's settings, with `template`).
+fn spec(dir: &Path, model: &Path, data: &Path, out: &Path, template: &str) -> PathBuf {
     let text = std::fs::read_to_string(repo().join("examples/faq.yaml")).expect("example spec");
+    assert!(text.contains(TEMPLATE), "examples/faq.yaml changed shape");
     let text = text
+        .replace(TEMPLATE, template)
         .replace("source: ./models/demo", &format!("source: {}", s(model)))
         .replace("train: ./examples/faq.json", &format!("train: {}", s(data)))
         .replace("dir: ./out/faq", &format!("dir: {}", s(out)));
@@ -128,8 +132,10 @@ fn openai_client_gets_each_adapters_answers_in_one_burst() {
     let data_b = dir.join("other.json");
     std::fs::write(&data_b, serde_json::to_string(&other).unwrap()).unwrap();
     let (out_a, out_b) = (dir.join("a"), dir.join("b"));
-    run(&["train", s(&spec(dir, &model, &repo().join("examples/faq.json"), &out_a))]);
-    run(&["train", s(&spec(dir, &model, &data_b, &out_b))]);
+    run(&["train", s(&spec(dir, &model, &repo().join("examples/faq.json"), &out_a, TEMPLATE))]);
+    // b has a template of its own: serve and generate both take it from the adapter.
+    run(&["train", s(&spec(dir, &model, &data_b, &out_b, r#"template: "Q: {question}\nA:""#))]);
+    assert!(std::fs::read_to_string(out_b.join("lorafleet_prompt.json")).expect("the template is recorded").contains("Q: {question}"));
 
     let mut chat = Vec::new();
     for (q, _) in qa.iter().take(3) {
@@ -167,7 +173,7 @@ fn a_finished_jobs_adapter_is_served_from_the_job_store() {
     run(&["demo-model", "--out", s(&model)]);
     // A submitted spec names local sources relative to where `dev` and `submit` run.
     std::fs::copy(repo().join("examples/faq.json"), dir.join("faq.json")).expect("copy data");
-    let spec = spec(dir, Path::new("./demo"), Path::new("./faq.json"), Path::new("faq"));
+    let spec = spec(dir, Path::new("./demo"), Path::new("./faq.json"), Path::new("faq"), TEMPLATE);
     let mut dev = Command::new(BIN).current_dir(dir).args(["dev", "--dir", "dev", "--listen", "127.0.0.1:0"]).stderr(Stdio::piped()).spawn().expect("start dev");
     let stderr = dev.stderr.take().expect("stderr");
     let mut lines = BufReader::new(stderr).lines();

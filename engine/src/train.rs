@@ -916,6 +916,8 @@ fn train_rank(run: &TrainRun, device: &Device, mut comm: Box<dyn Collective>, ob
             }
             None => crate::peft::save_adapter(model, &run.output_dir, &base_model)?,
         }
+        // The prompt format travels with the adapter (generate and serve read it).
+        crate::peft::write_prompt_file(&run.output_dir, &spec.data.template)?;
         let svg = run.output_dir.join("loss.svg");
         std::fs::write(&svg, loss_svg_with_evals(&state.history, &state.evals, state.best.as_ref().map(|b| b.step))).map_err(|e| io_err(&svg, e))?;
     }
