@@ -31,13 +31,8 @@ while [ $# -gt 0 ]; do
 done
 case "$profile" in dev|release) ;; *) echo "--profile: dev or release, got $profile" >&2; exit 2 ;; esac
 
-if [ ! -x .venv-bench/bin/python ] || ! .venv-bench/bin/python -c "import torch, transformers, peft, bitsandbytes" 2>/dev/null; then
-    echo "installing the anchor into .venv-bench/ (scripts/bench/requirements-anchor.txt)" >&2
-    if ! { python3 -m venv .venv-bench && .venv-bench/bin/pip install -q -r scripts/bench/requirements-anchor.txt; }; then
-        echo "could not install the anchor (PyTorch + PEFT) into .venv-bench/" >&2
-        exit 3
-    fi
-fi
+# shellcheck source=scripts/bench/ensure-anchor.sh
+. scripts/bench/ensure-anchor.sh
 
 # shellcheck source=scripts/ensure-rust.sh
 . scripts/ensure-rust.sh
