@@ -78,8 +78,9 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
-    /// Device: `cpu` (or `cuda:N` in a CUDA build).
-    #[arg(long, default_value = "cpu")]
+    /// Device: `cpu` (or `cuda:N` in a CUDA build). One device per server: serving one
+    /// model over several devices is not supported (run one server per device).
+    #[arg(long = "devices", alias = "device", default_value = "cpu")]
     pub device: String,
     /// Frozen weight format of the base model.
     #[arg(long, value_enum, default_value = "none")]
@@ -116,14 +117,17 @@ fn now_secs() -> u64 {
 }
 
 fn device(s: &str) -> anyhow::Result<candle_core::Device> {
-    if s == "cpu" {
+    if s.contains(',') {
+        bail!("--devices {s}: one device per server (serving over several devices is not supported; run one server per device)");
+    }
+    if s == "cpu" || s == "cpu:0" {
         return Ok(candle_core::Device::Cpu);
     }
     if let Some(n) = s.strip_prefix("cuda:") {
-        let n: usize = n.parse().with_context(|| format!("--device {s}: not cuda:N"))?;
-        return candle_core::Device::new_cuda(n).with_context(|| format!("--device {s}"));
+        let n: usize = n.parse().with_context(|| format!("--devices {s}: not cuda:N"))?;
+        return candle_core::Device::new_cuda(n).with_context(|| format!("--devices {s}"));
     }
-    bail!("--device {s}: expected cpu or cuda:N")
+    bail!("--devices {s}: expected cpu or cuda:N")
 }
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
