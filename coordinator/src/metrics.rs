@@ -2,9 +2,10 @@
 //! coordinator has its own registry (tests run several in one process).
 
 use lorafleet_shared::job::JobState;
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tracing::{info, warn};
 
 /// The reasons of `lorafleet_refused_calls_total`.
@@ -34,7 +35,21 @@ pub struct Metrics {
     /// Calls refused by a security or fairness rule, by `reason`: `unauthenticated`,
     /// `permission_denied`, `quota`, `rate_limit`, `streams`, `model_policy`.
     pub refusals: IntCounterVec,
+    /// Queued jobs (parked gangs included) by the device kind they ask for (`cpu`,
+    /// `cuda`): what an autoscaler scales worker pools on.
+    pub queued_jobs: IntGaugeVec,
+    /// Age of the oldest queued job by device kind, in seconds (0 when none).
+    pub oldest_queued_age: GaugeVec,
+    /// Alive workers by `pool` (their `pool=NAME` label, else `default`) and `device`
+    /// (each device kind a worker offers).
+    pub pool_workers: IntGaugeVec,
+    /// The (pool, device) series `pool_workers` has now (series of pools that went away
+    /// are removed, not left at their last value).
+    pool_series: Mutex<BTreeSet<(String, String)>>,
 }
+
+/// The device kinds of the `device` labels.
+pub const DEVICE_KINDS: [&str; 2] = ["cpu", "cuda"];
 
 impl Metrics {
     pub fn new() -> Arc<Self> {
@@ -74,8 +89,21 @@ impl Metrics {
         for r in REFUSALS {
             refusals.with_label_values(&[r]).reset();
         }
+        let queued_jobs = IntGaugeVec::new(Opts::new("lorafleet_queued_jobs", "queued jobs by the device kind they need"), &["device"]).expect("valid metric");
+        let oldest_queued_age =
+            GaugeVec::new(Opts::new("lorafleet_oldest_queued_job_age_seconds", "age of the oldest queued job by device kind (0 when none)"), &["device"])
+                .expect("valid metric");
+        for d in DEVICE_KINDS {
+            queued_jobs.with_label_values(&[d]).set(0);
+            oldest_queued_age.with_label_values(&[d]).set(0.0);
+        }
+        let pool_workers = IntGaugeVec::new(Opts::new("lorafleet_workers", "alive workers by pool (label pool=NAME, else default) and device kind"), &["pool", "device"])
+            .expect("valid metric");
         for c in [
             Box::new(jobs.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(queued_jobs.clone()),
+            Box::new(oldest_queued_age.clone()),
+            Box::new(pool_workers.clone()),
             Box::new(refusals.clone()),
             Box::new(gangs.clone()),
             Box::new(workers.clone()),
@@ -91,7 +119,48 @@ impl Metrics {
         for s in JobState::ALL {
             jobs.with_label_values(&[s.as_str()]).set(0);
         }
-        Arc::new(Self { registry, jobs, workers, live_leases, dispatch_latency, stale_epochs, batch_size, commit_seconds, fsync_seconds, gangs, refusals })
+        Arc::new(Self {
+            registry,
+            jobs,
+            workers,
+            live_leases,
+            dispatch_latency,
+            stale_epochs,
+            batch_size,
+            commit_seconds,
+            fsync_seconds,
+            gangs,
+            refusals,
+            queued_jobs,
+            oldest_queued_age,
+            pool_workers,
+            pool_series: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    /// Set the queue gauges: per device kind (`DEVICE_KINDS` order), the queued jobs
+    /// and the creation time (unix ms) of the oldest; `now_ms` is the wall clock.
+    pub fn set_queue(&self, by_kind: [(usize, Option<i64>); 2], now_ms: i64) {
+        for (d, (n, oldest)) in DEVICE_KINDS.iter().zip(by_kind) {
+            self.queued_jobs.with_label_values(&[d]).set(n as i64);
+            let age = oldest.map(|c| (now_ms.saturating_sub(c)).max(0) as f64 / 1000.0).unwrap_or(0.0);
+            self.oldest_queued_age.with_label_values(&[d]).set(age);
+        }
+    }
+
+    /// Set `lorafleet_workers{pool,device}` to these counts; series not in `counts`
+    /// are removed.
+    pub fn set_pool_workers(&self, counts: &BTreeMap<(String, String), i64>) {
+        let mut series = self.pool_series.lock().unwrap_or_else(|e| e.into_inner());
+        for (pool, device) in series.iter() {
+            if !counts.contains_key(&(pool.clone(), device.clone())) {
+                let _ = self.pool_workers.remove_label_values(&[pool, device]);
+            }
+        }
+        for ((pool, device), n) in counts {
+            self.pool_workers.with_label_values(&[pool, device]).set(*n);
+        }
+        *series = counts.keys().cloned().collect();
     }
 
     /// Count a refused call (`reason`: one of [`REFUSALS`]).

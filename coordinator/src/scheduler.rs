@@ -79,7 +79,8 @@ struct Key {
     seq: i64,
 }
 
-fn kind_index(k: DeviceKind) -> usize {
+/// The index of a device kind in per-kind arrays (cpu 0, cuda 1).
+pub(crate) fn kind_index(k: DeviceKind) -> usize {
     match k {
         DeviceKind::Cpu => 0,
         DeviceKind::Cuda => 1,
@@ -115,6 +116,9 @@ pub struct Queue {
     reservations: HashMap<JobId, WorkerId>,
     /// Gang jobs out of the order for now (still queued).
     parked: HashMap<JobId, QueuedJob>,
+    /// Every queued job (parked ones included) by device kind, oldest first
+    /// (`created_ms`, `seq`): the scaling metrics.
+    by_age: [std::collections::BTreeSet<(i64, i64)>; 2],
     aging_ms: i64,
 }
 
@@ -171,6 +175,7 @@ impl Queue {
         let k = self.key(&j);
         let q = kind_index(j.resources.device);
         *self.counts.entry(j.tenant.clone()).or_default() += 1;
+        self.by_age[q].insert((j.created_ms, j.seq));
         self.keys.insert(j.id, (q, j.tenant.clone(), k));
         self.by_kind[q].entry(j.tenant.clone()).or_default().insert(k, j);
     }
@@ -202,6 +207,7 @@ impl Queue {
             None => self.unlink(id),
         }?;
         self.uncount(&j.tenant);
+        self.by_age[kind_index(j.resources.device)].remove(&(j.created_ms, j.seq));
         Some(j)
     }
 
@@ -248,6 +254,12 @@ impl Queue {
 
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty() && self.parked.is_empty()
+    }
+
+    /// Per device kind (cpu, cuda): the queued jobs (parked ones included) and the
+    /// `created_ms` of the oldest.
+    pub fn by_device(&self) -> [(usize, Option<i64>); 2] {
+        [0, 1].map(|q| (self.by_age[q].len(), self.by_age[q].first().map(|(c, _)| *c)))
     }
 
     /// Queued jobs of `tenant`, parked ones included.

@@ -321,6 +321,7 @@ impl<'a> Ctx<'a> {
         let id = row.id;
         info!(worker_id = %id, name = %row.name, devices = row.devices.len(), version = %row.version, "worker registered");
         self.st.workers.insert(id, WorkerState { row, last_seen: self.now, alive: true, jobs: HashSet::new(), busy: HashSet::new() });
+        self.st.roster_changed = true;
         self.wake = true;
         Ok(id)
     }
@@ -982,6 +983,7 @@ impl<'a> Ctx<'a> {
             if let Some(w) = self.st.workers.get_mut(&id) {
                 w.alive = false;
             }
+            self.st.roster_changed = true;
             self.st.queue.drop_reservations_of(&id);
             for a in self.st.assemblies.values_mut() {
                 a.members.retain(|(w, _)| *w != id);

@@ -285,10 +285,9 @@ impl ControlLoop {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         let now = Instant::now();
         let aging_ms = config.aging.as_millis() as i64;
-        let st = State::load(&conn, now, config.lease_ttl, aging_ms)?;
+        let mut st = State::load(&conn, now, config.lease_ttl, aging_ms)?;
         metrics.reset_jobs(&db::count_by_state(&conn)?);
-        metrics.workers.set(st.alive_workers() as i64);
-        metrics.live_leases.set(st.live_leases() as i64);
+        update_gauges(&metrics, &mut st);
         info!(db = %db_path.display(), active_jobs = st.jobs.len(), queued = st.queue.len(), workers = st.workers.len(), "state loaded");
         // A restart may have left leases past their grace; nothing else to repair.
         let (tx, rx) = mpsc::unbounded_channel();
@@ -508,7 +507,18 @@ impl Loop {
                 Err(e) => error!(error = %e, "reloading state failed; keeping the previous state"),
             }
         }
-        self.metrics.workers.set(self.st.alive_workers() as i64);
-        self.metrics.live_leases.set(self.st.live_leases() as i64);
+        update_gauges(&self.metrics, &mut self.st);
+    }
+}
+
+/// The gauges read off the state after each batch (ticks included, so the queue's age
+/// stays current): workers, leases, the queue by device kind, workers by pool (only
+/// recomputed when a worker registered or expired).
+fn update_gauges(metrics: &Metrics, st: &mut State) {
+    metrics.workers.set(st.alive_workers() as i64);
+    metrics.live_leases.set(st.live_leases() as i64);
+    metrics.set_queue(st.queue.by_device(), unix_ms());
+    if std::mem::take(&mut st.roster_changed) {
+        metrics.set_pool_workers(&st.workers_by_pool());
     }
 }

@@ -132,6 +132,8 @@ pub struct State {
     /// Leases of a dispatched gang not yet handed to their workers (by the next
     /// AcquireJob of each; a member that never asks lets its lease expire).
     pub pending: HashMap<WorkerId, Vec<lorafleet_proto::Lease>>,
+    /// A worker registered or expired since `lorafleet_workers` was last set.
+    pub roster_changed: bool,
 }
 
 impl State {
@@ -139,7 +141,7 @@ impl State {
     /// `grace` from `now`: heartbeat times are not stored, so workers get one TTL to
     /// reach the (restarted) coordinator.
     pub fn load(conn: &Connection, now: Instant, grace: Duration, aging_ms: i64) -> Result<State> {
-        let mut st = State { queue: Queue::new(aging_ms), ..Default::default() };
+        let mut st = State { queue: Queue::new(aging_ms), roster_changed: true, ..Default::default() };
         for w in db::load_workers(conn, false)? {
             let id = w.id;
             st.workers.insert(id, WorkerState { row: w, last_seen: now, alive: true, jobs: HashSet::new(), busy: HashSet::new() });
@@ -217,6 +219,22 @@ impl State {
 
     pub fn alive_workers(&self) -> usize {
         self.workers.values().filter(|w| w.alive).count()
+    }
+
+    /// Alive workers by (pool, device kind): a worker's pool is its `pool` label
+    /// (`default` without one); it counts once for each device kind it offers.
+    pub fn workers_by_pool(&self) -> std::collections::BTreeMap<(String, String), i64> {
+        let mut out = std::collections::BTreeMap::new();
+        for w in self.workers.values().filter(|w| w.alive) {
+            let pool = w.row.labels.get("pool").filter(|p| !p.is_empty()).map(String::as_str).unwrap_or("default");
+            let mut kinds: Vec<&str> = w.row.devices.iter().map(|d| crate::metrics::DEVICE_KINDS[crate::scheduler::kind_index(d.kind)]).collect();
+            kinds.sort_unstable();
+            kinds.dedup();
+            for k in kinds {
+                *out.entry((pool.to_string(), k.to_string())).or_insert(0) += 1;
+            }
+        }
+        out
     }
 
     /// Give a lease's devices back to its workers.
