@@ -27,7 +27,7 @@ use crate::tokenizer::Tokenizer;
 use crate::{EngineError, Result};
 
 /// One conversation turn.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 pub struct Turn {
     pub role: String,
     pub content: String,

@@ -31,6 +31,7 @@ pub mod quantize;
 pub mod merge;
 pub mod gguf;
 pub mod tokenizer;
+pub mod chat_template;
 pub mod data;
 pub mod optim;
 pub mod schedule;
