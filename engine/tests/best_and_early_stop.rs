@@ -229,3 +229,22 @@ fn tracker_best_is_strict_and_patience_counts_against_min_delta() {
     assert!(obs(5, 0.34).stop.is_some(), "0.34 is not more than 0.3 + 0.05");
     assert_eq!(best.unwrap().step, 5);
 }
+
+#[test]
+fn without_an_evaluation_the_last_adapter_is_kept() {
+    // An eval split of a one-row file leaves no eval set: no evaluation ever happens.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("one.jsonl");
+    std::fs::write(&data, "{\"question\": \"How do I create an account?\", \"answer\": \"Click [Sign up].\"}\n").unwrap();
+    let mut r = run(tmp.path(), &format!("{{ {}, save_best: {{ metric: eval_loss }} }}", BASE.replace("max_steps: 8", "max_steps: 2")), 1, None);
+    r.spec.data.eval = None;
+    r.spec.data.eval_split = 0.5;
+    r.spec.validate(SpecContext::Local).unwrap();
+    (r.train_data, r.eval_data) = (data, None);
+    let mut rec = Rec::default();
+    let s = train(&r, &mut rec).unwrap();
+    assert!(rec.evals.is_empty());
+    assert_eq!((s.best.as_ref(), s.adapter_step, s.stopped_early), (None, 2, false));
+    assert!(tmp.path().join("out/adapter_model.safetensors").is_file());
+    assert!(!tmp.path().join("out/best").exists());
+}
