@@ -39,6 +39,9 @@ export LORAFLEET_AZURITE="$ROOT/scripts/azurite/node_modules/.bin/azurite-blob"
 
 if [[ $# -eq 0 ]]; then
     cargo test --workspace
+    # The deploy checks: Dockerfiles, compose, the Helm chart per values profile, the
+    # SkyPilot task, with pinned tools and no container engine or cluster (deploy/tests).
+    scripts/test-deploy.sh
     # The speed guard (issue: speed that holds on every machine): one short round of
     # scripts/bench-compare.sh, lorafleet's dev build against PyTorch + PEFT on this CPU.
     # Shared machines are noisy, so it fails only on a collapse (under 0.5x); the full
