@@ -181,11 +181,13 @@ impl Auth {
         if token.is_empty() {
             return Err(Status::unauthenticated("malformed authorization header: expected `Bearer <token>`"));
         }
+        self.identify_token(token).ok_or_else(|| Status::unauthenticated("unknown token"))
+    }
+
+    /// The identity of a bearer token, if it is known (the dashboard's header or cookie).
+    pub fn identify_token(&self, token: &str) -> Option<Arc<Identity>> {
         let hash = hex::encode(Sha256::digest(token.as_bytes()));
-        match self.table.read().unwrap_or_else(|e| e.into_inner()).get(&hash) {
-            Some(id) => Ok(id.clone()),
-            None => Err(Status::unauthenticated("unknown token")),
-        }
+        self.table.read().unwrap_or_else(|e| e.into_inner()).get(&hash).cloned()
     }
 
     /// Authenticate `req` for a service open to `roles` (admin always); the identity

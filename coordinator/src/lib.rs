@@ -1,6 +1,7 @@
 //! lorafleet coordinator: the durable job queue and lease authority of the control
 //! plane, served over gRPC (`lorafleet.v1.JobService` and `WorkerService`, plus health
-//! and reflection) with Prometheus metrics.
+//! and reflection) with Prometheus metrics and a web dashboard ([`dashboard`]) on the
+//! metrics listener.
 //!
 //! - [`persistence`]: SQLite, the source of truth (what is stored and why).
 //! - [`control`]: the control loop thread that owns the writer connection and the
@@ -15,6 +16,7 @@
 pub mod audit;
 pub mod auth;
 pub mod control;
+pub mod dashboard;
 pub mod error;
 pub mod limits;
 pub mod metrics;
@@ -207,7 +209,8 @@ pub async fn serve_with_metrics(
     };
     let metrics_task = metrics_listener.map(|l| {
         let mut rx = stop_rx.clone();
-        tokio::spawn(metrics::serve_metrics(l, metrics, metrics_tls, async move {
+        let dash = dashboard::router(shared.clone(), config.auth.clone(), config.tls.is_some());
+        tokio::spawn(metrics::serve_metrics(l, metrics, metrics_tls, dash, async move {
             let _ = rx.wait_for(|s| *s).await;
         }))
     });

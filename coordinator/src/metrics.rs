@@ -194,21 +194,25 @@ impl Metrics {
     }
 }
 
-/// Serve `/metrics` until `shutdown` resolves (over TLS when `tls` is given).
+/// Serve `/metrics`, and the routes of `extra` (the dashboard), until `shutdown`
+/// resolves (over TLS when `tls` is given).
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     tls: Option<tokio_rustls::rustls::ServerConfig>,
+    extra: axum::Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::routing::get;
-    let app = axum::Router::new().route(
-        "/metrics",
-        get(move || {
-            let m = metrics.clone();
-            async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()) }
-        }),
-    );
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()) }
+            }),
+        )
+        .merge(extra);
     info!(addr = ?listener.local_addr().ok(), tls = tls.is_some(), "metrics listening");
     match tls {
         Some(cfg) => axum::serve(crate::tls::TlsListener::new(listener, cfg)?, app).with_graceful_shutdown(shutdown).await,

@@ -179,6 +179,14 @@ impl Storage {
         r.bytes().await.map_err(|e| Error::store(key, e))
     }
 
+    /// The bytes of `key` as a stream of chunks, so a large object is never held whole
+    /// (the coordinator's dashboard streams checkpoint files through it).
+    pub async fn get_stream(&self, key: &RelPath) -> Result<futures::stream::BoxStream<'static, Result<Bytes>>> {
+        let r = self.store.get(&self.path(key)).await.map_err(|e| Error::store(key, e))?;
+        let k = key.to_string();
+        Ok(r.into_stream().map(move |c| c.map_err(|e| Error::store(&k, e))).boxed())
+    }
+
     /// Size of `key`, or `None` if it does not exist.
     pub async fn size(&self, key: &RelPath) -> Result<Option<u64>> {
         match self.store.head(&self.path(key)).await {

@@ -442,31 +442,37 @@ impl pb::job_service_server::JobService for JobSvc {
 
     async fn list_workers(&self, req: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let scope = scope(&req);
-        let mut workers = self.shared.control.list_workers(req.into_inner().include_dead).await?;
-        if let Some(t) = scope {
-            // Workers are shared; other tenants' job ids on them are not shown.
-            let ids: Vec<String> = workers.iter().flat_map(|w| w.running_job_ids.iter().chain(w.gang_seats.iter().map(|g| &g.job_id)).cloned()).collect();
-            let mine: std::collections::HashSet<String> = self
-                .shared
-                .readers
-                .run(move |c| {
-                    let mut mine = std::collections::HashSet::new();
-                    for id in ids {
-                        let Ok(jid) = id.parse() else { continue };
-                        if db::get_job(c, &jid)?.is_some_and(|r| r.tenant.as_deref() == Some(t.as_str())) {
-                            mine.insert(id);
-                        }
-                    }
-                    Ok(mine)
-                })
-                .await?;
-            for w in &mut workers {
-                w.running_job_ids.retain(|j| mine.contains(j));
-                w.gang_seats.retain(|g| mine.contains(&g.job_id));
-            }
-        }
+        let workers = visible_workers(&self.shared, scope, req.into_inner().include_dead).await?;
         Ok(Response::new(pb::ListWorkersResponse { workers }))
     }
+}
+
+/// The workers as a caller confined to `scope` (a tenant; None: everything) sees them:
+/// workers are shared, but other tenants' job ids on them are not shown.
+pub(crate) async fn visible_workers(shared: &Shared, scope: Option<String>, include_dead: bool) -> Result<Vec<pb::Worker>> {
+    let mut workers = shared.control.list_workers(include_dead).await?;
+    if let Some(t) = scope {
+        // Workers are shared; other tenants' job ids on them are not shown.
+        let ids: Vec<String> = workers.iter().flat_map(|w| w.running_job_ids.iter().chain(w.gang_seats.iter().map(|g| &g.job_id)).cloned()).collect();
+        let mine: std::collections::HashSet<String> = shared
+            .readers
+            .run(move |c| {
+                let mut mine = std::collections::HashSet::new();
+                for id in ids {
+                    let Ok(jid) = id.parse() else { continue };
+                    if db::get_job(c, &jid)?.is_some_and(|r| r.tenant.as_deref() == Some(t.as_str())) {
+                        mine.insert(id);
+                    }
+                }
+                Ok(mine)
+            })
+            .await?;
+        for w in &mut workers {
+            w.running_job_ids.retain(|j| mine.contains(j));
+            w.gang_seats.retain(|g| mine.contains(&g.job_id));
+        }
+    }
+    Ok(workers)
 }
 
 pub(crate) fn storage_err(e: lorafleet_storage::Error) -> CoordError {
