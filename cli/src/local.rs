@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use lorafleet_engine::bench::{bench_train, BenchOptions};
-use lorafleet_engine::data::{self, format_prompt};
+use lorafleet_engine::data::{self, PromptFormat};
 use lorafleet_engine::demo::RandomLlama;
 use lorafleet_engine::eval;
 use lorafleet_engine::generate::{self, GenerateOptions};
@@ -373,9 +373,9 @@ pub struct GenerateArgs {
     /// Use the prompt as is, without the template.
     #[arg(long)]
     pub raw: bool,
-    /// Prompt template (must contain {question}); default: the one the adapter was
-    /// trained with (recorded next to its files), else the spec's default
-    /// "<human>: {question}\n<assistant>:".
+    /// Prompt template (must contain {question}); default: how the adapter was trained
+    /// (its template or the model's chat template, recorded next to its files), else the
+    /// model's own chat template when it has one, else "<human>: {question}\n<assistant>:".
     #[arg(long)]
     pub template: Option<String>,
 }
@@ -691,16 +691,22 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
     if a.temperature < 0.0 || !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--temperature must be >= 0 and --top-p in (0, 1]");
     }
+    if let Some(t) = &a.template {
+        if !t.contains("{question}") {
+            bail!("--template must contain {{question}}");
+        }
+    }
     let recorded = match &a.model.adapter {
-        Some(dir) if a.template.is_none() && !a.raw => lorafleet_engine::peft::read_prompt_template(&resolve_source("--adapter", dir)?)?,
+        Some(dir) if a.template.is_none() && !a.raw => lorafleet_engine::peft::read_prompt_format(&resolve_source("--adapter", dir)?)?,
         _ => None,
     };
-    let template = a.template.clone().or(recorded).unwrap_or_else(|| lorafleet_shared::spec::DEFAULT_TEMPLATE.to_string());
-    if !a.raw && !template.contains("{question}") {
-        bail!("--template must contain {{question}}");
-    }
     let (model, tok) = load(&a.model)?;
-    let prompt = if a.raw { tok.encode(&a.prompt, true)? } else { tok.encode_prompt(&format_prompt(&template, &a.prompt))? };
+    let format = match (&a.template, recorded) {
+        (Some(t), _) => PromptFormat::Template(t.clone()),
+        (None, Some(f)) => f,
+        (None, None) => PromptFormat::default_for(&tok),
+    };
+    let prompt = if a.raw { tok.encode(&a.prompt, true)? } else { format.encode_question(&tok, &a.prompt)? };
     let opts = GenerateOptions { max_new_tokens: a.max_new_tokens, temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, seed: a.seed, stop_ids: vec![] };
     let mut out = std::io::stdout().lock();
     let mut first = true;
@@ -848,7 +854,7 @@ mod tests {
             top_k: 0,
             seed: 0,
             raw: false,
-            template: lorafleet_shared::spec::DEFAULT_TEMPLATE.into(),
+            template: None,
         };
         run(LocalCommand::Generate(args(&q))).unwrap();
         let e = run(LocalCommand::Merge { model: m.clone(), adapter: t.path().join("none"), out: t.path().join("merged"), dtype: export::WeightDtype::F32, format: export::MergeFormat::Safetensors })

@@ -22,7 +22,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use clap::Args;
 use futures::StreamExt;
-use lorafleet_engine::data::{encode_chat_prompt, Turn};
+use lorafleet_engine::data::{PromptFormat, Turn};
 use lorafleet_engine::model::{load_model, LoadOptions, Quant};
 use lorafleet_engine::tokenizer::Tokenizer;
 use serde_json::{json, Value};
@@ -45,8 +45,10 @@ use metrics::ServeMetrics;
 /// The request's `model` picks what answers: the base model's name (--model-name), a
 /// name given with --adapter NAME=DIR, or the id of a finished job whose adapter is read
 /// from the job store given with --adapters-from (downloaded once, sha256-verified,
-/// cached on disk). Chat messages are formatted with the template the adapter was
-/// trained with (recorded next to its files) or --template.
+/// cached on disk). Chat messages are formatted as the adapter was trained (its template
+/// or the model's chat template, recorded next to its files); for the base model and
+/// adapters that record nothing, with --template, else the model's own chat template,
+/// else "<human>: {question}\n<assistant>:".
 ///
 /// Examples:
 ///   lorafleet serve --model models/demo --adapter faq=out/adapter
@@ -85,9 +87,11 @@ pub struct ServeArgs {
     /// Frozen weight format of the base model.
     #[arg(long, value_enum, default_value = "none")]
     pub quantization: QuantArg,
-    /// Prompt template for chat messages when the adapter records none (must contain {question}).
-    #[arg(long, default_value = lorafleet_shared::spec::DEFAULT_TEMPLATE)]
-    pub template: String,
+    /// Prompt template for chat messages to the base model and adapters that record
+    /// none (must contain {question}); default: the model's own chat template when it
+    /// has one, else "<human>: {question}\n<assistant>:".
+    #[arg(long)]
+    pub template: Option<String>,
     /// Sequences generated together in one batch.
     #[arg(long, default_value_t = 32)]
     pub max_batch: usize,
@@ -131,7 +135,7 @@ fn device(s: &str) -> anyhow::Result<candle_core::Device> {
 }
 
 pub fn run(a: ServeArgs) -> anyhow::Result<()> {
-    if !a.template.contains("{question}") {
+    if a.template.as_ref().is_some_and(|t| !t.contains("{question}")) {
         bail!("--template must contain {{question}}");
     }
     if a.max_batch == 0 || a.max_batch_tokens == 0 {
@@ -163,16 +167,22 @@ pub fn run(a: ServeArgs) -> anyhow::Result<()> {
     // Every local adapter must fit the base model: check them all now, not per request.
     for (name, dir) in &local {
         lorafleet_engine::multi_lora::ServedAdapter::load(name, dir, &linears, opts.compute_dtype, &device).with_context(|| format!("--adapter {name}={}", dir.display()))?;
-        lorafleet_engine::peft::read_prompt_template(dir).with_context(|| format!("--adapter {name}"))?;
+        if lorafleet_engine::peft::read_prompt_format(dir).with_context(|| format!("--adapter {name}"))? == Some(PromptFormat::ModelChat) && tok.chat_template().is_none() {
+            bail!("--adapter {name}: it was trained with the model's chat template, but {} has none", model_dir.display());
+        }
     }
     let store = match &a.adapters_from {
         Some(url) => Some(lorafleet_storage::Storage::open(url).map_err(|e| anyhow::anyhow!("--adapters-from {url}: {e}"))?),
         None => None,
     };
+    let format = match &a.template {
+        Some(t) => PromptFormat::Template(t.clone()),
+        None => PromptFormat::default_for(&tok),
+    };
     let cache_dir = a.cache_dir.clone().unwrap_or_else(|| crate::local::cache_root().join("serve"));
     let metrics = Arc::new(ServeMetrics::new());
     let registry = Registry::new(
-        RegistryConfig { base: base.clone(), template: a.template.clone(), local, store, cache_dir, linears, dtype: opts.compute_dtype, device, max_loaded: a.max_adapters },
+        RegistryConfig { base: base.clone(), format, local, store, cache_dir, linears, dtype: opts.compute_dtype, device, max_loaded: a.max_adapters },
         metrics.clone(),
     );
     let limits = BatchLimits { max_batch: a.max_batch, max_batch_tokens: a.max_batch_tokens, max_queue: a.max_queue };
@@ -291,7 +301,7 @@ async fn start(app: &Arc<App>, headers: &HeaderMap, body: &[u8], ep: Endpoint, a
         Input::Prompt(text) => (app.tok.encode(text, true), "prompt"),
         Input::Chat(msgs) => {
             let turns: Vec<Turn> = msgs.iter().map(|m| Turn { role: m.role.clone(), content: m.content.clone() }).collect();
-            (encode_chat_prompt(&app.tok, &model.template, &turns), "messages")
+            (model.format.encode_chat(&app.tok, &turns), "messages")
         }
     };
     let prompt = prompt.map_err(|e| ApiError::invalid(param, format!("the {param} cannot be tokenized: {e}")))?;

@@ -126,6 +126,9 @@ fn openai_client_gets_each_adapters_answers_in_one_burst() {
     let dir = tmp.path();
     let model = dir.join("demo");
     run(&["demo-model", "--out", s(&model)]);
+    // The base model has a chat template of its own (as instruct models do).
+    let chat_template = r#"{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"#;
+    std::fs::write(model.join("tokenizer_config.json"), serde_json::json!({"eos_token": "<|endoftext|>", "chat_template": chat_template}).to_string()).unwrap();
     // Adapter a learns the FAQ; adapter b the same questions with other answers.
     let qa = faq();
     let other: Vec<serde_json::Value> = qa.iter().map(|(q, a)| serde_json::json!({"question": q, "answer": format!("Support says: {}", a.to_uppercase())})).collect();
@@ -136,25 +139,33 @@ fn openai_client_gets_each_adapters_answers_in_one_burst() {
     // b has a template of its own: serve and generate both take it from the adapter.
     run(&["train", s(&spec(dir, &model, &data_b, &out_b, r#"template: "Q: {question}\nA:""#))]);
     assert!(std::fs::read_to_string(out_b.join("lorafleet_prompt.json")).expect("the template is recorded").contains("Q: {question}"));
+    // c learns the FAQ through the model's own chat template.
+    let out_c = dir.join("c");
+    run(&["train", s(&spec(dir, &model, &repo().join("examples/faq.json"), &out_c, &format!("{TEMPLATE}\n  chat_template: model")))]);
+    assert!(std::fs::read_to_string(out_c.join("lorafleet_prompt.json")).expect("the format is recorded").contains("\"chat_template\": \"model\""));
 
     let mut chat = Vec::new();
     for (q, _) in qa.iter().take(3) {
-        for (name, out) in [("a", &out_a), ("b", &out_b)] {
+        for (name, out) in [("a", &out_a), ("b", &out_b), ("c", &out_c)] {
             chat.push(serde_json::json!({"model": name, "question": q, "answer": generate(&model, Some(out), q, false)}));
         }
     }
+    // The base model answers chat through its chat template (here, untrained, whatever it says).
+    chat.push(serde_json::json!({"model": "demo", "question": qa[0].0, "answer": generate(&model, None, &qa[0].0, false)}));
     let raw = vec![
         serde_json::json!({"model": "demo", "prompt": "The answer is", "text": generate(&model, None, "The answer is", true)}),
         serde_json::json!({"model": "a", "prompt": "<human>: How", "text": generate(&model, Some(&out_a), "<human>: How", true)}),
     ];
-    let (server, url) = serve(&["--model", s(&model), "--adapter", &format!("a={}", s(&out_a)), "--adapter", &format!("b={}", s(&out_b)), "--api-key", "test-key", "--max-adapters", "2"]);
+    let (server, url) = serve(&["--model", s(&model), "--adapter", &format!("a={}", s(&out_a)), "--adapter", &format!("b={}", s(&out_b)), "--adapter", &format!("c={}", s(&out_c)), "--api-key", "test-key", "--max-adapters", "2"]);
     let context = context(&model);
-    let expect = serde_json::json!({"models": ["demo", "a", "b"], "chat": chat, "raw": raw, "max_new_tokens": MAX_NEW, "context": context});
+    let expect = serde_json::json!({"models": ["demo", "a", "b", "c"], "chat": chat, "raw": raw, "max_new_tokens": MAX_NEW, "context": context, "distinct": ["a", "b"]});
     client_check(&py, &url, &expect, dir);
 
     let m = metrics(&url);
     assert!(metric(&m, "lorafleet_serve_generated_tokens_total") > 0.0, "{m}");
     assert!(metric(&m, "lorafleet_serve_adapter_cache_total{result=\"hit\"}") > 0.0, "{m}");
+    // Three adapters through a cache of two: the least recently used ones were dropped.
+    assert!(metric(&m, "lorafleet_serve_adapter_cache_total{result=\"evicted\"}") > 0.0, "{m}");
     assert!(metric(&m, "lorafleet_serve_time_to_first_token_seconds_count") > 0.0, "{m}");
     // The burst was batched: some pass carried more than one sequence.
     let single = metric(&m, "lorafleet_serve_batch_sequences_bucket{le=\"1\"}");

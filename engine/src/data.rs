@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use lorafleet_shared::spec::{DataFormat, DataSpec};
+use lorafleet_shared::spec::{ChatTemplateChoice, DataFormat, DataSpec};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -324,10 +324,88 @@ fn chat_pieces(tok: &Tokenizer, template: &str, turns: &[Turn]) -> Result<Vec<(V
     Ok(out)
 }
 
-/// The prompt of a conversation that ends with a user turn, tokenized as training
-/// tokenizes conversations (the model then continues with the answer).
-pub fn encode_chat_prompt(tok: &Tokenizer, template: &str, turns: &[Turn]) -> Result<Vec<u32>> {
-    Ok(chat_pieces(tok, template, turns)?.into_iter().flat_map(|(p, _)| p).collect())
+/// The model's chat template, or the error that says it has none.
+fn model_chat_template(tok: &Tokenizer) -> Result<&crate::chat_template::ChatTemplate> {
+    tok.chat_template().ok_or_else(|| {
+        EngineError::Data(format!(
+            "data.chat_template is model, but the model has no chat template (no chat_template in tokenizer_config.json and no chat_template.jinja next to {})",
+            tok.path().display()
+        ))
+    })
+}
+
+/// A conversation's tokens rendered by the model's chat template, each piece flagged
+/// when it is an answer. Every assistant turn's text is what the rendering of the
+/// conversation up to it adds to the rendering of the conversation before it with the
+/// generation prompt (so the answer's end-of-turn tokens are learned too); the text is
+/// tokenized without the tokenizer's own special tokens (the template writes them), as
+/// transformers does for chat templates. Turns after the last assistant turn are unused.
+fn model_chat_pieces(tok: &Tokenizer, turns: &[Turn]) -> Result<Vec<(Vec<u32>, bool)>> {
+    let ct = model_chat_template(tok)?;
+    let mut out = Vec::new();
+    let mut done = String::new();
+    for (i, t) in turns.iter().enumerate() {
+        if t.role != "assistant" {
+            continue;
+        }
+        let prompt = ct.render(&turns[..i], true)?;
+        let full = ct.render(&turns[..=i], false)?;
+        if !prompt.starts_with(&done) || !full.starts_with(&prompt) {
+            return Err(EngineError::Data(format!(
+                "the model's chat template does not render this conversation as a growing text, so the answer of turn {i} cannot be told apart"
+            )));
+        }
+        out.push((tok.encode(&prompt[done.len()..], false)?, false));
+        out.push((tok.encode(&full[prompt.len()..], false)?, true));
+        done = full;
+    }
+    if out.is_empty() {
+        return Err(EngineError::Data("no assistant turn".into()));
+    }
+    Ok(out)
+}
+
+/// How the prompts of a model (with an adapter) are formatted: the template it was
+/// trained with, or the model's own chat template.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptFormat {
+    Template(String),
+    ModelChat,
+}
+
+impl PromptFormat {
+    pub fn of(spec: &DataSpec) -> Self {
+        match spec.chat_template {
+            ChatTemplateChoice::Template => PromptFormat::Template(spec.template.clone()),
+            ChatTemplateChoice::Model => PromptFormat::ModelChat,
+        }
+    }
+
+    /// What a model is prompted with when nothing says otherwise: its own chat template
+    /// when it has one, else the default template.
+    pub fn default_for(tok: &Tokenizer) -> Self {
+        match tok.chat_template() {
+            Some(_) => PromptFormat::ModelChat,
+            None => PromptFormat::Template(lorafleet_shared::spec::DEFAULT_TEMPLATE.into()),
+        }
+    }
+
+    /// The prompt of a conversation that ends with a user turn, tokenized as training
+    /// tokenizes conversations (the model then continues with the answer).
+    pub fn encode_chat(&self, tok: &Tokenizer, turns: &[Turn]) -> Result<Vec<u32>> {
+        match self {
+            PromptFormat::Template(t) => Ok(chat_pieces(tok, t, turns)?.into_iter().flat_map(|(p, _)| p).collect()),
+            PromptFormat::ModelChat => {
+                let text = model_chat_template(tok)?.render(turns, true)?;
+                tok.encode(&text, false)
+            }
+        }
+    }
+
+    /// The prompt of one question.
+    pub fn encode_question(&self, tok: &Tokenizer, question: &str) -> Result<Vec<u32>> {
+        self.encode_chat(tok, &[Turn { role: "user".into(), content: question.into() }])
+    }
 }
 
 /// Tokenize one record. Returns `None` for a text file that has to be chunked (handled
@@ -336,6 +414,21 @@ fn tokenize_record(kind: &RecordKind, tok: &Tokenizer, spec: &DataSpec) -> Resul
     let mut ids: Vec<u32> = Vec::new();
     let mut targets: Vec<bool> = Vec::new();
     match kind {
+        RecordKind::Qa { .. } | RecordKind::Chat(_) if spec.chat_template == ChatTemplateChoice::Model => {
+            let qa: Vec<Turn>;
+            let turns: &[Turn] = match kind {
+                RecordKind::Chat(t) => t,
+                RecordKind::Qa { question, answer } => {
+                    qa = vec![Turn { role: "user".into(), content: question.clone() }, Turn { role: "assistant".into(), content: answer.clone() }];
+                    &qa
+                }
+                RecordKind::Text(_) => &[],
+            };
+            for (piece, answer) in model_chat_pieces(tok, turns)? {
+                targets.extend(std::iter::repeat_n(answer || spec.train_on_prompt, piece.len()));
+                ids.extend(piece);
+            }
+        }
         RecordKind::Qa { question, answer } => {
             let p = tok.encode_prompt(&format_prompt(&spec.template, question))?;
             let a = tok.encode_answer(answer)?;
@@ -382,6 +475,10 @@ pub fn build_dataset(
     spec: &DataSpec,
     file: &Path,
 ) -> Result<Dataset> {
+    if spec.chat_template == ChatTemplateChoice::Model {
+        // Not a reason to skip rows: the whole data set needs it.
+        model_chat_template(tok)?;
+    }
     let max = spec.max_seq_len as usize;
     let mut examples = Vec::new();
     let mut kept = Vec::new();

@@ -155,8 +155,8 @@ pub fn generate(
 
 /// Greedy answer text to a question formatted with the template (used for samples
 /// during training and for the memorisation check).
-pub fn answer(model: &dyn CausalLm, tok: &Tokenizer, template: &str, question: &str, max_new_tokens: usize, device: &Device) -> Result<String> {
-    let prompt = tok.encode_prompt(&crate::data::format_prompt(template, question))?;
+pub fn answer(model: &dyn CausalLm, tok: &Tokenizer, format: &crate::data::PromptFormat, question: &str, max_new_tokens: usize, device: &Device) -> Result<String> {
+    let prompt = format.encode_question(tok, question)?;
     let opts = GenerateOptions { max_new_tokens, ..Default::default() };
     let g = generate(model, tok, &prompt, &opts, device, &mut |_| {})?;
     Ok(g.text.trim().to_string())

@@ -9,6 +9,7 @@ use safetensors::Dtype;
 use serde::Deserialize;
 
 use crate::model::{CausalLm, LoraSettings};
+use crate::data::PromptFormat;
 use crate::{EngineError, Result};
 
 /// Adapter tensors as f32 values: `key -> (shape, values)`.
@@ -187,21 +188,26 @@ pub fn write_adapter(dir: &Path, settings: &LoraSettings, tensors: &BTreeMap<Str
     write_safetensors_f32(&dir.join(ADAPTER_WEIGHTS), tensors, meta)
 }
 
-/// lorafleet's note next to the PEFT files: the prompt template the adapter was trained
-/// with, so that generation and serving format prompts the same way. PEFT ignores it.
+/// lorafleet's note next to the PEFT files: how the adapter's prompts were formatted
+/// (`{"template": "..."}` or `{"chat_template": "model"}`), so that generation and
+/// serving format them the same way. PEFT ignores it.
 pub const PROMPT_FILE: &str = "lorafleet_prompt.json";
 
 /// Write [`PROMPT_FILE`] into an adapter directory.
-pub fn write_prompt_file(dir: &Path, template: &str) -> Result<()> {
+pub fn write_prompt_file(dir: &Path, format: &PromptFormat) -> Result<()> {
     let path = dir.join(PROMPT_FILE);
-    let text = serde_json::to_string_pretty(&serde_json::json!({ "template": template })).map_err(|e| EngineError::file(&path, e.to_string()))?;
+    let v = match format {
+        PromptFormat::Template(t) => serde_json::json!({ "template": t }),
+        PromptFormat::ModelChat => serde_json::json!({ "chat_template": "model" }),
+    };
+    let text = serde_json::to_string_pretty(&v).map_err(|e| EngineError::file(&path, e.to_string()))?;
     std::fs::write(&path, text + "\n").map_err(|e| EngineError::file(&path, format!("cannot write: {e}")))
 }
 
-/// The template recorded in an adapter directory's [`PROMPT_FILE`]: `None` when the
-/// file is absent (an adapter from elsewhere), an error when it is unreadable or has no
-/// `template` with `{question}`.
-pub fn read_prompt_template(dir: &Path) -> Result<Option<String>> {
+/// The prompt format recorded in an adapter directory's [`PROMPT_FILE`]: `None` when
+/// the file is absent (an adapter from elsewhere), an error when it is unreadable, or
+/// has neither `chat_template: "model"` nor a `template` with `{question}`.
+pub fn read_prompt_format(dir: &Path) -> Result<Option<PromptFormat>> {
     let path = dir.join(PROMPT_FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -209,9 +215,12 @@ pub fn read_prompt_template(dir: &Path) -> Result<Option<String>> {
         Err(e) => return Err(EngineError::file(&path, format!("cannot read: {e}"))),
     };
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| EngineError::file(&path, format!("not valid JSON: {e}")))?;
+    if v.get("chat_template").and_then(|t| t.as_str()) == Some("model") {
+        return Ok(Some(PromptFormat::ModelChat));
+    }
     match v.get("template").and_then(|t| t.as_str()) {
-        Some(t) if t.contains("{question}") => Ok(Some(t.to_string())),
-        _ => Err(EngineError::file(&path, "\"template\" must be a string containing {question}")),
+        Some(t) if t.contains("{question}") => Ok(Some(PromptFormat::Template(t.to_string()))),
+        _ => Err(EngineError::file(&path, "expected {\"chat_template\": \"model\"} or a \"template\" containing {question}")),
     }
 }
 

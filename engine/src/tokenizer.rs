@@ -8,12 +8,14 @@ use std::path::{Path, PathBuf};
 
 use crate::{EngineError, Result};
 
-/// A loaded HF tokenizer plus the ids the training side needs.
+/// A loaded HF tokenizer plus the ids the training side needs, and the model's chat
+/// template when its directory has one.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     eos_id: u32,
     pad_id: u32,
     path: PathBuf,
+    chat: Option<crate::chat_template::ChatTemplate>,
 }
 
 impl Tokenizer {
@@ -21,7 +23,9 @@ impl Tokenizer {
     /// (normally the model config's); without it the tokenizer's `<|endoftext|>`, `</s>`
     /// or `<|eos|>` special token is used.
     pub fn from_model_dir(dir: &Path, eos: Option<u32>, pad: Option<u32>) -> Result<Self> {
-        Self::from_file(&dir.join("tokenizer.json"), eos, pad)
+        let mut tok = Self::from_file(&dir.join("tokenizer.json"), eos, pad)?;
+        tok.chat = crate::chat_template::ChatTemplate::from_model_dir(dir)?;
+        Ok(tok)
     }
 
     pub fn from_file(path: &Path, eos: Option<u32>, pad: Option<u32>) -> Result<Self> {
@@ -38,7 +42,7 @@ impl Tokenizer {
                 .ok_or_else(|| EngineError::file(path, "no eos token: the model config has no eos_token_id and the tokenizer has no <|endoftext|> or </s>"))?,
         };
         let pad_id = pad.unwrap_or(eos_id);
-        Ok(Self { inner, eos_id, pad_id, path: path.to_path_buf() })
+        Ok(Self { inner, eos_id, pad_id, path: path.to_path_buf(), chat: None })
     }
 
     pub fn eos_id(&self) -> u32 {
@@ -52,6 +56,11 @@ impl Tokenizer {
     }
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The model's own chat template (tokenizer_config.json / chat_template.jinja).
+    pub fn chat_template(&self) -> Option<&crate::chat_template::ChatTemplate> {
+        self.chat.as_ref()
     }
 
     /// Encode with or without the tokenizer's special tokens (post-processor).

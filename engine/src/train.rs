@@ -917,7 +917,7 @@ fn train_rank(run: &TrainRun, device: &Device, mut comm: Box<dyn Collective>, ob
             None => crate::peft::save_adapter(model, &run.output_dir, &base_model)?,
         }
         // The prompt format travels with the adapter (generate and serve read it).
-        crate::peft::write_prompt_file(&run.output_dir, &spec.data.template)?;
+        crate::peft::write_prompt_file(&run.output_dir, &crate::data::PromptFormat::of(&spec.data))?;
         let svg = run.output_dir.join("loss.svg");
         std::fs::write(&svg, loss_svg_with_evals(&state.history, &state.evals, state.best.as_ref().map(|b| b.step))).map_err(|e| io_err(&svg, e))?;
     }
@@ -1006,13 +1006,13 @@ fn run_eval(
     };
     let mut samples = Vec::new();
     for p in &spec.training.sample_prompts {
-        let a = generate::answer(model, tok, &spec.data.template, p, spec.training.sample_max_new_tokens as usize, device)?;
+        let a = generate::answer(model, tok, &crate::data::PromptFormat::of(&spec.data), p, spec.training.sample_max_new_tokens as usize, device)?;
         samples.push((p.clone(), a));
     }
     let max_new = spec.training.eval_max_new_tokens() as usize;
     let mut answers = Vec::with_capacity(generation_set.len());
     for (q, reference) in generation_set {
-        let a = generate::answer(model, tok, &spec.data.template, q, max_new, device)?;
+        let a = generate::answer(model, tok, &crate::data::PromptFormat::of(&spec.data), q, max_new, device)?;
         tracing::debug!(question = %q, answer = %a, reference = %reference, "eval answer");
         answers.push(a);
     }

@@ -295,3 +295,52 @@ fn plain_text_file_is_cut_into_windows() {
     let joined: Vec<u32> = ds.sequences.iter().flat_map(|s| s.ids.clone()).collect();
     assert_eq!(joined.len(), all);
 }
+
+/// A model directory with the fixture tokenizer and a chat template (ChatML-like).
+fn chat_model_dir(dir: &Path) -> PathBuf {
+    let m = dir.join("model");
+    std::fs::create_dir_all(&m).unwrap();
+    std::fs::copy(fixtures().join("tokenizer/tokenizer.json"), m.join("tokenizer.json")).unwrap();
+    let template = "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+    std::fs::write(m.join("tokenizer_config.json"), serde_json::json!({"eos_token": "<|endoftext|>", "chat_template": template}).to_string()).unwrap();
+    m
+}
+
+#[test]
+fn the_models_chat_template_formats_the_data() {
+    use lorafleet_engine::data::{PromptFormat, Turn};
+    use lorafleet_shared::spec::ChatTemplateChoice;
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tokenizer::from_model_dir(&chat_model_dir(dir.path()), None, None).unwrap();
+    let sp = DataSpec { chat_template: ChatTemplateChoice::Model, ..spec() };
+    // question/answer rows: the rendering up to the generation prompt is the prompt, what
+    // the answer's turn adds (its end-of-turn text included) is the target
+    let f = write(dir.path(), "a.jsonl", "{\"question\": \"How?\", \"answer\": \"Like this.\"}\n");
+    let s = &data::load_dataset(&f, &t, &sp).unwrap().sequences[0];
+    let p = t.encode("<|im_start|>user\nHow?<|im_end|>\n<|im_start|>assistant\n", false).unwrap();
+    let a = t.encode("Like this.<|im_end|>\n", false).unwrap();
+    assert_eq!(s.ids, [p.clone(), a.clone()].concat());
+    assert!(s.targets[..p.len()].iter().all(|x| !x) && s.targets[p.len()..].iter().all(|x| *x));
+    // the prompt of a question is the generation prompt
+    assert_eq!(PromptFormat::of(&sp).encode_question(&t, "How?").unwrap(), p);
+    // conversations: every assistant turn is a target, nothing else
+    let f = write(dir.path(), "c.jsonl", r#"{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"}]}
+"#);
+    let sp = DataSpec { format: DataFormat::Messages, ..sp };
+    let s = &data::load_dataset(&f, &t, &sp).unwrap().sequences[0];
+    let piece = |x: &str| t.encode(x, false).unwrap();
+    let parts = [
+        (piece("<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nu1<|im_end|>\n<|im_start|>assistant\n"), false),
+        (piece("a1<|im_end|>\n"), true),
+        (piece("<|im_start|>user\nu2<|im_end|>\n<|im_start|>assistant\n"), false),
+        (piece("a2<|im_end|>\n"), true),
+    ];
+    assert_eq!(s.ids, parts.iter().flat_map(|(p, _)| p.clone()).collect::<Vec<_>>());
+    assert_eq!(s.targets, parts.iter().flat_map(|(p, t)| vec![*t; p.len()]).collect::<Vec<_>>());
+    let turns = [Turn { role: "user".into(), content: "u1".into() }];
+    assert_eq!(PromptFormat::ModelChat.encode_chat(&t, &turns).unwrap(), piece("<|im_start|>user\nu1<|im_end|>\n<|im_start|>assistant\n"));
+    // a model without a chat template is refused for the whole data set, naming the setting
+    let plain = tok();
+    let e = data::load_dataset(&f, &plain, &sp).unwrap_err().to_string();
+    assert!(e.contains("data.chat_template is model") && e.contains("no chat template"), "{e}");
+}

@@ -47,7 +47,7 @@ fn demo_memorises_the_faq() {
     let mut exact = 0;
     for r in &rows {
         let (q, a) = (r["question"].as_str().unwrap(), r["answer"].as_str().unwrap());
-        let got = generate::answer(model.as_ref(), &tok, &spec.data.template, q, 96, &Device::Cpu).unwrap();
+        let got = generate::answer(model.as_ref(), &tok, &lorafleet_engine::data::PromptFormat::of(&spec.data), q, 96, &Device::Cpu).unwrap();
         if got == a.trim() {
             exact += 1;
         } else {

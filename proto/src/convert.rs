@@ -12,6 +12,7 @@ use crate as pb;
 use lorafleet_shared::ids::{Epoch, JobId, WorkerId};
 use lorafleet_shared::job::{FailureClass, JobState};
 use lorafleet_shared::spec::{
+    ChatTemplateChoice,
     ComputeDtype, DataFormat, DataSpec, DeviceKind, EarlyStoppingSpec, EvalMetric, JobSpec, LoraSpec, MetricMode, ModelSpec,
     Optimizer, OutputSpec, QuantMethod, QuantizationSpec, ResourceSpec, SaveBestSpec, Schedule, TargetModules, TrainingSpec,
 };
@@ -204,6 +205,11 @@ pub fn spec_from_pb(p: pb::JobSpec) -> Result<JobSpec, ConvertError> {
             question_field: data.question_field,
             answer_field: data.answer_field,
             template: data.template,
+            chat_template: match data.chat_template.as_str() {
+                "" | "template" => ChatTemplateChoice::Template,
+                "model" => ChatTemplateChoice::Model,
+                other => return Err(invalid("data.chat_template", format!("must be template or model, got {other:?}"))),
+            },
             train_on_prompt: data.train_on_prompt,
             max_seq_len: data.max_seq_len,
             shuffle: data.shuffle,
@@ -318,6 +324,7 @@ pub fn spec_to_pb(s: &JobSpec) -> pb::JobSpec {
             question_field: d.question_field.clone(),
             answer_field: d.answer_field.clone(),
             template: d.template.clone(),
+            chat_template: d.chat_template.as_str().into(),
             train_on_prompt: d.train_on_prompt,
             max_seq_len: d.max_seq_len,
             shuffle: d.shuffle,

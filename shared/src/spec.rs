@@ -123,6 +123,24 @@ pub enum DataFormat {
 
 pub const DEFAULT_TEMPLATE: &str = "<human>: {question}\n<assistant>:";
 
+/// What formats prompts: `data.template`, or the model's own chat template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ChatTemplateChoice {
+    #[default]
+    Template,
+    Model,
+}
+
+impl ChatTemplateChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChatTemplateChoice::Template => "template",
+            ChatTemplateChoice::Model => "model",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataSpec {
@@ -136,6 +154,10 @@ pub struct DataSpec {
     pub answer_field: String,
     /// Prompt template; must contain `{question}`.
     pub template: String,
+    /// `template`: prompts follow `template`; `model`: the model's own chat template
+    /// (tokenizer_config.json / chat_template.jinja) formats every conversation, as
+    /// transformers' `apply_chat_template` does, and `template` is not used.
+    pub chat_template: ChatTemplateChoice,
     pub train_on_prompt: bool,
     pub max_seq_len: u32,
     pub shuffle: bool,
@@ -153,6 +175,7 @@ impl Default for DataSpec {
             question_field: "question".into(),
             answer_field: "answer".into(),
             template: DEFAULT_TEMPLATE.into(),
+            chat_template: ChatTemplateChoice::Template,
             train_on_prompt: false,
             max_seq_len: 512,
             shuffle: true,
@@ -500,8 +523,11 @@ impl JobSpec {
             v.non_empty("data.question_field", &d.question_field);
             v.non_empty("data.answer_field", &d.answer_field);
         }
-        if matches!(d.format, DataFormat::Qa | DataFormat::Alpaca) {
+        if matches!(d.format, DataFormat::Qa | DataFormat::Alpaca) && d.chat_template == ChatTemplateChoice::Template {
             v.check("data.template", d.template.contains("{question}"), || "must contain {question}".into());
+        }
+        if d.format == DataFormat::Text {
+            v.check("data.chat_template", d.chat_template == ChatTemplateChoice::Template, || "must be template for format text (raw text has no conversation)".into());
         }
         v.range_u("data.max_seq_len", d.max_seq_len as u64, 8, 131_072);
 
@@ -705,6 +731,21 @@ mod tests {
     const MINIMAL: &str = "name: faq\nmodel: { source: ./m }\ndata: { train: ./faq.json }\noutput: { dir: out/faq }\n";
 
     #[test]
+    fn the_models_chat_template_is_chosen_by_name() {
+        let with = |data: &str| JobSpec::from_yaml(&MINIMAL.replace("data: { train: ./faq.json }", data), SpecContext::Local);
+        let s = with("data: { train: ./faq.json, chat_template: model, template: unused }").unwrap();
+        assert_eq!(s.data.chat_template, ChatTemplateChoice::Model);
+        assert_eq!(JobSpec::from_yaml(MINIMAL, SpecContext::Local).unwrap().data.chat_template, ChatTemplateChoice::Template);
+        let e = with("data: { train: ./faq.json, chat_template: jinja }").unwrap_err().to_string();
+        assert!(e.contains("data.chat_template"), "{e}");
+        let e = with("data: { train: ./faq.json, format: text, chat_template: model }").unwrap_err().to_string();
+        assert!(e.contains("data.chat_template: must be template for format text"), "{e}");
+        // with the template, the template must hold {question}
+        let e = with("data: { train: ./faq.json, template: plain }").unwrap_err().to_string();
+        assert!(e.contains("data.template"), "{e}");
+    }
+
+    #[test]
     fn minimal_spec_gets_recipe_defaults() {
         let s = JobSpec::from_yaml(MINIMAL, SpecContext::Remote).unwrap();
         assert_eq!(s.quantization.method, QuantMethod::Nf4);
@@ -750,6 +791,7 @@ data:
   question_field: question
   answer_field: answer
   template: "<human>: {question}\n<assistant>:"
+  chat_template: template
   train_on_prompt: false
   max_seq_len: 512
   shuffle: true

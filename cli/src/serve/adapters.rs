@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device};
+use lorafleet_engine::data::PromptFormat;
 use lorafleet_engine::multi_lora::ServedAdapter;
 use lorafleet_shared::ids::JobId;
 use lorafleet_storage::{layout, Segment, Storage};
@@ -19,16 +20,16 @@ use lorafleet_storage::{layout, Segment, Storage};
 use super::api::ApiError;
 use super::metrics::ServeMetrics;
 
-/// A resolved `model`: the adapter (none for the base) and its prompt template.
+/// A resolved `model`: the adapter (none for the base) and how its prompts are formatted.
 #[derive(Clone)]
 pub struct Resolved {
     pub adapter: Option<Arc<ServedAdapter>>,
-    pub template: String,
+    pub format: PromptFormat,
 }
 
 pub struct Registry {
     base: String,
-    template: String,
+    format: PromptFormat,
     local: BTreeMap<String, PathBuf>,
     store: Option<Storage>,
     cache_dir: PathBuf,
@@ -52,7 +53,8 @@ struct Lru {
 
 pub struct RegistryConfig {
     pub base: String,
-    pub template: String,
+    /// For the base model and adapters that record none.
+    pub format: PromptFormat,
     pub local: BTreeMap<String, PathBuf>,
     pub store: Option<Storage>,
     pub cache_dir: PathBuf,
@@ -66,7 +68,7 @@ impl Registry {
     pub fn new(c: RegistryConfig, metrics: Arc<ServeMetrics>) -> Self {
         Self {
             base: c.base,
-            template: c.template,
+            format: c.format,
             local: c.local,
             store: c.store,
             cache_dir: c.cache_dir,
@@ -123,7 +125,7 @@ impl Registry {
     /// What `model` names.
     pub async fn resolve(&self, model: &str) -> Result<Resolved, ApiError> {
         if model == self.base {
-            return Ok(Resolved { adapter: None, template: self.template.clone() });
+            return Ok(Resolved { adapter: None, format: self.format.clone() });
         }
         if let Some(r) = self.cached(model) {
             self.metrics.adapters.with_label_values(&["hit"]).inc();
@@ -141,10 +143,10 @@ impl Registry {
         } else {
             return Err(ApiError::model_not_found(model));
         };
-        // The template the adapter was trained with, when its directory records it.
-        let template = lorafleet_engine::peft::read_prompt_template(&dir)
+        // How the adapter was trained to be prompted, when its directory records it.
+        let format = lorafleet_engine::peft::read_prompt_format(&dir)
             .map_err(|e| ApiError::internal(format!("adapter {model}: {e}")))?
-            .unwrap_or_else(|| self.template.clone());
+            .unwrap_or_else(|| self.format.clone());
         self.metrics.adapters.with_label_values(&["miss"]).inc();
         let (name, linears, dtype, device) = (model.to_string(), self.linears.clone(), self.dtype, self.device.clone());
         let d = dir.clone();
@@ -153,7 +155,7 @@ impl Registry {
             .map_err(|e| ApiError::internal(format!("loading adapter {model}: {e}")))?
             .map_err(|e| ApiError::internal(format!("adapter {model} ({}) cannot be served: {e}", dir.display())))?;
         tracing::info!(adapter = %model, dir = %dir.display(), modules = adapter.module_count(), bytes = adapter.bytes, "adapter loaded");
-        let r = Resolved { adapter: Some(Arc::new(adapter)), template };
+        let r = Resolved { adapter: Some(Arc::new(adapter)), format };
         self.insert(model, r.clone(), job);
         Ok(r)
     }
