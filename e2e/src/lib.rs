@@ -16,6 +16,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use lorafleet_proto::connect::AuthChannel;
 
+pub mod browser;
+
 pub const LEASE_TTL_SECS: u64 = 3;
 
 /// The scenarios are timing-sensitive (a cancel within one heartbeat, a takeover within
@@ -154,6 +156,8 @@ pub struct Cluster {
     pub azurite: Option<AzuriteServer>,
     pub storage_url: String,
     pub port: u16,
+    /// The coordinator's `--metrics-listen` port (`/metrics` and the dashboard).
+    pub metrics_port: u16,
     pub coordinator: Option<Child>,
     pub workers: HashMap<String, Child>,
 }
@@ -189,7 +193,7 @@ impl Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = tls.then(|| TestPki::create(&dir.path().join("pki")));
         let tokens = tls.then(|| Tokens::create(dir.path()));
-        let mut c = Cluster { dir, pki, tokens, s3, azurite, storage_url, port: free_port(), coordinator: None, workers: HashMap::new() };
+        let mut c = Cluster { dir, pki, tokens, s3, azurite, storage_url, port: free_port(), metrics_port: free_port(), coordinator: None, workers: HashMap::new() };
         c.start_coordinator().await;
         for i in 0..workers {
             c.start_worker(&format!("w{i}"));
@@ -209,6 +213,12 @@ impl Cluster {
     pub fn endpoint(&self) -> String {
         let scheme = if self.pki.is_some() { "https" } else { "http" };
         format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The dashboard's base URL (`https` when the coordinator has TLS).
+    pub fn web_url(&self) -> String {
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.metrics_port)
     }
 
     /// The coordinator's transport and authentication flags.
@@ -258,6 +268,7 @@ impl Cluster {
         let log = self.log("coordinator");
         let child = Command::new(bin("lorafleet-coordinator"))
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--metrics-listen", &format!("127.0.0.1:{}", self.metrics_port)])
             .args(self.coordinator_tls_args())
             .arg("--db")
             .arg(self.dir.path().join("coordinator.sqlite"))
