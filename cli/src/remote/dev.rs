@@ -28,6 +28,10 @@ pub struct DevArgs {
     /// with `resources: { nodes: N }` runs as a gang of data-parallel ranks on N of them.
     #[arg(long, env = "LORAFLEET_DEV_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub workers: u32,
+    /// Serve Prometheus metrics (/metrics) and the web dashboard (/) on this address,
+    /// e.g. 127.0.0.1:9100.
+    #[arg(long, env = "LORAFLEET_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 pub async fn run(a: DevArgs) -> anyhow::Result<()> {
@@ -37,6 +41,14 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
     let storage_url = url_for(&dir.join("storage"))?;
     let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {} (is another `lorafleet dev` running?)", a.listen))?;
     let addr = listener.local_addr()?;
+    let metrics_listener = match a.metrics_listen {
+        Some(m) => Some(tokio::net::TcpListener::bind(m).await.with_context(|| format!("binding --metrics-listen {m}"))?),
+        None => None,
+    };
+    let web = match &metrics_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let mut config = lorafleet_coordinator::CoordinatorConfig::new(dir.join("coordinator.sqlite"), storage_url.clone());
     config.control.lease_ttl = Duration::from_secs(a.lease_ttl.max(2));
     // Embedded: the worker is this machine, so specs may name model directories on it.
@@ -49,7 +61,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
-    let coord = tokio::spawn(lorafleet_coordinator::serve(listener, config, stopped(coord_stop_rx)));
+    let coord = tokio::spawn(lorafleet_coordinator::serve_with_metrics(listener, metrics_listener, config, stopped(coord_stop_rx)));
 
     let mut wtasks = Vec::new();
     for i in 0..a.workers {
@@ -93,6 +105,10 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
         format!("{} workers ({} each; a spec with `resources: {{ nodes: 2 }}` spans 2 of them)", a.workers, a.devices)
     };
     eprintln!("lorafleet dev: coordinator on http://{addr}, {workers}, storage {storage_url}");
+    match web {
+        Some(w) => eprintln!("  dashboard: http://{w}/   (metrics: http://{w}/metrics)"),
+        None => eprintln!("  (--metrics-listen 127.0.0.1:9100 also serves the web dashboard and /metrics)"),
+    }
     eprintln!("  try: lorafleet submit examples/faq.yaml --watch      (Ctrl-C stops everything)");
 
     let mut coord = coord;
