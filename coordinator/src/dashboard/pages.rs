@@ -128,7 +128,7 @@ pub fn login(message: Option<&str>, next: &str, auth_on: bool) -> String {
         return b;
     }
     if let Some(m) = message {
-        let _ = write!(b, "<p class=\"error\" role=\"alert\">{}</p>\n", esc(m));
+        let _ = writeln!(b, "<p class=\"error\" role=\"alert\">{}</p>", esc(m));
     }
     let _ = write!(
         b,
