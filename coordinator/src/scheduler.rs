@@ -416,6 +416,30 @@ mod tests {
     }
 
     #[test]
+    fn by_device_counts_parked_jobs_and_knows_the_oldest() {
+        let mut q = Queue::new(0);
+        let a = job(1, 0, DeviceKind::Cpu, 1, 0);
+        let b = job(2, 9, DeviceKind::Cpu, 1, 0);
+        let g = job(3, 0, DeviceKind::Cuda, 1, 0);
+        for j in [&a, &b, &g] {
+            q.push(j.clone());
+        }
+        assert_eq!(q.by_device(), [(2, Some(1000)), (1, Some(3000))]);
+        // Parked jobs are still queued; unparking does not count them twice.
+        assert!(q.park(&a.id));
+        assert_eq!(q.by_device()[0], (2, Some(1000)));
+        q.unpark(&a.id);
+        q.push(a.clone());
+        assert_eq!(q.by_device()[0], (2, Some(1000)));
+        q.remove(&a.id);
+        assert_eq!(q.by_device(), [(1, Some(2000)), (1, Some(3000))]);
+        let gpu = vec![dev(DeviceKind::Cuda, 0, 0)];
+        assert_eq!(take(&mut q, WorkerId::new(), &gpu, &HashSet::new()).unwrap().0.id, g.id);
+        q.remove(&b.id);
+        assert_eq!(q.by_device(), [(0, None), (0, None)]);
+    }
+
+    #[test]
     fn resources_are_matched() {
         let mut q = Queue::new(0);
         let big_mem = job(1, 9, DeviceKind::Cuda, 1, 80_000);
