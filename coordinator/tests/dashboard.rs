@@ -203,6 +203,7 @@ async fn dashboard_pages_auth_tenants_escaping_and_downloads() {
     assert_eq!(p["evals"][0]["samples"][0]["completion"], XSS_SAMPLE);
     assert_eq!(p["logs"][0]["message"], XSS_LOG);
     assert_eq!(p["checkpoints"][0]["step"], 6);
+    assert_eq!(p["more"], false);
     // Incremental: nothing new after the last seq.
     let after = p["next_event"].as_u64().unwrap();
     let log_seq = p["logs"][0]["seq"].as_u64().unwrap();

@@ -315,11 +315,15 @@ async fn jobs_page(State(d): State<Dashboard>, headers: HeaderMap, Query(q): Que
     r.unwrap_or_else(IntoResponse::into_response)
 }
 
-/// Every step and eval event of a job after `after` (at most [`EVENTS_PER_CALL`]), and
-/// the last seq read.
-fn read_events(c: &rusqlite::Connection, id: &JobId, after: u64) -> crate::Result<(Vec<pb::StepMetrics>, Vec<pb::EvalMetrics>, u64)> {
+/// The step and eval events of a job after `after` (of at most [`EVENTS_PER_CALL`]
+/// events read), the last seq read, and whether more events may follow it.
+type Events = (Vec<pb::StepMetrics>, Vec<pb::EvalMetrics>, u64, bool);
+
+fn read_events(c: &rusqlite::Connection, id: &JobId, after: u64) -> crate::Result<Events> {
     let (mut steps, mut evals, mut last) = (Vec::new(), Vec::new(), after);
-    for (seq, body) in db::events_after(c, id, after, EVENTS_PER_CALL)? {
+    let rows = db::events_after(c, id, after, EVENTS_PER_CALL)?;
+    let more = rows.len() == EVENTS_PER_CALL as usize;
+    for (seq, body) in rows {
         last = seq;
         match pb::JobEvent::decode(body.as_slice()).ok().and_then(|e| e.event) {
             Some(pb::job_event::Event::Step(s)) => steps.push(s),
@@ -327,7 +331,7 @@ fn read_events(c: &rusqlite::Connection, id: &JobId, after: u64) -> crate::Resul
             _ => {}
         }
     }
-    Ok((steps, evals, last))
+    Ok((steps, evals, last, more))
 }
 
 async fn job_page(State(d): State<Dashboard>, headers: HeaderMap, Path(id): Path<String>) -> Response {
@@ -341,7 +345,7 @@ async fn job_page(State(d): State<Dashboard>, headers: HeaderMap, Path(id): Path
             .run(move |c| {
                 let (_, max_log) = db::max_seqs(c, &jid)?;
                 let logs = db::logs_after(c, &jid, max_log.saturating_sub(PAGE_LOGS as u64), PAGE_LOGS)?;
-                let (_, evals, _) = read_events(c, &jid, 0)?;
+                let (_, evals, _, _) = read_events(c, &jid, 0)?;
                 Ok((db::list_checkpoints(c, &jid)?, logs, evals))
             })
             .await?;
@@ -376,13 +380,13 @@ async fn progress(State(d): State<Dashboard>, headers: HeaderMap, Path(id): Path
         let caller = d.caller(&headers, &format!("/jobs/{}", pages::url_seg(&id)))?;
         let row = d.job_row(&caller, &id).await?;
         let jid = row.id;
-        let (steps, evals, next_event, logs, checkpoints) = d
+        let ((steps, evals, next_event, more), logs, checkpoints) = d
             .shared
             .readers
             .run(move |c| {
-                let (steps, evals, next) = read_events(c, &jid, q.after_event)?;
+                let events = read_events(c, &jid, q.after_event)?;
                 let (logs, _) = db::logs_after(c, &jid, q.after_log, PAGE_LOGS)?;
-                Ok((steps, evals, next, logs, db::list_checkpoints(c, &jid)?))
+                Ok((events, logs, db::list_checkpoints(c, &jid)?))
             })
             .await?;
         let names = d.worker_names().await;
@@ -410,6 +414,7 @@ async fn progress(State(d): State<Dashboard>, headers: HeaderMap, Path(id): Path
                 "samples": e.samples.iter().map(|s| serde_json::json!({"prompt": s.prompt, "completion": s.completion})).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "next_event": next_event,
+            "more": more,
             "logs": logs.iter().map(|l| serde_json::json!({"seq": l.seq, "time": pages::utc(l.unix_ms), "level": l.level, "message": l.message})).collect::<Vec<_>>(),
             "checkpoints": checkpoints.iter().map(|c| serde_json::json!({"step": c.step, "epoch": c.epoch.get(), "attempt": c.attempt, "created": pages::utc(c.created_ms)})).collect::<Vec<_>>(),
         });

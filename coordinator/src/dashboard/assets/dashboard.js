@@ -190,7 +190,7 @@
           renderEvals();
           renderCheckpoints(p.checkpoints);
           appendLogs(p.logs);
-          var more = p.steps.length + p.evals.length >= 2500;
+          var more = p.more;
           if (p.job.final && !more) {
             setText('live-note', 'The job is ' + p.job.state + '; the curves show every step metric the coordinator kept.');
             return;
