@@ -50,7 +50,12 @@ async fn dashboard_in_chromium_follows_a_training_job() {
         if std::env::var_os("CI").is_some() {
             panic!("chromium is not installed: the dashboard test needs it in CI (scripts/test.sh installs Debian's `chromium` as root)");
         }
-        eprintln!("SKIPPED dashboard_in_chromium_follows_a_training_job: no chromium on the PATH (apt-get install chromium, or set LORAFLEET_CHROMIUM)");
+        // Straight to stderr: the test harness captures eprintln! of passing tests.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED dashboard_in_chromium_follows_a_training_job: no chromium on the PATH (apt-get install chromium, or set LORAFLEET_CHROMIUM)"
+        );
         return;
     };
     let _g = serial().await;
