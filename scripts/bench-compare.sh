@@ -21,28 +21,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 profile=release
-args=()
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --profile) profile="$2"; shift 2 ;;
-        --profile=*) profile="${1#*=}"; shift ;;
-        *) args+=("$1"); shift ;;
-    esac
-done
-case "$profile" in dev|release) ;; *) echo "--profile: dev or release, got $profile" >&2; exit 2 ;; esac
-
-# shellcheck source=scripts/bench/ensure-anchor.sh
-. scripts/bench/ensure-anchor.sh
-
-# shellcheck source=scripts/ensure-rust.sh
-. scripts/ensure-rust.sh
-if [ "$profile" = release ]; then
-    cargo build --release -q -p lorafleet-cli
-    bin=target/release/lorafleet
-else
-    cargo build -q -p lorafleet-cli
-    bin=target/debug/lorafleet
-fi
+# shellcheck source=scripts/bench/setup.sh
+. scripts/bench/setup.sh "$@"
 
 mkdir -p target/bench
 exec .venv-bench/bin/python scripts/bench/compare.py --lorafleet "$bin" \

@@ -11,26 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 profile=dev
-args=()
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --profile) profile="$2"; shift 2 ;;
-        *) args+=("$1"); shift ;;
-    esac
-done
-case "$profile" in dev|release) ;; *) echo "--profile: dev or release, got $profile" >&2; exit 2 ;; esac
-
-# shellcheck source=scripts/bench/ensure-anchor.sh
-. scripts/bench/ensure-anchor.sh
-# shellcheck source=scripts/ensure-rust.sh
-. scripts/ensure-rust.sh
-if [ "$profile" = release ]; then
-    cargo build --release -q -p lorafleet-cli
-    bin=target/release/lorafleet
-else
-    cargo build -q -p lorafleet-cli
-    bin=target/debug/lorafleet
-fi
+# shellcheck source=scripts/bench/setup.sh
+. scripts/bench/setup.sh "$@"
 
 work=target/bench/serve
 mkdir -p "$work"

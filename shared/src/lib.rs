@@ -6,5 +6,6 @@ pub mod job;
 pub mod spec;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod time;
 
 pub use spec::{JobSpec, SpecContext, SpecError};

@@ -46,22 +46,7 @@ pub fn url_path(s: &str) -> String {
 
 /// `2026-12-01 14:00:17 UTC` for unix milliseconds (proleptic Gregorian, UTC).
 pub fn utc(ms: i64) -> String {
-    if ms <= 0 {
-        return "-".into();
-    }
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+    lorafleet_shared::time::utc_datetime(ms).map_or_else(|| "-".into(), |t| format!("{t} UTC"))
 }
 
 /// `<time>` with a machine-readable datetime.
