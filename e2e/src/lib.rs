@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use lorafleet_proto::connect::AuthChannel;
 
 pub mod browser;
+pub mod faultproxy;
 
 pub const LEASE_TTL_SECS: u64 = 3;
 
