@@ -48,6 +48,17 @@ pub fn endpoint(url: &str, tls: &ClientTls) -> Result<Endpoint, String> {
     ep.tls_config(cfg).map_err(|e| format!("TLS settings for {url}: {e}"))
 }
 
+/// A lazy channel whose connection setup as a whole, TLS handshake included, is bounded
+/// by the endpoint's connect timeout. ([`Endpoint::connect_lazy`] bounds only the TCP
+/// connect: a server, or a link, that accepts the connection and then says nothing
+/// would hold the channel in its handshake, and every call behind it, for good.)
+pub fn connect_lazy_bounded(ep: &Endpoint) -> tonic::transport::Channel {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    ep.connect_with_connector_lazy(http)
+}
+
 /// Adds `authorization: Bearer <token>` to every call (`--token`, `LORAFLEET_TOKEN`).
 #[derive(Clone, Default)]
 pub struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);

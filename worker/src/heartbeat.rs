@@ -22,8 +22,12 @@ pub async fn beat(w: &Worker, timeout: Duration) {
         worker_id: w.shared.worker_id(),
         running: running.iter().map(|c| pb::RunningJob { job_id: c.job_id.clone(), epoch: c.epoch }).collect(),
     });
-    req.set_timeout(timeout.max(Duration::from_secs(1)));
-    match w.client.clone().heartbeat(req).await {
+    let timeout = timeout.max(Duration::from_secs(1));
+    req.set_timeout(timeout);
+    // The grpc-timeout above is not applied while the channel waits for a connection;
+    // this bound is, so a heartbeat never hangs on a dead link.
+    let answer = tokio::time::timeout(timeout, w.client.clone().heartbeat(req)).await;
+    match answer.unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer"))) {
         Ok(resp) => {
             for d in resp.into_inner().directives {
                 let Some(c) = running.iter().find(|c| c.job_id == d.job_id && c.epoch == d.epoch) else { continue };

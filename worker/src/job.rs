@@ -303,7 +303,14 @@ where
     let deadline = Instant::now() + w.shared.lease_ttl().max(Duration::from_secs(10));
     let mut backoff = Duration::from_millis(100);
     loop {
-        match f(w.client.clone()).await {
+        // Every try is bounded: a call that gets no answer (a black-holed link) must not
+        // hold the training thread, nor this retry loop, past its deadline.
+        let per_call = per_call_timeout(w.shared.lease_ttl(), deadline.saturating_duration_since(Instant::now()));
+        let answer = match tokio::time::timeout(per_call, f(w.client.clone())).await {
+            Ok(r) => r,
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!("no answer within {per_call:?}"))),
+        };
+        match answer {
             Ok(r) => return Ok(r.into_inner()),
             Err(s) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::NotFound | tonic::Code::PermissionDenied) => {
                 ctl.abandon(s.message());
@@ -317,6 +324,12 @@ where
             Err(s) => return Err(retryable(format!("coordinator call failed: {}", s.message()))),
         }
     }
+}
+
+/// One try of [`call_with_retry`]: half a lease TTL, at least 1 s, and never past the
+/// retry deadline by more than that second.
+fn per_call_timeout(lease_ttl: Duration, left: Duration) -> Duration {
+    (lease_ttl / 2).min(left).max(Duration::from_secs(1))
 }
 
 /// Batch progress events into ReportProgress calls (at most one a second).
@@ -348,7 +361,13 @@ async fn report_progress(w: Worker, ctl: Arc<JobControl>, mut rx: mpsc::Unbounde
             continue;
         }
         req.worker_id = w.shared.worker_id();
-        match w.client.clone().report_progress(req.clone()).await {
+        // Bounded like every call: on a dead link the report fails, is kept for the next
+        // one, and the end of the job never waits on it.
+        let mut call = tonic::Request::new(req.clone());
+        call.set_timeout(per_call_timeout(w.shared.lease_ttl(), crate::CALL_TIMEOUT));
+        let sent = tokio::time::timeout(crate::CALL_TIMEOUT, w.client.clone().report_progress(call)).await;
+        let sent = sent.unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer")));
+        match sent {
             Ok(r) => {
                 if r.into_inner().cancel {
                     ctl.cancel();
@@ -529,6 +548,15 @@ pub async fn finish(w: &Worker, ctl: &Arc<JobControl>, outcome: Outcome) {
 mod tests {
     use super::*;
     use crate::DeviceSel;
+
+    #[test]
+    fn every_try_of_a_call_is_bounded() {
+        let s = Duration::from_secs;
+        assert_eq!(per_call_timeout(s(6), s(10)), s(3));
+        assert_eq!(per_call_timeout(s(60), s(10)), s(10));
+        assert_eq!(per_call_timeout(s(6), Duration::ZERO), s(1));
+        assert_eq!(per_call_timeout(s(1), s(10)), s(1));
+    }
 
     #[test]
     fn a_lease_gets_the_devices_it_names() {

@@ -184,7 +184,13 @@ impl Worker {
         }
         let endpoint = lorafleet_proto::connect::endpoint(&cfg.coordinator, &cfg.tls).map_err(|e| WorkerError::Config(format!("--coordinator: {e}")))?;
         let token = lorafleet_proto::connect::BearerToken::new(cfg.token.as_ref().map(|t| t.0.as_str())).map_err(WorkerError::Config)?;
-        let client = WorkerServiceClient::with_interceptor(endpoint.connect_lazy(), token);
+        // HTTP/2 pings find a dead connection (a peer gone without a RST, a black-holed
+        // link) within KEEPALIVE_INTERVAL + KEEPALIVE_TIMEOUT and close it, so the next
+        // call reconnects; without them a timed-out call leaves the channel on the dead
+        // connection, and every later heartbeat times out on it too. The reconnection's
+        // TLS handshake is bounded as well (connect_lazy_bounded).
+        let endpoint = endpoint.http2_keep_alive_interval(KEEPALIVE_INTERVAL).keep_alive_timeout(KEEPALIVE_TIMEOUT).keep_alive_while_idle(true);
+        let client = WorkerServiceClient::with_interceptor(lorafleet_proto::connect::connect_lazy_bounded(&endpoint), token);
         let theirs = get_storage(&client).await?;
         let url = match (&cfg.storage_url, &theirs) {
             (Some(own), Some(t)) if !same_storage(own, &t.storage_url) => {
@@ -261,7 +267,9 @@ impl Worker {
                 storage_url: self.storage.public_url(),
                 storage_marker,
             };
-            match self.client.clone().register_worker(req.clone()).await {
+            let mut call = tonic::Request::new(req.clone());
+            call.set_timeout(CALL_TIMEOUT);
+            match self.client.clone().register_worker(call).await {
                 Ok(r) => {
                     let r = r.into_inner();
                     self.shared.heartbeat_ms.store(r.heartbeat_interval_secs.max(1) as u64 * 1000, Ordering::SeqCst);
@@ -353,7 +361,9 @@ impl Worker {
 async fn get_storage(client: &WorkerServiceClient<Channel>) -> Result<Option<pb::GetStorageResponse>, WorkerError> {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match client.clone().get_storage(pb::GetStorageRequest {}).await {
+        let mut call = tonic::Request::new(pb::GetStorageRequest {});
+        call.set_timeout(CALL_TIMEOUT);
+        match client.clone().get_storage(call).await {
             Ok(r) => return Ok(Some(r.into_inner())),
             Err(s) if s.code() == tonic::Code::Unimplemented => return Ok(None),
             Err(s) if is_transient(&s) => {
@@ -374,6 +384,15 @@ async fn read_marker(storage: &Storage, key: &lorafleet_storage::RelPath) -> Res
         Err(e) => Err(format!("cannot read {key}: {e}")),
     }
 }
+
+/// HTTP/2 keepalive pings to the coordinator: one every interval, the connection closed
+/// when a ping is not answered within the timeout.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The longest wait for one unary call to the coordinator (a call that gets no answer
+/// fails and is retried, rather than hanging on a dead link).
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Worth retrying: the coordinator is down, restarting or overloaded.
 pub(crate) fn is_transient(s: &tonic::Status) -> bool {
