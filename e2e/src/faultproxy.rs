@@ -9,6 +9,11 @@
 //!   in either direction (new ones do not reach the target); bytes already read wait.
 //!   Back in `Pass`, held connections go on where they stopped, as TCP does after a
 //!   partition that heals before its retransmissions give up.
+//! - [`FaultProxy::strand`]: the connections open now are black-holed for good, whatever
+//!   the mode (a peer that vanished without a RST: a crashed host, a NAT or load
+//!   balancer that dropped its state); later connections follow the mode. Only a
+//!   client that notices a dead connection by itself (timeouts, keepalive pings) and
+//!   reconnects gets through again.
 //! - [`Mode::Delay`]: every chunk arrives `base ± jitter` after it was read (uniform,
 //!   from a seeded generator per connection and direction), in order.
 //! - [`Mode::Throttle`]: at most `bytes_per_sec` per connection and direction.
@@ -43,6 +48,16 @@ struct State {
     /// Bumped by every switch to `Cut` (and by dropping the proxy): a connection that
     /// sees it change is reset, however short the cut was.
     cuts: u64,
+    /// Bumped by [`FaultProxy::strand`]: a connection that sees it change forwards
+    /// nothing more.
+    strands: u64,
+}
+
+impl State {
+    /// Whether a connection opened at (`cuts`, `strands`) must hold its bytes now.
+    fn holds(&self, strands: u64) -> bool {
+        self.mode == Mode::BlackHole || self.strands != strands
+    }
 }
 
 /// Counters, for tests that want to know traffic went through the proxy.
@@ -70,7 +85,7 @@ impl FaultProxy {
     pub async fn start(target: SocketAddr, seed: u64) -> std::io::Result<FaultProxy> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let (state, rx) = watch::channel(State { mode: Mode::Pass, cuts: 0 });
+        let (state, rx) = watch::channel(State { mode: Mode::Pass, cuts: 0, strands: 0 });
         let stats = Arc::new(Stats::default());
         let accept = tokio::spawn(accept_loop(listener, target, rx, stats.clone(), seed));
         Ok(FaultProxy { addr, target, state, stats, accept })
@@ -97,6 +112,11 @@ impl FaultProxy {
             }
             s.mode = mode;
         });
+    }
+
+    /// Black-hole the connections open now for good (see the module docs).
+    pub fn strand(&self) {
+        self.state.send_modify(|s| s.strands += 1);
     }
 
     pub fn mode(&self) -> Mode {
@@ -147,9 +167,12 @@ fn reset(s: TcpStream) {
 }
 
 async fn connection(client: TcpStream, target: SocketAddr, mut rx: watch::Receiver<State>, stats: Arc<Stats>, seed: u64) {
-    let cuts = rx.borrow().cuts;
+    let (cuts, strands) = {
+        let s = rx.borrow();
+        (s.cuts, s.strands)
+    };
     // A black hole lets nothing reach the target, not even the connection.
-    let ok = rx.wait_for(|s| s.cuts != cuts || s.mode != Mode::BlackHole).await.map(|s| s.cuts == cuts).unwrap_or(false);
+    let ok = rx.wait_for(|s| s.cuts != cuts || !s.holds(strands)).await.map(|s| s.cuts == cuts).unwrap_or(false);
     if !ok {
         reset(client);
         return;
@@ -164,21 +187,21 @@ async fn connection(client: TcpStream, target: SocketAddr, mut rx: watch::Receiv
     let _ = upstream.set_nodelay(true);
     let (cr, cw) = client.into_split();
     let (ur, uw) = upstream.into_split();
-    let up = direction(cr, uw, rx.clone(), cuts, stats.clone(), seed);
-    let down = direction(ur, cw, rx, cuts, stats, seed ^ 0x5555_5555_5555_5555);
+    let up = direction(cr, uw, rx.clone(), (cuts, strands), stats.clone(), seed);
+    let down = direction(ur, cw, rx, (cuts, strands), stats, seed ^ 0x5555_5555_5555_5555);
     tokio::join!(up, down);
 }
 
 /// One direction: a reader that stamps each chunk with the time it is due, and a writer
 /// that sends it then; both stop at a cut, the writer resetting its socket.
-async fn direction(mut r: OwnedReadHalf, w: OwnedWriteHalf, rx: watch::Receiver<State>, cuts: u64, stats: Arc<Stats>, seed: u64) {
+async fn direction(mut r: OwnedReadHalf, w: OwnedWriteHalf, rx: watch::Receiver<State>, (cuts, strands): (u64, u64), stats: Arc<Stats>, seed: u64) {
     let (tx, queue) = mpsc::channel::<(Vec<u8>, Instant)>(256);
     let mut rrx = rx.clone();
     let reader = async move {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut buf = vec![0u8; CHUNK];
         loop {
-            let st = match rrx.wait_for(|s| s.cuts != cuts || s.mode != Mode::BlackHole).await {
+            let st = match rrx.wait_for(|s| s.cuts != cuts || !s.holds(strands)).await {
                 Ok(s) => *s,
                 Err(_) => return,
             };
@@ -211,11 +234,11 @@ async fn direction(mut r: OwnedReadHalf, w: OwnedWriteHalf, rx: watch::Receiver<
             }
         }
     };
-    let writer = write_side(w, queue, rx, cuts, stats);
+    let writer = write_side(w, queue, rx, (cuts, strands), stats);
     tokio::join!(reader, writer);
 }
 
-async fn write_side(mut w: OwnedWriteHalf, mut queue: mpsc::Receiver<(Vec<u8>, Instant)>, mut rx: watch::Receiver<State>, cuts: u64, stats: Arc<Stats>) {
+async fn write_side(mut w: OwnedWriteHalf, mut queue: mpsc::Receiver<(Vec<u8>, Instant)>, mut rx: watch::Receiver<State>, (cuts, strands): (u64, u64), stats: Arc<Stats>) {
     let cut = |w: OwnedWriteHalf| {
         let _ = w.as_ref().set_zero_linger();
         // No FIN first: the socket closes with a RST when the reader drops its half.
@@ -235,7 +258,7 @@ async fn write_side(mut w: OwnedWriteHalf, mut queue: mpsc::Receiver<(Vec<u8>, I
             _ = tokio::time::sleep_until(due) => {}
             _ = rx.wait_for(|s| s.cuts != cuts) => return cut(w),
         }
-        let st = match rx.wait_for(|s| s.cuts != cuts || s.mode != Mode::BlackHole).await {
+        let st = match rx.wait_for(|s| s.cuts != cuts || !s.holds(strands)).await {
             Ok(s) => *s,
             Err(_) => return cut(w),
         };
@@ -352,6 +375,27 @@ mod tests {
         assert_eq!(&buf, b"two");
         tokio::time::timeout(Duration::from_secs(5), s2.read_exact(&mut buf)).await.unwrap().unwrap();
         assert_eq!(&buf, b"new");
+    }
+
+    #[tokio::test]
+    async fn stranded_connections_stay_dead_and_new_ones_pass() {
+        let p = FaultProxy::start(echo().await, 1).await.unwrap();
+        let mut s = TcpStream::connect(p.addr()).await.unwrap();
+        assert_eq!(roundtrip(&mut s, b"one").await.unwrap(), b"one");
+        p.strand();
+        let mut buf = [0u8; 3];
+        s.write_all(b"two").await.unwrap();
+        assert!(tokio::time::timeout(Duration::from_millis(500), s.read_exact(&mut buf)).await.is_err(), "a stranded connection forwarded");
+        let mut s2 = TcpStream::connect(p.addr()).await.unwrap();
+        assert_eq!(roundtrip(&mut s2, b"new").await.unwrap(), b"new");
+        // A black hole and back does not revive it either; a cut resets it.
+        p.set(Mode::BlackHole);
+        p.set(Mode::Pass);
+        assert!(tokio::time::timeout(Duration::from_millis(300), s.read_exact(&mut buf)).await.is_err());
+        assert_eq!(roundtrip(&mut s2, b"abc").await.unwrap(), b"abc");
+        p.set(Mode::Cut);
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("the cut ends it");
+        assert!(r.is_err(), "{r:?}");
     }
 
     #[tokio::test]

@@ -161,6 +161,9 @@ pub struct Cluster {
     pub metrics_port: u16,
     pub coordinator: Option<Child>,
     pub workers: HashMap<String, Child>,
+    /// The coordinator's `--lease-ttl` ([`LEASE_TTL_SECS`] unless started with
+    /// [`Cluster::start_with_ttl`]); heartbeats come every sixth of it (at least 1 s).
+    pub lease_ttl: u64,
 }
 
 impl Cluster {
@@ -170,7 +173,16 @@ impl Cluster {
         binaries();
         let s3 = S3Server::start().await.unwrap_or_else(|e| panic!("{e}"));
         let storage_url = s3.unique_url("lorafleet");
-        Self::launch(s3, None, storage_url, workers, true).await
+        Self::launch(s3, None, storage_url, workers, true, LEASE_TTL_SECS).await
+    }
+
+    /// [`Cluster::start`] with another lease TTL (the chaos tests need room for a
+    /// partition shorter than it).
+    pub async fn start_with_ttl(workers: usize, lease_ttl: u64) -> Cluster {
+        binaries();
+        let s3 = S3Server::start().await.unwrap_or_else(|e| panic!("{e}"));
+        let storage_url = s3.unique_url("lorafleet");
+        Self::launch(s3, None, storage_url, workers, true, lease_ttl).await
     }
 
     /// The same with a plain-text coordinator (`--insecure`).
@@ -178,7 +190,7 @@ impl Cluster {
         binaries();
         let s3 = S3Server::start().await.unwrap_or_else(|e| panic!("{e}"));
         let storage_url = s3.unique_url("lorafleet");
-        Self::launch(s3, None, storage_url, workers, false).await
+        Self::launch(s3, None, storage_url, workers, false, LEASE_TTL_SECS).await
     }
 
     /// The same on Azure Blob Storage: an Azurite server and an `az://` storage URL.
@@ -187,14 +199,14 @@ impl Cluster {
         let s3 = S3Server::start().await.unwrap_or_else(|e| panic!("{e}"));
         let az = AzuriteServer::start().await.unwrap_or_else(|e| panic!("{e}"));
         let storage_url = az.unique_url("lorafleet").await;
-        Self::launch(s3, Some(az), storage_url, workers, true).await
+        Self::launch(s3, Some(az), storage_url, workers, true, LEASE_TTL_SECS).await
     }
 
-    async fn launch(s3: S3Server, azurite: Option<AzuriteServer>, storage_url: String, workers: usize, tls: bool) -> Cluster {
+    async fn launch(s3: S3Server, azurite: Option<AzuriteServer>, storage_url: String, workers: usize, tls: bool, lease_ttl: u64) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let pki = tls.then(|| TestPki::create(&dir.path().join("pki")));
         let tokens = tls.then(|| Tokens::create(dir.path()));
-        let mut c = Cluster { dir, pki, tokens, s3, azurite, storage_url, port: free_port(), metrics_port: free_port(), coordinator: None, workers: HashMap::new() };
+        let mut c = Cluster { dir, pki, tokens, s3, azurite, storage_url, port: free_port(), metrics_port: free_port(), coordinator: None, workers: HashMap::new(), lease_ttl };
         c.start_coordinator().await;
         for i in 0..workers {
             c.start_worker(&format!("w{i}"));
@@ -273,7 +285,7 @@ impl Cluster {
             .args(self.coordinator_tls_args())
             .arg("--db")
             .arg(self.dir.path().join("coordinator.sqlite"))
-            .args(["--storage", &self.storage_url, "--lease-ttl", &LEASE_TTL_SECS.to_string()])
+            .args(["--storage", &self.storage_url, "--lease-ttl", &self.lease_ttl.to_string()])
             // The workers load the fixture model from their disk (tests/fixtures/...).
             .args(["--allow-local-model-paths", "--audit-log"])
             .arg(self.dir.path().join("audit.jsonl"))
@@ -305,10 +317,17 @@ impl Cluster {
     /// A worker with extra flags (e.g. `--devices cpu:0,1`). Gang collectives give up
     /// after 30 s here (the lease TTL ends a stuck attempt well before).
     pub fn start_worker_with(&mut self, name: &str, extra: &[&str]) {
+        self.start_worker_via(name, &self.endpoint(), &[], extra);
+    }
+
+    /// A worker that reaches the coordinator at `coordinator` (e.g. through a
+    /// [`faultproxy::FaultProxy`]), with extra environment (e.g. another
+    /// `AWS_ENDPOINT_URL`, to send its storage traffic through a proxy) and flags.
+    pub fn start_worker_via(&mut self, name: &str, coordinator: &str, env: &[(&str, &str)], extra: &[&str]) {
         let log = self.log(name);
         let child = Command::new(bin("lorafleet-worker"))
             // No --storage: workers take the coordinator's (and prove they see it).
-            .args(["--coordinator", &self.endpoint(), "--name", name, "--acquire-wait-secs", "2"])
+            .args(["--coordinator", coordinator, "--name", name, "--acquire-wait-secs", "2"])
             .args(["--collective-timeout-secs", "30"])
             .args(self.worker_tls_args())
             .envs(self.tokens.as_ref().map(|t| ("LORAFLEET_TOKEN", t.worker.clone())))
@@ -316,6 +335,7 @@ impl Cluster {
             .arg("--cache")
             .arg(self.dir.path().join(format!("cache-{name}")))
             .envs(self.storage_env())
+            .envs(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
             .env("LORAFLEET_LOG", "info")
             .current_dir(workspace_root())
             .stdin(Stdio::null())
