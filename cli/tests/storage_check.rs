@@ -34,6 +34,7 @@ fn worker_config(coordinator: &str, storage: Option<String>, cache: &std::path::
         advertise_host: None,
         collective_timeout: Duration::from_secs(60),
         allow_nccl: false,
+        storage_retry: Duration::from_secs(10),
     }
 }
 

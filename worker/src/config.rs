@@ -83,7 +83,15 @@ pub struct WorkerArgs {
     /// gang), else the TCP ring; `tcp`: always the TCP ring.
     #[arg(long, env = "LORAFLEET_COLLECTIVE", default_value = "auto", value_parser = ["auto", "tcp"])]
     pub collective: String,
+    /// How long a checkpoint or adapter upload keeps retrying while object storage is
+    /// unreachable or failing (with backoff, the training waiting) before the attempt
+    /// fails as retryable, to resume from the last committed checkpoint.
+    #[arg(long, env = "LORAFLEET_STORAGE_RETRY_SECS", default_value_t = DEFAULT_STORAGE_RETRY.as_secs())]
+    pub storage_retry_secs: u64,
 }
+
+/// The default of `--storage-retry-secs`.
+pub const DEFAULT_STORAGE_RETRY: Duration = Duration::from_secs(120);
 
 /// One device this worker offers: the CPU (or one of several CPU slots, which share the
 /// machine's cores: each is a data-parallel rank) or a CUDA device.
@@ -202,6 +210,8 @@ pub struct WorkerConfig {
     pub collective_timeout: Duration,
     /// Gangs: NCCL between CUDA devices when the build has it (else the TCP ring).
     pub allow_nccl: bool,
+    /// How long an upload to object storage keeps retrying before the attempt fails.
+    pub storage_retry: Duration,
 }
 
 impl WorkerConfig {
@@ -231,6 +241,7 @@ impl WorkerConfig {
             advertise_host: a.advertise_host.clone(),
             collective_timeout: Duration::from_secs(a.collective_timeout_secs.max(1)),
             allow_nccl: a.collective != "tcp",
+            storage_retry: Duration::from_secs(a.storage_retry_secs),
         })
     }
 }

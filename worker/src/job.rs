@@ -53,6 +53,10 @@ pub fn scratch_dir(cache: &Path, job_id: &str, epoch: u64) -> PathBuf {
 struct Prepared {
     run: TrainRun,
     job: Segment,
+    /// The checkpoint it resumes from (the lease's, or an older one when that one was
+    /// corrupt) and why the newer ones were passed over.
+    resumed: Option<String>,
+    skipped: Vec<String>,
 }
 
 async fn prepare(w: &Worker, lease: &pb::Lease) -> Result<Prepared, Outcome> {
@@ -90,15 +94,7 @@ async fn prepare(w: &Worker, lease: &pb::Lease) -> Result<Prepared, Outcome> {
     };
     let scratch = scratch_dir(&w.cfg.cache, &lease.job_id, lease.epoch);
     let _ = std::fs::remove_dir_all(&scratch);
-    let resume_from = if lease.resume_checkpoint_key.is_empty() {
-        None
-    } else {
-        let dir = layout::manifest_dir(&lease.resume_checkpoint_key).map_err(|e| non_retryable(format!("resume checkpoint: {e}")))?;
-        let dest = scratch.join("resume");
-        w.storage.download_dir(&dir, &dest).await.map_err(|e| storage_failure("resume checkpoint", e))?;
-        info!(job_id = %lease.job_id, checkpoint = %dir, "downloaded checkpoint to resume from");
-        Some(dest)
-    };
+    let (resume_from, resumed, skipped) = download_resume(w, lease, &scratch.join("resume")).await?;
     Ok(Prepared {
         run: TrainRun {
             spec,
@@ -112,7 +108,37 @@ async fn prepare(w: &Worker, lease: &pb::Lease) -> Result<Prepared, Outcome> {
             devices,
         },
         job,
+        resumed,
+        skipped,
     })
+}
+
+/// Download the checkpoint to resume from: the lease's, else (when it is corrupt: a file
+/// fails its sha256 or size check, the manifest is missing or unreadable) the newest of
+/// its older committed checkpoints that is whole. Returns the local directory, the key
+/// used and why newer ones were passed over. A network or server error is no reason to
+/// pass over a checkpoint: the attempt fails retryable instead.
+async fn download_resume(w: &Worker, lease: &pb::Lease, dest: &Path) -> Result<(Option<PathBuf>, Option<String>, Vec<String>), Outcome> {
+    if lease.resume_checkpoint_key.is_empty() {
+        return Ok((None, None, Vec::new()));
+    }
+    let mut skipped = Vec::new();
+    for key in std::iter::once(&lease.resume_checkpoint_key).chain(&lease.fallback_checkpoint_keys) {
+        let dir = layout::manifest_dir(key).map_err(|e| non_retryable(format!("resume checkpoint: {e}")))?;
+        let _ = std::fs::remove_dir_all(dest);
+        match w.storage.download_dir(&dir, dest).await {
+            Ok(_) => {
+                info!(job_id = %lease.job_id, checkpoint = %dir, "downloaded checkpoint to resume from");
+                return Ok((Some(dest.to_path_buf()), Some(key.clone()), skipped));
+            }
+            Err(e @ (lorafleet_storage::Error::Corrupt { .. } | lorafleet_storage::Error::NotFound { .. } | lorafleet_storage::Error::InvalidManifest { .. })) => {
+                warn!(job_id = %lease.job_id, checkpoint = %dir, error = %e, "checkpoint unusable; trying an older one");
+                skipped.push(format!("{key}: {e}"));
+            }
+            Err(e) => return Err(storage_failure("resume checkpoint", e)),
+        }
+    }
+    Err(non_retryable(format!("resume checkpoint: no committed checkpoint is usable: {}", skipped.join("; "))))
 }
 
 /// The devices of this worker a lease names (by index; none: the first one offered).
@@ -252,7 +278,7 @@ impl TrainObserver for Observer {
         let w = self.w.clone();
         let ctl = self.ctl.clone();
         let result = self.rt.block_on(async move {
-            let m = w.storage.upload_dir(&key, dir, meta).await.map_err(|e| storage_failure("checkpoint upload", e))?;
+            let m = upload_with_retry(&w, &ctl, "checkpoint upload", &key, dir, meta).await?;
             if ctl.should_stop() {
                 return Err(Outcome::Abandoned);
             }
@@ -412,8 +438,11 @@ pub async fn execute(w: &Worker, lease: &pb::Lease, ctl: &Arc<JobControl>) -> Ou
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let reporter = tokio::spawn(report_progress(w.clone(), ctl.clone(), rx));
-    if prepared.run.resume_from.is_some() {
-        let _ = tx.send(log("info", format!("resuming from {}", lease.resume_checkpoint_key)));
+    for s in &prepared.skipped {
+        let _ = tx.send(log("warn", format!("checkpoint passed over: {s}")));
+    }
+    if let Some(key) = &prepared.resumed {
+        let _ = tx.send(log("info", format!("resuming from {key}")));
     }
     let node = lease.gang.as_ref().map(|g| g.node_rank).unwrap_or(0);
     let group = match &lease.gang {
@@ -479,9 +508,61 @@ pub async fn execute(w: &Worker, lease: &pb::Lease, ctl: &Arc<JobControl>) -> Ou
     if ctl.should_stop() {
         return if ctl.is_abandoned() { Outcome::Abandoned } else { Outcome::Cancelled };
     }
-    match w.storage.upload_dir(&key, &output_dir, meta).await {
+    match upload_with_retry(w, ctl, "adapter upload", &key, &output_dir, meta).await {
         Ok(_) => Outcome::Completed { adapter_manifest_key: lorafleet_storage::manifest::manifest_key(&key).to_string(), final_loss },
-        Err(e) => storage_failure("adapter upload", e),
+        Err(o) => o,
+    }
+}
+
+/// Upload a directory under this attempt's prefix, retrying (with backoff) what may
+/// pass, for up to `--storage-retry-secs`: an object-store outage shorter than that
+/// costs only the wait (the heartbeats keep the lease meanwhile). Past it, or on an
+/// error that cannot pass, the attempt fails with the reason (retryable when the error
+/// is). Each try is bounded by what is left of the budget too, so a black-holed store
+/// (no error, no answer) cannot hold the training past it. Uploads are idempotent:
+/// files are put again and the manifest, written last by a create-only put, is accepted
+/// when it is already there with the same content.
+async fn upload_with_retry(
+    w: &Worker,
+    ctl: &JobControl,
+    what: &str,
+    key: &lorafleet_storage::RelPath,
+    dir: &Path,
+    meta: BTreeMap<String, serde_json::Value>,
+) -> Result<lorafleet_storage::Manifest, Outcome> {
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(500);
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let left = w.cfg.storage_retry.saturating_sub(started.elapsed()).max(Duration::from_secs(1));
+        let answer = match tokio::time::timeout(left, w.storage.upload_dir(key, dir, meta.clone())).await {
+            Ok(r) => r,
+            Err(_) => Err(lorafleet_storage::Error::Io {
+                path: dir.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer from object storage within {left:.0?}")),
+            }),
+        };
+        match answer {
+            Ok(m) => {
+                if tries > 1 {
+                    info!(job_id = %ctl.job_id, key = %key, tries, waited = ?started.elapsed(), "{what} went through after retries");
+                }
+                return Ok(m);
+            }
+            Err(e) if e.is_retryable() && started.elapsed() + backoff < w.cfg.storage_retry && !ctl.should_stop() => {
+                warn!(job_id = %ctl.job_id, key = %key, error = %e, retry_in = ?backoff, "{what} failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) if ctl.should_stop() => {
+                return Err(if ctl.is_abandoned() { Outcome::Abandoned } else { storage_failure(what, e) });
+            }
+            Err(e) if e.is_retryable() => {
+                return Err(retryable(format!("{what}: still failing after {:.0?} and {tries} tries (--storage-retry-secs {}): {e}", started.elapsed(), w.cfg.storage_retry.as_secs())));
+            }
+            Err(e) => return Err(storage_failure(what, e)),
+        }
     }
 }
 

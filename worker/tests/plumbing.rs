@@ -179,6 +179,7 @@ async fn start(trainer: impl Trainer) -> Env {
         advertise_host: None,
         collective_timeout: Duration::from_secs(60),
         allow_nccl: true,
+        storage_retry: Duration::from_secs(10),
     };
     let w = Worker::new(cfg, Arc::new(trainer)).await.unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -205,6 +206,7 @@ fn lease(env: &Env, job: &str, epoch: u64, train: &str) -> pb::Lease {
         output_prefix: format!("jobs/{job}/attempts/{epoch}/"),
         lease_ttl_secs: 3,
         gang: None,
+        fallback_checkpoint_keys: vec![],
     }
 }
 

@@ -88,6 +88,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
             advertise_host: Some("127.0.0.1".into()),
             collective_timeout: Duration::from_secs(600),
             allow_nccl: true,
+            storage_retry: lorafleet_worker::config::DEFAULT_STORAGE_RETRY,
         };
         let worker = match lorafleet_worker::Worker::new(wcfg, Arc::new(lorafleet_worker::EngineTrainer)).await {
             Ok(w) => w,

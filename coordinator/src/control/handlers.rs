@@ -12,6 +12,9 @@ use lorafleet_proto as pb;
 use lorafleet_proto::convert::{device_kind_to_pb, spec_to_pb, state_to_pb};
 use lorafleet_shared::ids::{Epoch, JobId, WorkerId};
 use lorafleet_shared::job::{FailureClass, JobState, Transition};
+
+/// How many older committed checkpoints a lease names to fall back to.
+const FALLBACK_CHECKPOINTS: usize = 3;
 use pb::job_event::Event;
 use prost::Message;
 use rusqlite::Connection;
@@ -550,6 +553,12 @@ impl<'a> Ctx<'a> {
         let per_node = job.spec.resources.count.max(1);
         let spec = spec_to_pb(&job.spec);
         let resume = job.latest_checkpoint.clone().unwrap_or_default();
+        // Where node 0 may resume instead if the newest checkpoint turns out corrupt.
+        let fallback: Vec<String> = if resume.is_empty() {
+            Vec::new()
+        } else {
+            db::list_checkpoints(self.conn, &q.id)?.into_iter().rev().map(|c| c.manifest_key).filter(|k| *k != resume).take(FALLBACK_CHECKPOINTS).collect()
+        };
         let mut out = Vec::with_capacity(members.len());
         for (i, (w, devices)) in members.into_iter().enumerate() {
             let lease = pb::Lease {
@@ -559,6 +568,7 @@ impl<'a> Ctx<'a> {
                 spec: Some(spec.clone()),
                 // Only node 0 resumes (the others receive its state from it).
                 resume_checkpoint_key: if i == 0 { resume.clone() } else { String::new() },
+                fallback_checkpoint_keys: if i == 0 { fallback.clone() } else { Vec::new() },
                 device_indices: devices.clone(),
                 output_prefix: attempt_prefix(&q.id, epoch),
                 lease_ttl_secs: self.cfg.lease_ttl.as_secs().max(1) as u32,
