@@ -203,3 +203,96 @@ async fn latency_on_every_chunk_causes_no_false_lease_expiry() {
     assert_eq!(steps, (1..=STEPS).collect::<Vec<_>>(), "steps lost");
     assert_adapter_is_fault_free(&c, &job);
 }
+
+fn storage(c: &Cluster) -> lorafleet_storage::Storage {
+    lorafleet_storage::Storage::open_with(&c.storage_url, &c.s3.options()).unwrap()
+}
+
+/// A checkpoint corrupted in storage (one byte of a file flipped, same size) is caught
+/// by its sha256 when the next attempt downloads it, and that attempt resumes from the
+/// previous committed checkpoint instead; the adapter is still the fault-free one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_checkpoint_is_caught_and_the_previous_one_is_used() {
+    use lorafleet_storage::{layout, RelPath};
+    let _g = serial().await;
+    let mut c = Cluster::start_with_ttl(1, TTL).await;
+    let job = c.submit(&spec(&c, "corrupt"));
+    c.wait_job(&job, "two checkpoints", Duration::from_secs(60), |j| j.latest_checkpoint_key.contains(&format!("/step-{}/", 2 * EVERY))).await;
+    c.kill_worker("w0");
+    let cps = c.client().await.unwrap().list_checkpoints(pb::ListCheckpointsRequest { job_id: job.clone() }).await.unwrap().into_inner().checkpoints;
+    let newest = c.job(&job).await.latest_checkpoint_key;
+    let pos = cps.iter().position(|k| k.manifest_key == newest).expect("newest is listed");
+    assert!(pos >= 1, "{cps:?}");
+    let previous = cps[pos - 1].manifest_key.clone();
+    let s = storage(&c);
+    let dir = layout::manifest_dir(&newest).unwrap();
+    let m = s.read_manifest(&dir).await.unwrap().unwrap();
+    let f = m.files.iter().max_by_key(|f| f.size).unwrap();
+    let key = dir.join(&RelPath::parse(&f.name).unwrap());
+    let mut bytes = s.get_bytes(&key).await.unwrap().to_vec();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    s.put_bytes(&key, bytes.into()).await.unwrap();
+    c.start_worker("w1");
+    let done = c.wait_job(&job, "success", Duration::from_secs(120), |j| state(j).is_final_pb()).await;
+    assert_eq!(state(&done), pb::JobState::Succeeded, "{done:?}");
+    assert_eq!(done.attempt, 2);
+    let logs = ok(&c.cli(&["logs", &job]));
+    assert!(logs.contains(&format!("checkpoint passed over: {newest}: checksum mismatch")), "{logs}");
+    assert!(logs.contains(&format!("resuming from {previous}")), "{logs}");
+    assert_adapter_is_fault_free(&c, &job);
+}
+
+/// The worker's object-storage traffic goes through the proxy, which cuts it for 12 s
+/// in the middle of the job: the checkpoint uploads are retried with backoff (training
+/// waits, the heartbeats keep the lease) and the job succeeds in its first attempt.
+/// Then a black hole past a short `--storage-retry-secs`: the attempt fails retryable
+/// with the reason, and the next one resumes from the last committed checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_store_outage_is_retried_then_fails_the_attempt_past_its_budget() {
+    let _g = serial().await;
+    let mut c = Cluster::start_with_ttl(0, TTL).await;
+    let s3: std::net::SocketAddr = c.s3.endpoint.trim_start_matches("http://").trim_end_matches('/').parse().expect("s3 endpoint is http://ip:port");
+    let proxy = FaultProxy::start(s3, 4).await.unwrap();
+    let via_s3 = format!("http://127.0.0.1:{}", proxy.port());
+    c.start_worker_via("w0", &c.endpoint(), &[("AWS_ENDPOINT_URL", via_s3.as_str())], &["--storage-retry-secs", "60"]);
+
+    // 1. A 12 s cut, shorter than the budget.
+    let job = c.submit(&spec(&c, "s3-cut"));
+    c.wait_job(&job, "first checkpoint", Duration::from_secs(60), |j| !j.latest_checkpoint_key.is_empty()).await;
+    let through = proxy.bytes_forwarded();
+    assert!(through > 0, "the worker's storage traffic does not go through the proxy");
+    proxy.set(Mode::Cut);
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(state(&c.job(&job).await), pb::JobState::Running);
+    proxy.set(Mode::Pass);
+    let done = c.wait_job(&job, "success", Duration::from_secs(120), |j| state(j).is_final_pb()).await;
+    assert_eq!(state(&done), pb::JobState::Succeeded, "{done:?}");
+    assert_eq!((done.attempt, done.epoch), (1, 1), "{done:?}");
+    let log = c.read_log("w0");
+    assert!(log.contains("checkpoint upload failed; retrying"), "{}", tail(&log, 30));
+    assert!(log.contains("checkpoint upload went through after retries"), "{}", tail(&log, 30));
+    assert_adapter_is_fault_free(&c, &job);
+
+    // 2. Past the budget: a worker that gives up after 3 s.
+    c.kill_worker("w0");
+    c.start_worker_via("w1", &c.endpoint(), &[("AWS_ENDPOINT_URL", via_s3.as_str())], &["--storage-retry-secs", "3"]);
+    let job = c.submit(&spec(&c, "s3-budget"));
+    let first = c.wait_job(&job, "first checkpoint", Duration::from_secs(60), |j| !j.latest_checkpoint_key.is_empty()).await;
+    proxy.set(Mode::BlackHole);
+    let failed_at = Instant::now();
+    c.wait_job(&job, "the attempt to fail", Duration::from_secs(30), |j| j.attempt >= 2 || state(j).is_final_pb()).await;
+    assert!(failed_at.elapsed() < Duration::from_secs(15), "the budget of 3 s did not bound the upload: {:?}", failed_at.elapsed());
+    proxy.set(Mode::Pass);
+    let done = c.wait_job(&job, "success", Duration::from_secs(120), |j| state(j).is_final_pb()).await;
+    assert_eq!(state(&done), pb::JobState::Succeeded, "{done:?}");
+    assert!(done.attempt >= 2);
+    let reasons: Vec<String> = events(&c, &job).await.into_iter().filter_map(|e| match e.event {
+        Some(pb::job_event::Event::StateChange(s)) => Some(s.reason),
+        _ => None,
+    }).collect();
+    assert!(reasons.iter().any(|r| r.contains("checkpoint upload: still failing after") && r.contains("--storage-retry-secs 3")), "{reasons:?}");
+    let logs = ok(&c.cli(&["logs", &job]));
+    assert!(logs.contains(&format!("resuming from {}", first.latest_checkpoint_key)) || logs.contains("resuming from jobs/"), "{logs}");
+    assert_adapter_is_fault_free(&c, &job);
+}
