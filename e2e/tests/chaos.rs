@@ -85,6 +85,24 @@ async fn wait_log(c: &Cluster, name: &str, needle: &str, timeout: Duration) -> D
     }
 }
 
+/// A log without its colour codes.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
 async fn epoch_checkpoints(c: &Cluster, job: &str, epoch: u64) -> Vec<u64> {
     let cps = c.client().await.unwrap().list_checkpoints(pb::ListCheckpointsRequest { job_id: job.into() }).await.unwrap().into_inner().checkpoints;
     cps.iter().filter(|k| k.epoch == epoch).map(|k| k.step).collect()
@@ -159,6 +177,10 @@ async fn partition_past_the_lease(mode: Mode, strand: bool, name: &str) {
     let (_, states) = steps_and_states(&c, &job).await;
     assert_eq!(states.iter().filter(|s| **s == pb::JobState::Succeeded).count(), 1, "{states:?}");
     assert_adapter_is_fault_free(&c, &job);
+    // The coordinator forgot the partitioned worker too: it registered again, once (its
+    // heartbeat and its acquire loop were both told so).
+    let log = strip_ansi(&c.read_log("w0"));
+    assert_eq!(log.matches(" registered worker_id=").count(), 2, "{}", tail(&log, 40));
     // The fenced worker is alive and takes work again.
     let mut w0 = c.workers.remove("w0").unwrap();
     assert!(w0.try_wait().unwrap().is_none(), "the fenced worker exited");

@@ -18,8 +18,9 @@ pub async fn run(w: Worker) {
 /// One heartbeat (public for tests).
 pub async fn beat(w: &Worker, timeout: Duration) {
     let running = w.shared.running();
+    let asked_as = w.shared.worker_id();
     let mut req = tonic::Request::new(pb::HeartbeatRequest {
-        worker_id: w.shared.worker_id(),
+        worker_id: asked_as.clone(),
         running: running.iter().map(|c| pb::RunningJob { job_id: c.job_id.clone(), epoch: c.epoch }).collect(),
     });
     let timeout = timeout.max(Duration::from_secs(1));
@@ -41,7 +42,7 @@ pub async fn beat(w: &Worker, timeout: Duration) {
         }
         Err(s) if s.code() == tonic::Code::NotFound => {
             warn!(error = %s.message(), "coordinator does not know this worker; registering again");
-            if let Err(e) = w.register().await {
+            if let Err(e) = w.reregister(&asked_as).await {
                 warn!(error = %e, "re-registration failed");
             }
         }

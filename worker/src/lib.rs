@@ -130,6 +130,9 @@ pub struct Shared {
     running: Mutex<HashMap<String, Arc<JobControl>>>,
     heartbeat_ms: AtomicU64,
     lease_ttl_ms: AtomicU64,
+    /// Held while registering again, so the heartbeat and the acquire loop, both told
+    /// NOT_FOUND after a partition, register once between them.
+    reregistering: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -242,6 +245,7 @@ impl Worker {
                 running: Mutex::new(HashMap::new()),
                 heartbeat_ms: AtomicU64::new(2000),
                 lease_ttl_ms: AtomicU64::new(10_000),
+                reregistering: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -288,6 +292,17 @@ impl Worker {
         }
     }
 
+    /// Register again after the coordinator said it does not know `stale` (the id the
+    /// refused call carried), unless another task already has.
+    pub(crate) async fn reregister(&self, stale: &str) -> Result<String, WorkerError> {
+        let _one = self.shared.reregistering.lock().await;
+        let now = self.shared.worker_id();
+        if now != stale {
+            return Ok(now);
+        }
+        self.register().await
+    }
+
     /// Run until `shutdown` resolves: register, heartbeat, lease and run jobs. On
     /// shutdown a running job is stopped and handed back as a retryable failure.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), WorkerError> {
@@ -295,6 +310,7 @@ impl Worker {
         let hb = tokio::spawn(heartbeat::run(self.clone()));
         tokio::pin!(shutdown);
         let result = loop {
+            let asked_as = self.shared.worker_id();
             let acquired = tokio::select! {
                 _ = &mut shutdown => break Ok(()),
                 r = self.acquire() => r,
@@ -318,7 +334,7 @@ impl Worker {
                 Ok(None) => {}
                 Err(s) if s.code() == tonic::Code::NotFound => {
                     warn!(error = %s.message(), "coordinator does not know this worker; registering again");
-                    self.register().await?;
+                    self.reregister(&asked_as).await?;
                 }
                 Err(s) => {
                     warn!(code = ?s.code(), error = %s.message(), "acquire failed; retrying");
