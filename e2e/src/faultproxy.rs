@@ -246,11 +246,16 @@ async fn write_side(mut w: OwnedWriteHalf, mut queue: mpsc::Receiver<(Vec<u8>, I
     };
     loop {
         let next = tokio::select! {
-            c = queue.recv() => c,
+            biased;
             _ = rx.wait_for(|s| s.cuts != cuts) => return cut(w),
+            c = queue.recv() => c,
         };
         let Some((chunk, due)) = next else {
-            // The source closed: pass the end on.
+            // The reader stopped: at a cut (it may see it first) a reset, else the source
+            // closed and the end is passed on.
+            if rx.borrow().cuts != cuts {
+                return cut(w);
+            }
             let _ = w.shutdown().await;
             return;
         };
