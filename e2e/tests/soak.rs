@@ -59,8 +59,29 @@ enum Fault {
 
 const FAULTS: [Fault; 6] = [Fault::KillWorker, Fault::StopWorker, Fault::KillCoordinator, Fault::Partition, Fault::S3Outage, Fault::Latency];
 
+/// Run a call again while the coordinator's rate limit refuses it (the checks make many
+/// calls in a row).
+async fn patiently<T, F, Fut>(mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    loop {
+        match call().await {
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => tokio::time::sleep(Duration::from_millis(100)).await,
+            r => return r.expect("call"),
+        }
+    }
+}
+
 async fn events(c: &Cluster, job: &str) -> Vec<pb::JobEvent> {
-    let mut s = c.client().await.expect("connect").watch_job(pb::WatchJobRequest { job_id: job.into(), after_seq: 0 }).await.expect("watch").into_inner();
+    let client = c.client().await.expect("connect");
+    let mut s = patiently(|| {
+        let mut client = client.clone();
+        async move { client.watch_job(pb::WatchJobRequest { job_id: job.into(), after_seq: 0 }).await }
+    })
+    .await
+    .into_inner();
     let mut out = Vec::new();
     while let Some(e) = tokio::time::timeout(Duration::from_secs(20), s.message()).await.expect("watch stalled").expect("watch") {
         out.push(e);
@@ -160,6 +181,8 @@ async fn randomized_faults_lose_nothing() {
     let store = lorafleet_storage::Storage::open_with(&c.storage_url, &c.s3.options()).expect("storage");
     let (mut redone, mut attempts) = (0u64, 0u64);
     for job in &jobs {
+        // The checks make a handful of calls a job: stay under the API's rate limit.
+        tokio::time::sleep(Duration::from_millis(150)).await;
         let j = c.wait_job(job, "succeeded", Duration::from_secs(10), |j| state(j) == pb::JobState::Succeeded).await;
         attempts += u64::from(j.attempt);
         // Succeeded exactly once.
@@ -167,7 +190,14 @@ async fn randomized_faults_lose_nothing() {
         let succeeded = ev.iter().filter(|e| matches!(&e.event, Some(pb::job_event::Event::StateChange(s)) if s.to == pb::JobState::Succeeded as i32)).count();
         assert_eq!(succeeded, 1, "job {job} succeeded {succeeded} times");
         // Checkpoints committed in epoch order: no older attempt committed after a newer one.
-        let mut cps = c.client().await.expect("connect").list_checkpoints(pb::ListCheckpointsRequest { job_id: job.clone() }).await.expect("checkpoints").into_inner().checkpoints;
+        let client = c.client().await.expect("connect");
+        let mut cps = patiently(|| {
+            let mut client = client.clone();
+            async move { client.list_checkpoints(pb::ListCheckpointsRequest { job_id: job.clone() }).await }
+        })
+        .await
+        .into_inner()
+        .checkpoints;
         cps.sort_by_key(|k| (k.created_at_unix_ms, k.epoch));
         // Work redone: when a new attempt starts, the steps the job had reported past the
         // checkpoint it resumes from (the newest committed by then) are trained again (a
