@@ -10,15 +10,6 @@ use lorafleet_proto as pb;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-/// The coordinator's Prometheus text.
-async fn scrape(c: &Coord) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(c.metrics_addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body
-}
 
 /// The members of a dispatched attempt seen so far: node -> (worker, devices).
 type Members = BTreeMap<u32, (String, Vec<u32>)>;
@@ -203,7 +194,7 @@ async fn a_gang_holds_briefly_lets_small_jobs_run_and_still_runs() {
     assert!(job.waiting_reason.contains("1 worker(s) held, waiting for 1 more"), "{}", job.waiting_reason);
     assert!(acquire(&mut w, &b, 0).await.is_none(), "a held worker takes nothing else");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let m = scrape(&c).await;
+    let m = c.scrape().await;
     assert!(m.contains("lorafleet_gangs{phase=\"assembling\"} 1") && m.contains("lorafleet_gangs{phase=\"running\"} 0"), "{m}");
     // After the hold (2 s), the gang parks (for 2 s) and b runs the small job.
     tokio::time::sleep(Duration::from_millis(2300)).await;
@@ -212,7 +203,7 @@ async fn a_gang_holds_briefly_lets_small_jobs_run_and_still_runs() {
     let job = get(&mut j, &g.job_id).await;
     assert!(job.waiting_reason.contains("other jobs run for"), "{}", job.waiting_reason);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let m = scrape(&c).await;
+    let m = c.scrape().await;
     assert!(m.contains("lorafleet_gangs{phase=\"parked\"} 1"), "{m}");
     w.complete_attempt(complete(&lb, &b)).await.unwrap();
     w.complete_attempt(complete(&la, &a)).await.unwrap();
@@ -237,7 +228,7 @@ async fn a_gang_holds_briefly_lets_small_jobs_run_and_still_runs() {
     assert_eq!(nodes, [0, 1]);
     assert!(get(&mut j, &g.job_id).await.waiting_reason.is_empty());
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let m = scrape(&c).await;
+    let m = c.scrape().await;
     assert!(m.contains("lorafleet_gangs{phase=\"running\"} 1") && m.contains("lorafleet_gangs{phase=\"assembling\"} 0"), "{m}");
 
     // Rendezvous: fenced by the epoch, ready only once both members called.

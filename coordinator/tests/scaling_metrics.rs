@@ -9,15 +9,7 @@ use common::*;
 use lorafleet_proto as pb;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn scrape(c: &Coord) -> String {
-    let mut s = tokio::net::TcpStream::connect(c.metrics_addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body
-}
 
 /// Every sample of the exposition: (name, labels) -> value.
 fn samples(text: &str) -> BTreeMap<(String, BTreeMap<String, String>), f64> {
@@ -68,7 +60,7 @@ async fn queue_and_pool_gauges_follow_jobs_and_workers() {
     let (mut j, mut w) = (c.jobs().await, c.workers().await);
 
     // Nothing queued: both device kinds are there, at 0.
-    let m = samples(&scrape(&c).await);
+    let m = samples(&c.scrape().await);
     for d in ["cpu", "cuda"] {
         assert_eq!(get(&m, "lorafleet_queued_jobs", &[("device", d)]), Some(0.0), "{d}");
         assert_eq!(get(&m, "lorafleet_oldest_queued_job_age_seconds", &[("device", d)]), Some(0.0), "{d}");
@@ -80,13 +72,13 @@ async fn queue_and_pool_gauges_follow_jobs_and_workers() {
     let second = submit(&mut j, spec("cpu-2")).await;
     let gpu = submit(&mut j, gpu_spec("gpu-1", 1, 0)).await;
     let gang = submit(&mut j, spec_with("gang", |s| s.resources = Some(pb::ResourceSpec { device: pb::DeviceKind::Cpu as i32, count: 1, memory_mib: 0, nodes: 2 }))).await;
-    let m = samples(&scrape(&c).await);
+    let m = samples(&c.scrape().await);
     assert_eq!(get(&m, "lorafleet_queued_jobs", &[("device", "cpu")]), Some(3.0));
     assert_eq!(get(&m, "lorafleet_queued_jobs", &[("device", "cuda")]), Some(1.0));
 
     // The age is refreshed by the control loop's ticks, not only on changes.
     tokio::time::sleep(Duration::from_millis(1300)).await;
-    let m = samples(&scrape(&c).await);
+    let m = samples(&c.scrape().await);
     let age = get(&m, "lorafleet_oldest_queued_job_age_seconds", &[("device", "cpu")]).unwrap();
     assert!(age >= 1.2 && age <= submitted.elapsed().as_secs_f64() + 0.5, "cpu age {age}");
     assert!(get(&m, "lorafleet_oldest_queued_job_age_seconds", &[("device", "cuda")]).unwrap() >= 1.0);
@@ -98,7 +90,7 @@ async fn queue_and_pool_gauges_follow_jobs_and_workers() {
     both.push(pb::Device { kind: pb::DeviceKind::Cpu as i32, index: 9, name: "cpu".into(), memory_mib: 0 });
     w.register_worker(worker("b", both, &[("pool", "a100"), ("zone", "x")])).await.unwrap();
     w.register_worker(worker("c", gpus(1, 24_000), &[("pool", "a100")])).await.unwrap();
-    let m = samples(&scrape(&c).await);
+    let m = samples(&c.scrape().await);
     assert_eq!(get(&m, "lorafleet_workers", &[("device", "cpu"), ("pool", "default")]), Some(1.0));
     assert_eq!(get(&m, "lorafleet_workers", &[("device", "cuda"), ("pool", "a100")]), Some(2.0));
     assert_eq!(get(&m, "lorafleet_workers", &[("device", "cpu"), ("pool", "a100")]), Some(1.0));
@@ -108,14 +100,14 @@ async fn queue_and_pool_gauges_follow_jobs_and_workers() {
     // A dispatch takes the oldest CPU job out of the queue.
     let lease = acquire(&mut w, &cpu_default, 0).await.unwrap();
     assert_eq!(lease.job_id, first.job_id);
-    let m = samples(&scrape(&c).await);
+    let m = samples(&c.scrape().await);
     assert_eq!(get(&m, "lorafleet_queued_jobs", &[("device", "cpu")]), Some(2.0));
 
     // Cancelled jobs leave the queue; with none left the age is 0.
     for id in [&second.job_id, &gang.job_id, &gpu.job_id] {
         j.cancel_job(pb::CancelJobRequest { job_id: id.clone(), reason: "test".into() }).await.unwrap();
     }
-    let m = samples(&scrape(&c).await);
+    let m = samples(&c.scrape().await);
     for d in ["cpu", "cuda"] {
         assert_eq!(get(&m, "lorafleet_queued_jobs", &[("device", d)]), Some(0.0), "{d}");
         assert_eq!(get(&m, "lorafleet_oldest_queued_job_age_seconds", &[("device", d)]), Some(0.0), "{d}");
@@ -126,14 +118,14 @@ async fn queue_and_pool_gauges_follow_jobs_and_workers() {
     let t = Instant::now();
     loop {
         w.heartbeat(pb::HeartbeatRequest { worker_id: cpu_default.clone(), ..Default::default() }).await.unwrap();
-        let m = samples(&scrape(&c).await);
+        let m = samples(&c.scrape().await);
         if get(&m, "lorafleet_workers", &[("device", "cuda"), ("pool", "a100")]).is_none() {
             assert_eq!(get(&m, "lorafleet_workers", &[("device", "cpu"), ("pool", "a100")]), None);
             assert_eq!(get(&m, "lorafleet_workers", &[("device", "cpu"), ("pool", "default")]), Some(1.0));
             assert_eq!(get(&m, "lorafleet_workers_alive", &[]), Some(1.0));
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(10), "expired workers still counted:\n{}", scrape(&c).await);
+        assert!(t.elapsed() < Duration::from_secs(10), "expired workers still counted:\n{}", c.scrape().await);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     c.stop().await;

@@ -7,7 +7,6 @@ use common::*;
 use lorafleet_proto as pb;
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -266,10 +265,7 @@ async fn health_metrics_and_worker_listing() {
     assert_eq!(workers.len(), 1);
     assert_eq!((workers[0].worker_id.as_str(), workers[0].running_job_ids.clone(), workers[0].alive), (wid.as_str(), vec![l.job_id.clone()], true));
 
-    let mut s = tokio::net::TcpStream::connect(c.metrics_addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
+    let body = c.scrape().await;
     for line in [
         "lorafleet_jobs{state=\"queued\"} 1",
         "lorafleet_jobs{state=\"running\"} 1",

@@ -67,6 +67,16 @@ impl Coord {
         format!("file://{}", self.dir.join("store").display())
     }
 
+    /// The Prometheus text from `/metrics` (the raw HTTP/1.0 response).
+    pub async fn scrape(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.metrics_addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.unwrap();
+        body
+    }
+
     pub async fn jobs(&self) -> JobServiceClient<Channel> {
         JobServiceClient::connect(self.url()).await.unwrap()
     }
