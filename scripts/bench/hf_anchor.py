@@ -37,10 +37,12 @@ def build(quant: str, compute: str, max_pos: int):
     dtype = torch.bfloat16 if compute == "bf16" else torch.float32
     if quant == "nf4":
         from transformers import BitsAndBytesConfig
-        d = tempfile.mkdtemp(prefix="lorafleet-anchor-")
-        LlamaForCausalLM(cfg).save_pretrained(d)
-        m = LlamaForCausalLM.from_pretrained(d, dtype=dtype, device_map="cpu", quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
+        # bitsandbytes quantizes on load: save, load quantized, then remove the files
+        # (every NF4 run would otherwise leave a 175 MB model in the temp dir).
+        with tempfile.TemporaryDirectory(prefix="lorafleet-anchor-") as d:
+            LlamaForCausalLM(cfg).save_pretrained(d)
+            m = LlamaForCausalLM.from_pretrained(d, dtype=dtype, device_map="cpu", quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype))
     else:
         m = LlamaForCausalLM(cfg).to(dtype)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",

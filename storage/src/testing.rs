@@ -66,7 +66,15 @@ impl S3Server {
     pub async fn start() -> Result<Self, String> {
         if let Ok(ep) = std::env::var("LORAFLEET_TEST_S3_ENDPOINT") {
             let s = Self { endpoint: ep, process: ServerProcess::default() };
-            s.wait_ready(Duration::from_secs(30)).await?;
+            if let Err(e) = s.wait_ready(Duration::from_secs(30)).await {
+                // The shared server (scripts/test.sh): say what it logged.
+                let tail = std::env::var("LORAFLEET_TEST_S3_LOG")
+                    .ok()
+                    .and_then(|p| std::fs::read_to_string(p).ok())
+                    .map(|log| last_lines(&log, 15))
+                    .unwrap_or_default();
+                return Err(format!("shared S3 server {}: {e}; weed log tail:\n{tail}", s.endpoint));
+            }
             return Ok(s);
         }
         let weed = find_weed()?;
@@ -97,7 +105,8 @@ impl S3Server {
             .arg(format!("-s3.port={}", b + 3))
             .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
             .arg(format!("-s3.config={}", dir.join("s3.json").display()))
-            .args(["-master.volumeSizeLimitMB=64", "-volume.max=2000"])
+            // weed's default turns volumes read-only under 1% free disk (see s3-server.sh).
+            .args(["-master.volumeSizeLimitMB=64", "-volume.max=2000", "-volume.minFreeSpace=256MiB"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)
@@ -172,6 +181,11 @@ impl S3Server {
     }
 }
 
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// A server process and its data directory: both gone on [`ServerProcess::stop`] or drop.
 #[derive(Default)]
 struct ServerProcess {
@@ -187,7 +201,7 @@ impl ServerProcess {
     /// The last lines of `name` in the data directory.
     fn log_tail(&self, name: &str) -> String {
         let log = self.dir.as_ref().and_then(|d| std::fs::read_to_string(d.join(name)).ok()).unwrap_or_default();
-        log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+        last_lines(&log, 15)
     }
 
     fn stop(&mut self) {
