@@ -18,11 +18,119 @@ pub fn nll_sum(model: &dyn CausalLm, batch: &BatchTensors) -> Result<Tensor> {
     let (b, s, h) = hidden.dims3()?;
     let flat = hidden.reshape((b * s, h))?;
     let picked = flat.index_select(&batch.loss_positions, 0)?;
-    // bf16 logits go to the fused loss as they are (it reads them into f32); elsewhere
-    // the loss is taken in f32.
-    let logits = model.logits_compute(&picked)?;
+    model.head_loss(&picked, &batch.targets)
+}
+
+/// The loss of [`CausalLm::head_loss`] from the model's logits: bf16 logits go to the
+/// fused loss as they are (it reads them into f32); elsewhere it is taken in f32.
+pub fn head_loss_from_logits<M: CausalLm + ?Sized>(model: &M, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logits = model.logits_compute(hidden)?;
     let logits = if crate::ops::cpu_ops(logits.device()) && logits.dtype() == DType::BF16 { logits } else { logits.to_dtype(DType::F32)? };
-    cross_entropy_sum(&logits, &batch.targets)
+    cross_entropy_sum(&logits, targets)
+}
+
+/// The output head and [`cross_entropy_sum`] as one op (CPU, f32 or bf16 compute):
+/// `hidden [n, in] -> sum_i -log softmax(hidden_i W^T)[targets_i]`. The logits never
+/// become a tensor of the graph: the op keeps them (f32) for its backward pass, which
+/// turns them into their gradient in place and multiplies that by the head's weight.
+/// As separate ops, candle's backward pass zero-filled and added a gradient the size of
+/// the logits for each of them (the biggest tensors of a step: tokens x vocab), and the
+/// loss allocated a third. With bf16 compute the logits and their gradient are rounded
+/// to bf16 where the separate ops stored them as bf16 tensors: the same values.
+pub fn head_cross_entropy_sum(head: &crate::ops::FrozenLinear, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (n, k) = hidden.dims2()?;
+    if k != head.in_dim() {
+        return Err(crate::EngineError::Config(format!("output head: hidden states have {k} features, the head expects {}", head.in_dim())));
+    }
+    let t: Vec<u32> = targets.to_vec1()?;
+    if t.len() != n {
+        return Err(crate::EngineError::Config(format!("output head loss: {} targets for {n} rows", t.len())));
+    }
+    let vocab = head.out_dim();
+    if let Some(bad) = t.iter().find(|x| **x as usize >= vocab) {
+        return Err(crate::EngineError::Config(format!("target id {bad} is outside the vocabulary ({vocab})")));
+    }
+    let op = HeadLoss { inner: head.inner.clone(), targets: t, saved: std::sync::Mutex::new(None) };
+    Ok(hidden.to_dtype(head.inner.dtype)?.contiguous()?.apply_op1(op)?)
+}
+
+struct HeadLoss {
+    inner: std::sync::Arc<crate::ops::FrozenInner>,
+    targets: Vec<u32>,
+    /// The logits `[n, vocab]` and their rows' log-sum-exp, from the forward pass.
+    saved: std::sync::Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+/// Round f32 values to bf16 in place (what storing them as bf16 does).
+fn round_to_bf16(v: &mut [f32]) {
+    v.iter_mut().for_each(|x| *x = crate::ops::bf16_to_f32(crate::ops::f32_to_bf16(*x)));
+}
+
+impl candle_core::CustomOp1 for HeadLoss {
+    fn name(&self) -> &'static str {
+        "head-cross-entropy-sum"
+    }
+
+    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (n, _) = layout.shape().dims2()?;
+        let v = self.inner.out_dim;
+        let bf16 = matches!(storage, candle_core::CpuStorage::BF16(_));
+        let x = crate::ops::cpu_f32(storage, layout, "output head input")?;
+        let mut logits = vec![0f32; n * v];
+        {
+            let _span = crate::profile::span(crate::profile::Op::FrozenFwd);
+            let bias = match &self.inner.bias_f32 {
+                Some(b) => {
+                    logits.chunks_exact_mut(v).for_each(|row| row.copy_from_slice(b));
+                    true
+                }
+                None => false,
+            };
+            crate::ops::frozen_fwd(&self.inner, n, &x, &mut logits, bias)?;
+        }
+        let _span = crate::profile::span(crate::profile::Op::LossFwd);
+        if bf16 {
+            par_rows(&mut logits, v, |_, rows| round_to_bf16(rows));
+        }
+        let mut lse = vec![0f32; n];
+        par_rows(&mut lse, 1, |first, out| {
+            for (j, o) in out.iter_mut().enumerate() {
+                let r = first + j;
+                *o = row_lse(&logits[r * v..(r + 1) * v]);
+            }
+        });
+        let total: f64 = (0..n).map(|r| (lse[r] - logits[r * v + self.targets[r] as usize]) as f64).sum();
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some((logits, lse));
+        Ok((candle_core::CpuStorage::F32(vec![total as f32]), candle_core::Shape::from(())))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (n, k) = arg.dims2()?;
+        let v = self.inner.out_dim;
+        let g = grad_res.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let Some((mut grad, lse)) = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            candle_core::bail!("output head loss: backward before forward (or twice)")
+        };
+        let bf16 = arg.dtype() == DType::BF16;
+        {
+            let _span = crate::profile::span(crate::profile::Op::LossBwd);
+            let targets = &self.targets;
+            par_rows(&mut grad, v, |first, out| {
+                for (j, row) in out.chunks_mut(v).enumerate() {
+                    let r = first + j;
+                    softmax_grad_row_in_place(row, lse[r], g);
+                    row[targets[r] as usize] -= g;
+                    if bf16 {
+                        round_to_bf16(row);
+                    }
+                }
+            });
+        }
+        let _span = crate::profile::span(crate::profile::Op::FrozenBwd);
+        let mut gx = vec![0f32; n * k];
+        crate::ops::frozen_bwd(&self.inner, n, &grad, &mut gx)?;
+        Ok(Some(crate::ops::cpu_tensor(gx, (n, k), arg.dtype())?))
+    }
 }
 
 /// `sum_i -log softmax(logits_i)[targets_i]` over the rows of `[n, vocab]` logits, an f32
@@ -228,6 +336,17 @@ pub(crate) fn swiglu_bwd_slice(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f
 
 /// `out[i] = g * exp(x[i] - lse)`: one row of the loss gradient (before the target's
 /// `-g`), vectorized like [`row_lse`].
+/// [`softmax_grad_row`] over the logits themselves: `row[j] = g * exp(row[j] - lse)`.
+fn softmax_grad_row_in_place(row: &mut [f32], lse: f32, g: f32) {
+    #[inline(always)]
+    fn body(row: &mut [f32], lse: f32, g: f32) {
+        for o in row.iter_mut() {
+            *o = g * exp_neg(*o - lse);
+        }
+    }
+    on_loss_isa!(body(row: &mut [f32], lse: f32, g: f32) -> ())
+}
+
 fn softmax_grad_row(out: &mut [f32], x: &[f32], lse: f32, g: f32) {
     #[inline(always)]
     fn body(out: &mut [f32], x: &[f32], lse: f32, g: f32) {
@@ -353,6 +472,41 @@ impl candle_core::CustomOp1 for CrossEntropySum {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn the_fused_head_and_loss_equal_the_separate_ops() {
+        // Loss and the hidden states' gradient, bit for bit: the fused op computes the
+        // same products and the same rows as the head op followed by the loss op (f32, a
+        // bias, NF4 weights, bf16 compute with its roundings).
+        use crate::ops::{FrozenLinear, FrozenWeight};
+        let dev = Device::Cpu;
+        let (n, k, v) = (37, 64, 300);
+        let w = Tensor::randn(0f32, 0.2, (v, k), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 0.5, v, &dev).unwrap();
+        let t = Tensor::new((0..n as u32).map(|i| i * 7 % v as u32).collect::<Vec<_>>(), &dev).unwrap();
+        let nf4 = std::sync::Arc::new(crate::nf4::Nf4Tensor::quantize(&w.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &[v, k], true).unwrap());
+        let cases = [
+            ("f32", FrozenWeight::Dense(w.clone()), None, DType::F32),
+            ("f32 + bias", FrozenWeight::Dense(w.clone()), Some(bias), DType::F32),
+            ("nf4", FrozenWeight::Nf4(nf4.clone()), None, DType::F32),
+            ("nf4 bf16", FrozenWeight::Nf4(nf4), None, DType::BF16),
+            ("bf16", FrozenWeight::Dense(w), None, DType::BF16),
+        ];
+        for (what, weight, bias, dt) in cases {
+            let head = FrozenLinear::new(weight, bias, dt).unwrap();
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap().to_dtype(dt).unwrap()).unwrap();
+            let fused = head_cross_entropy_sum(&head, x.as_tensor(), &t).unwrap();
+            let logits = head.forward(x.as_tensor()).unwrap();
+            let logits = if dt == DType::BF16 { logits } else { logits.to_dtype(DType::F32).unwrap() };
+            let separate = cross_entropy_sum(&logits, &t).unwrap();
+            assert_eq!(fused.to_scalar::<f32>().unwrap(), separate.to_scalar::<f32>().unwrap(), "{what}: loss");
+            let gf = (fused * 0.25).unwrap().backward().unwrap().get(x.as_tensor()).unwrap().clone();
+            let gs = (separate * 0.25).unwrap().backward().unwrap().get(x.as_tensor()).unwrap().clone();
+            assert_eq!(gf.dtype(), dt, "{what}");
+            let (gf, gs) = (gf.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), gs.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            assert_eq!(gf, gs, "{what}: gradient");
+        }
+    }
 
     #[test]
     fn fused_cross_entropy_matches_tensor_ops() {

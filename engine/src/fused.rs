@@ -55,11 +55,19 @@ pub fn lora_linear_fused(base: &FrozenLinear, x: &Tensor, a: &Tensor, b: &Tensor
     }
     let Some(isa) = crate::blas::kernel_isa() else { candle_core::bail!("lora linear: the fused op needs the built-in kernels (check lora_fusable)") };
     let op = LoraFused { isa, inner: base.inner.clone(), scaling: scaling as f32, mask, saved_hs: std::sync::Mutex::new(None) };
-    let x2 = x.reshape((m, k))?.contiguous()?;
-    let y = x2.apply_op3_arc(&a.contiguous()?, &b.contiguous()?, Arc::new(Box::new(op)))?;
-    let mut out_dims = lead.to_vec();
-    out_dims.push(n);
-    y.reshape(out_dims)
+    // x as it is ([.., k], rows = the leading dims): reshapes around the op would be two
+    // more nodes of the graph, and candle's backward pass zero-fills and adds a gradient
+    // for every node.
+    x.contiguous()?.apply_op3_arc(&a.contiguous()?, &b.contiguous()?, Arc::new(Box::new(op)))
+}
+
+/// `(rows, depth)` of an input `[.., depth]` and the shape of its output `[.., n]`.
+fn rows_of(shape: &Shape, n: usize) -> candle_core::Result<(usize, usize, Shape)> {
+    let dims = shape.dims();
+    let Some((&k, lead)) = dims.split_last() else { candle_core::bail!("linear: scalar input") };
+    let mut out = lead.to_vec();
+    out.push(n);
+    Ok((lead.iter().product(), k, Shape::from(out)))
 }
 
 struct LoraFused {
@@ -134,17 +142,14 @@ impl candle_core::CustomOp3 for LoraFused {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let _span = crate::profile::span(crate::profile::Op::LoraFwd);
-        use crate::kernels::{linear_fwd_ext, FwdExtra, Rows};
-        let (m, k) = l1.shape().dims2()?;
+        use crate::kernels::{linear_fwd_ext, lora_fwd, FwdExtra, LoraBranch, Rows};
         let (r, _) = l2.shape().dims2()?;
         let n = self.inner.out_dim;
+        let (m, k, out_shape) = rows_of(l1.shape(), n)?;
         let x = cpu_f32(s1, l1, "lora linear input")?;
         let a = cpu_f32(s2, l2, "lora A")?;
         let b = cpu_f32(s3, l3, "lora B")?;
-        let xd = self.dropped(&x);
         let mut hs = vec![0f32; m * r];
-        linear_fwd_ext(self.isa, m, r, k, &xd, Rows::F32(&a), None, &mut hs, false, false);
-        hs.iter_mut().for_each(|v| *v *= self.scaling);
         let mut y = vec![0f32; m * n];
         let acc = match &self.inner.bias_f32 {
             Some(bias) => {
@@ -153,23 +158,33 @@ impl candle_core::CustomOp3 for LoraFused {
             }
             None => false,
         };
-        if crate::ops::bf16_dot(&self.inner) {
-            // bf16 compute: the frozen product in bf16 dot products, the LoRA branch in f32
-            // (PEFT runs it in the f32 of the LoRA weights).
-            frozen_fwd(&self.inner, m, &x, &mut y, acc)?;
-            linear_fwd_ext(self.isa, m, n, r, &hs, Rows::F32(&b), None, &mut y, true, true);
+        let bf16_dot = crate::ops::bf16_dot(&self.inner);
+        if self.mask.is_none() && !bf16_dot {
+            // f32 compute without dropout: x A^T from the frozen product's own blocks of x.
+            let branch = LoraBranch { a: &a, b: &b, r, scale: self.scaling };
+            with_weight_rows(&self.inner, |w| lora_fwd(self.isa, m, n, k, &x, w, branch, &mut hs, &mut y, acc))?;
         } else {
-            with_weight_rows(&self.inner, |w| linear_fwd_ext(self.isa, m, n, k, &x, w, Some(FwdExtra { x: &hs, w: &b, r }), &mut y, acc, true))?;
+            let xd = self.dropped(&x);
+            linear_fwd_ext(self.isa, m, r, k, &xd, Rows::F32(&a), None, &mut hs, false, true);
+            hs.iter_mut().for_each(|v| *v *= self.scaling);
+            if bf16_dot {
+                // bf16 compute: the frozen product in bf16 dot products, the LoRA branch in
+                // f32 (PEFT runs it in the f32 of the LoRA weights).
+                frozen_fwd(&self.inner, m, &x, &mut y, acc)?;
+                linear_fwd_ext(self.isa, m, n, r, &hs, Rows::F32(&b), None, &mut y, true, true);
+            } else {
+                with_weight_rows(&self.inner, |w| linear_fwd_ext(self.isa, m, n, k, &x, w, Some(FwdExtra { x: &hs, w: &b, r }), &mut y, acc, true))?;
+            }
         }
         *self.saved_hs.lock().map_err(|_| candle_core::Error::Msg("lora linear state poisoned".into()))? = Some(hs);
-        Ok((to_storage(y, s1.dtype())?, Shape::from((m, n))))
+        Ok((to_storage(y, s1.dtype())?, out_shape))
     }
 
     fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _span = crate::profile::span(crate::profile::Op::LoraBwd);
-        let (m, k) = x.dims2()?;
         let (r, _) = a.dims2()?;
         let n = self.inner.out_dim;
+        let (m, k, _) = rows_of(x.shape(), n)?;
         let hs = self.saved_hs.lock().map_err(|_| candle_core::Error::Msg("lora linear state poisoned".into()))?.clone();
         let Some(hs) = hs else { candle_core::bail!("lora linear: backward before forward") };
         let grad = grad.contiguous()?;
@@ -178,7 +193,7 @@ impl candle_core::CustomOp3 for LoraFused {
         let need_gx = x.track_op();
         let (gx, da, dbt) = with_f32s(&[x, a, b, &grad], "lora linear backward", |v| self.grads(m, k, r, n, &hs, v[0], v[1], v[2], v[3], need_gx))?;
         Ok((
-            gx.map(|gx| like(gx, (m, k), x)).transpose()?,
+            gx.map(|gx| like(gx, x.shape(), x)).transpose()?,
             Some(like(da, (r, k), a)?),
             Some(like(transpose(&dbt, r, n), (n, r), b)?),
         ))

@@ -260,15 +260,61 @@ pub fn linear_fwd(isa: Isa, m: usize, n: usize, k: usize, x: &[f32], w: Rows, y:
 /// `parallel`.
 #[allow(clippy::too_many_arguments)]
 pub fn linear_fwd_ext(isa: Isa, m: usize, n: usize, k: usize, x: &[f32], w: Rows, extra: Option<FwdExtra>, y: &mut [f32], accumulate: bool, parallel: bool) {
-    assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * n);
     if let Some(e) = &extra {
         assert!(k > 0 && e.x.len() >= m * e.r && e.w.len() >= n * e.r);
     }
+    fwd_blocks(isa, m, n, k, x, w, extra.map_or(Second::None, Second::Given), y, accumulate, parallel)
+}
+
+/// A LoRA branch folded into [`lora_fwd`]: `y += (s · x A^T) B^T` for `A [r, k]`,
+/// `B [n, r]`.
+#[derive(Clone, Copy)]
+pub struct LoraBranch<'a> {
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub r: usize,
+    pub scale: f32,
+}
+
+/// A LoRA layer's forward without dropout: `y[m, n] (+)= x W^T + (s · x A^T) B^T`, and
+/// `hs[m, r] = s · x A^T` (kept for the backward pass). `x A^T` is computed from the
+/// same transposed blocks of x as the frozen product (x is packed once, not twice), and
+/// the LoRA product rides in the frozen product's register tiles.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_fwd(isa: Isa, m: usize, n: usize, k: usize, x: &[f32], w: Rows, lora: LoraBranch, hs: &mut [f32], y: &mut [f32], accumulate: bool) {
+    let r = lora.r;
+    assert!(lora.a.len() >= r * k && lora.b.len() >= n * r && hs.len() >= m * r);
+    if m <= crate::gemv::MAX_M || k == 0 || r == 0 {
+        // Decoding (or nothing to fold): the two products one after the other.
+        linear_fwd_ext(isa, m, r, k, x, Rows::F32(lora.a), None, hs, false, true);
+        hs[..m * r].iter_mut().for_each(|v| *v *= lora.scale);
+        let extra = (k > 0).then_some(FwdExtra { x: hs, w: lora.b, r });
+        return linear_fwd_ext(isa, m, n, k, x, w, extra, y, accumulate, true);
+    }
+    fwd_blocks(isa, m, n, k, x, w, Second::Lora { branch: lora, hs: Out(hs.as_mut_ptr()) }, y, accumulate, true)
+}
+
+/// What [`fwd_blocks`] folds into the frozen product's tiles.
+#[derive(Clone, Copy)]
+enum Second<'a> {
+    None,
+    Given(FwdExtra<'a>),
+    /// Computes its left operand `hs` (`m x r`, written through the pointer) first.
+    Lora { branch: LoraBranch<'a>, hs: Out },
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fwd_blocks(isa: Isa, m: usize, n: usize, k: usize, x: &[f32], w: Rows, second: Second, y: &mut [f32], accumulate: bool, parallel: bool) {
+    assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * n);
     if empty_product(isa, m, n, k, y, accumulate) {
         return;
     }
     if m <= crate::gemv::MAX_M {
         // Decoding: a tile of 32 activation rows would compute 32 columns for one.
+        let extra = match second {
+            Second::Given(e) => Some(e),
+            _ => None,
+        };
         return crate::gemv::linear_fwd(isa, m, n, k, x, w, extra, y, accumulate, parallel, false);
     }
     let out = Out(y.as_mut_ptr());
@@ -282,7 +328,16 @@ pub fn linear_fwd_ext(isa: Isa, m: usize, n: usize, k: usize, x: &[f32], w: Rows
             // xt[t * kc * NR + p * NR + c] = x[ic + t * NR + c, pc + p], zero-padded
             // (contiguous panels: rows of x^T at their natural stride alias in L1).
             pack_xt(&mut xt, x, k, ic, mc, pc, kc, parallel);
-            let extra = if last { extra } else { None };
+            let extra = match second {
+                Second::None => None,
+                Second::Given(e) => last.then_some(e),
+                Second::Lora { branch, hs } => {
+                    lora_hs_block(isa, &xt, branch, hs, k, ic, mc, pc, kc, last, parallel);
+                    // SAFETY: hs has m * r floats (checked by lora_fwd); this block's rows
+                    // are complete and nothing writes them while this borrow lives.
+                    last.then(|| FwdExtra { x: unsafe { std::slice::from_raw_parts(hs.0, m * branch.r) }, w: branch.b, r: branch.r })
+                }
+            };
             if let Some(e) = &extra {
                 pack_xt(&mut xt2, e.x, e.r, ic, mc, 0, e.r, false);
             }
@@ -324,6 +379,36 @@ pub fn linear_fwd_ext(isa: Isa, m: usize, n: usize, k: usize, x: &[f32], w: Rows
     }
 }
 
+/// Rows `ic .. ic + mc` of `hs (+)= x[.., pc .. pc + kc] A[.., pc .. pc + kc]^T` from the
+/// packed `xt` (accumulated over the depth blocks, scaled by `s` after the last one);
+/// threads own disjoint NR-row panels.
+#[allow(clippy::too_many_arguments)]
+fn lora_hs_block(isa: Isa, xt: &[f32], l: LoraBranch, hs: Out, k: usize, ic: usize, mc: usize, pc: usize, kc: usize, last: bool, parallel: bool) {
+    run_split(split(mc, NR, 2 * mc * MR * kc * l.r.div_ceil(MR), parallel), |panels| {
+        let mut a = Vec::new();
+        let mut tile = [0f32; MR * NR];
+        for j in (0..l.r).step_by(MR) {
+            let rows = MR.min(l.r - j);
+            rows_block(&mut a, Rows::F32(l.a), k, j, rows, pc, kc);
+            for it in panels.clone().step_by(NR) {
+                // SAFETY: a has MR rows of kc floats; xt has kc rows of >= it + NR floats.
+                unsafe { micro(isa, kc, a.as_ptr(), kc, 1, xt[it * kc..].as_ptr(), NR, tile.as_mut_ptr(), NR, false) };
+                // SAFETY: rows ic + it + c < m of hs (m x r), columns j .. j + rows < r;
+                // this thread owns these panels' rows.
+                unsafe { Tile(&tile).store_transposed(hs, l.r, ic + it, j, rows, NR.min(mc - it), pc > 0) };
+            }
+        }
+        if last {
+            for row in panels.start..panels.end.min(mc) {
+                for c in 0..l.r {
+                    // SAFETY: as above.
+                    unsafe { *hs.at((ic + row) * l.r + c) *= l.scale };
+                }
+            }
+        }
+    });
+}
+
 /// `xt[t * kc * NR + p * NR + c] = x[ic + t * NR + c, pc + p]` (row stride `k`) for
 /// `mc` rows, zero-padded to whole NR panels.
 #[allow(clippy::too_many_arguments)]
@@ -336,7 +421,9 @@ fn pack_xt(xt: &mut Vec<f32>, x: &[f32], k: usize, ic: usize, mc: usize, pc: usi
     // stay in L1 while 32 rows of x are read (row by row, one pass over the whole depth
     // wrote every panel row 32 times from L2).
     const PB: usize = 16;
-    run_split(split(mc, NR, mc * kc * 8, parallel), |is| {
+    // Worth a hand-off from ~64K elements (a 256-row block 256 deep): the other thread
+    // would otherwise wait for it.
+    run_split(split(mc, NR, mc * kc * 32, parallel), |is| {
         for t in is.start / NR..is.end.div_ceil(NR) {
             let rows = NR.min(mc - t * NR);
             for p0 in (0..kc).step_by(PB) {
@@ -454,8 +541,26 @@ fn linear_bwd_any(isa: Isa, m: usize, rows: usize, cols: usize, lhs: Lhs, rhs: R
                 (_, _, Lhs::Rows(g)) => (g, rows, 1, rhs),
                 (_, _, Lhs::Cols(g)) => (g, 1, m, rhs),
             };
-            match w {
-                Rhs::Cols(wt) => {
+            // One block of output rows (the LoRA gradients' r rows): each B panel is used
+            // once, so f32 rows of W are read in place and only a partial last panel is
+            // packed.
+            let direct = match w {
+                Rhs::Rows(Rows::F32(v)) if m <= MR => Some(v),
+                _ => None,
+            };
+            match (direct, w) {
+                (Some(src), _) => {
+                    let full = range.len() / NR * NR;
+                    if full < range.len() {
+                        let (t, cs) = (full / NR, range.len() - full);
+                        for p in 0..kc {
+                            let dst = &mut b[t * kc * NR + p * NR..t * kc * NR + (p + 1) * NR];
+                            dst[..cs].copy_from_slice(&src[(pc + p) * cols + range.start + full..][..cs]);
+                            dst[cs..].fill(0.0);
+                        }
+                    }
+                }
+                (None, Rhs::Cols(wt)) => {
                     // W[pc + p, range.start + c] = wt[(range.start + c) * rows + pc + p].
                     for t in 0..range.len().div_ceil(NR) {
                         let cs = NR.min(range.len() - t * NR);
@@ -471,7 +576,7 @@ fn linear_bwd_any(isa: Isa, m: usize, rows: usize, cols: usize, lhs: Lhs, rhs: R
                         }
                     }
                 }
-                Rhs::Rows(w) => {
+                (None, Rhs::Rows(w)) => {
                     for p in 0..kc {
                         // The row's slice of W: in place for f32, dequantized into `row` for NF4.
                         let src: &[f32] = match w {
@@ -483,8 +588,16 @@ fn linear_bwd_any(isa: Isa, m: usize, rows: usize, cols: usize, lhs: Lhs, rhs: R
                         };
                         for (t, chunk) in src.chunks(NR).enumerate() {
                             let dst = &mut b[t * kc * NR + p * NR..t * kc * NR + (p + 1) * NR];
-                            dst[..chunk.len()].copy_from_slice(chunk);
-                            dst[chunk.len()..].fill(0.0);
+                            match (<&mut [f32; NR]>::try_from(&mut *dst), <&[f32; NR]>::try_from(chunk)) {
+                                // A whole panel row as one fixed-size copy (inline vector
+                                // moves: a memmove call per 128 bytes cost ~15% of the
+                                // output head's input gradient at 256 tokens).
+                                (Ok(d), Ok(c)) => *d = *c,
+                                _ => {
+                                    dst[..chunk.len()].copy_from_slice(chunk);
+                                    dst[chunk.len()..].fill(0.0);
+                                }
+                            }
                         }
                     }
                 }
@@ -492,27 +605,31 @@ fn linear_bwd_any(isa: Isa, m: usize, rows: usize, cols: usize, lhs: Lhs, rhs: R
             let acc = accumulate || bi > 0;
             for ic in (0..m).step_by(MC) {
                 let mc = MC.min(m - ic);
+                // A partial last block of MR rows, copied (zero-padded) once for every panel.
+                let tail = ic + mc / MR * MR;
+                if tail < ic + mc {
+                    let nrows = ic + mc - tail;
+                    for r in 0..MR {
+                        let dst = &mut a[r * kc..(r + 1) * kc];
+                        if r >= nrows {
+                            dst.fill(0.0);
+                        } else if gp == 1 {
+                            dst.copy_from_slice(&g[(tail + r) * gi + pc..(tail + r) * gi + pc + kc]);
+                        } else {
+                            let src = g[(tail + r) * gi + pc * gp..].iter().step_by(gp);
+                            dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v);
+                        }
+                    }
+                }
                 for jt in (0..range.len()).step_by(NR) {
                     let ncols = NR.min(range.len() - jt);
+                    let (bt, ldb) = match direct {
+                        Some(v) if ncols == NR => (v[pc * cols + range.start + jt..].as_ptr(), cols),
+                        _ => (b[jt * kc..].as_ptr(), NR),
+                    };
                     for i in (ic..ic + mc).step_by(MR) {
                         let nrows = MR.min(ic + mc - i);
-                        let (ap, lda, pa) = if nrows == MR {
-                            (g[i * gi + pc * gp..].as_ptr(), gi, gp)
-                        } else {
-                            for r in 0..MR {
-                                let dst = &mut a[r * kc..(r + 1) * kc];
-                                if r >= nrows {
-                                    dst.fill(0.0);
-                                } else if gp == 1 {
-                                    dst.copy_from_slice(&g[(i + r) * gi + pc..(i + r) * gi + pc + kc]);
-                                } else {
-                                    let src = g[(i + r) * gi + pc * gp..].iter().step_by(gp);
-                                    dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v);
-                                }
-                            }
-                            (a.as_ptr(), kc, 1)
-                        };
-                        let (bt, ldb) = (b[jt * kc..].as_ptr(), NR);
+                        let (ap, lda, pa) = if nrows == MR { (g[i * gi + pc * gp..].as_ptr(), gi, gp) } else { (a.as_ptr(), kc, 1) };
                         if ncols == NR && nrows == MR {
                             // SAFETY: A has MR rows of kc floats at strides lda, pa; B has kc rows
                             // of >= jt + NR floats at stride ldb; the full tile of gx at
@@ -645,8 +762,9 @@ mod tests {
     }
 
     /// Sizes around every blocking boundary (MR, NR, KC, MC) and the thread split.
-    const SHAPES: [(usize, usize, usize); 8] =
-        [(1, 1, 1), (13, 33, 7), (12, 32, 256), (25, 65, 257), (300, 40, 300), (30, 130, 70), (255, 96, 513), (64, 1000, 64)];
+    /// (8, 100, 300): one block of output rows, B read in place with a partial panel.
+    const SHAPES: [(usize, usize, usize); 9] =
+        [(1, 1, 1), (13, 33, 7), (12, 32, 256), (25, 65, 257), (300, 40, 300), (30, 130, 70), (255, 96, 513), (64, 1000, 64), (8, 100, 300)];
 
     /// The instruction sets this CPU can run (each test covers all of them).
     fn isas() -> Vec<Isa> {
@@ -753,6 +871,41 @@ mod tests {
             let mut gx = vec![0f32; m * k];
             linear_bwd(isa, m, n, k, &g, Rows::Nf4(&q), &mut gx, false);
             close(&gx, &reference(m, k, n, &g, &dense, false), &format!("{isa:?} nf4 bwd {m}x{n}x{k}"));
+        }
+    }
+
+    #[test]
+    fn the_lora_forward_matches_a_reference() {
+        // y = x W^T + (s x A^T) B^T and hs = s x A^T: decoding rows, ragged tiles, r over
+        // MR, a depth over KF (x A^T accumulated over depth blocks), NF4 weights.
+        let v = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| (((i * 37 + seed * 11) % 101) as f32 - 50.0) / 50.0).collect() };
+        for isa in isas() {
+            for &(m, n, k, r) in &[(3, 20, 50, 8), (13, 33, 64, 8), (300, 65, 257, 3), (40, 7, 2100, 16), (270, 96, 128, 13)] {
+                // LoRA weights small, as trained ones are (large ones make y a cancellation
+                // of big terms that f32 cannot check against f64 to 1e-4).
+                let small = |n: usize, seed: usize| -> Vec<f32> { v(n, seed).into_iter().map(|e| e * 0.05).collect() };
+                let (x, w, a, b) = (v(m * k, 1), v(n * k, 2), small(r * k, 3), small(n * r, 4));
+                let q = Nf4Tensor::quantize(&w, &[n, k], true).unwrap();
+                let dense = q.dequantize();
+                for (weights, wd) in [(Rows::F32(&w), &w), (Rows::Nf4(&q), &dense)] {
+                    for accumulate in [false, true] {
+                        let mut y: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32 * 0.5).collect();
+                        let mut hs = vec![f32::NAN; m * r];
+                        let mut want = reference(m, n, k, &x, wd, true);
+                        if accumulate {
+                            want.iter_mut().zip(&y).for_each(|(w, d)| *w += *d as f64);
+                        }
+                        let want_hs: Vec<f64> = reference(m, r, k, &x, &a, true).into_iter().map(|h| h * 0.5).collect();
+                        lora_fwd(isa, m, n, k, &x, weights, LoraBranch { a: &a, b: &b, r, scale: 0.5 }, &mut hs, &mut y, accumulate);
+                        let what = format!("{isa:?} lora fwd {m}x{n}x{k} r={r} acc={accumulate}");
+                        close(&hs, &want_hs, &format!("{what} hs"));
+                        // The LoRA term from the hs just checked (from the reference's own,
+                        // f32 rounding of hs would be amplified by the cancellations in y).
+                        want.iter_mut().zip(reference(m, n, r, &hs, &b, true)).for_each(|(w, e)| *w += e);
+                        close(&y, &want, &what);
+                    }
+                }
+            }
         }
     }
 

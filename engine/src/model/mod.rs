@@ -41,6 +41,12 @@ pub trait CausalLm: Send + Sync {
         self.logits(hidden)
     }
 
+    /// The summed cross-entropy of `hidden [n, hidden]` (final hidden states of the
+    /// labelled positions) against `targets [n]`, an f32 scalar, differentiable.
+    fn head_loss(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        crate::eval::head_loss_from_logits(self, hidden, targets)
+    }
+
     /// Incremental decoding with a KV cache: feed the new tokens `[batch, new]`, get
     /// f32 logits of the last position `[batch, vocab]`.
     fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor>;

@@ -269,9 +269,13 @@ impl Transformer {
         Ok(self.embed.index_select(&flat, 0)?.reshape((b, s, self.embed.dim(1)?))?)
     }
 
-    /// Run one block, checkpointed when asked (and a graph is being built).
-    fn run_block(&self, block: &Arc<dyn Block>, x: &Tensor, env: &BlockEnv, ctx: &ForwardCtx) -> Result<Tensor> {
-        if !(ctx.track && self.checkpointing.load(Ordering::Relaxed)) {
+    /// Run one block, checkpointed when asked (and a graph is being built), except the
+    /// last one (as `torch.utils.checkpoint.checkpoint_sequential` leaves its last
+    /// segment): the backward pass starts by recomputing it, so keeping its activations
+    /// saves a forward pass of a block for the memory that recomputation would take at
+    /// the same moment anyway (only the logits' phase overlaps them).
+    fn run_block(&self, block: &Arc<dyn Block>, x: &Tensor, env: &BlockEnv, ctx: &ForwardCtx, last: bool) -> Result<Tensor> {
+        if last || !(ctx.track && self.checkpointing.load(Ordering::Relaxed)) {
             return block.forward(x, env, ctx, Kv::None);
         }
         let detached = ForwardCtx { track: false, ..ctx.clone() };
@@ -350,8 +354,8 @@ impl CausalLm for Transformer {
             adapters: None,
         };
         let mut x = self.embed_ids(&input.input_ids)?;
-        for block in &self.blocks {
-            x = self.run_block(block, &x, &env, &ctx)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = self.run_block(block, &x, &env, &ctx, i + 1 == self.blocks.len())?;
         }
         self.final_norm.forward(&x)
     }
@@ -362,6 +366,13 @@ impl CausalLm for Transformer {
 
     fn logits_compute(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(self.lm_head.forward(hidden)?)
+    }
+
+    fn head_loss(&self, hidden: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        if crate::ops::cpu_ops(hidden.device()) && matches!(self.lm_head.inner.dtype, DType::F32 | DType::BF16) && hidden.rank() == 2 {
+            return crate::eval::head_cross_entropy_sum(&self.lm_head, hidden, targets);
+        }
+        crate::eval::head_loss_from_logits(self, hidden, targets)
     }
 
     fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
