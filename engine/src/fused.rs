@@ -171,7 +171,9 @@ impl candle_core::CustomOp3 for LoraFused {
                 // bf16 compute: the frozen product in bf16 dot products, the LoRA branch in
                 // f32 (PEFT runs it in the f32 of the LoRA weights).
                 frozen_fwd(&self.inner, m, &x, &mut y, acc)?;
-                linear_fwd_ext(self.isa, m, n, r, &hs, Rows::F32(&b), None, &mut y, true, true);
+                // y += hs B^T with B [n, r] as the right operand: tiles added where they go
+                // (as a forward product, each r-deep tile would be stored transposed).
+                crate::kernels::matmul_nt(self.isa, m, n, r, &hs, &b, &mut y, true, true);
             } else {
                 with_weight_rows(&self.inner, |w| linear_fwd_ext(self.isa, m, n, k, &x, w, Some(FwdExtra { x: &hs, w: &b, r }), &mut y, acc, true))?;
             }

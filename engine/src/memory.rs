@@ -18,7 +18,8 @@
 //!   every block (counted op by op for each architecture below, with the attention
 //!   probabilities in f32: `[b, heads]` times the causal query blocks' visible keys, about
 //!   `s^2 / 2`, see `fused::causal_probabilities_kept`); with checkpointing a block keeps three
-//!   hidden-size tensors (its detached output, the hook's and their sum), and the
+//!   hidden-size tensors on a GPU (its detached output, the hook's and their sum; one on
+//!   the CPU, where one op stands for all three: counted as three), and the
 //!   backward pass recomputes one block at a time: one block's intermediates, plus as
 //!   much again for their gradients in flight;
 //! - **logits** of the labelled positions and their gradient, `[tokens, vocab]` in the

@@ -430,6 +430,67 @@ impl candle_core::CustomOp2 for CheckpointHook {
     }
 }
 
+/// A checkpointed block's output on the CPU, as one op on the block's input: forward it
+/// is `out` (the block computed without a graph), backward it calls the recompute
+/// function. It replaces `out + hook(x)` there, whose forward zero-filled a tensor and
+/// added it, and whose backward zero-filled and added a gradient for both terms (with
+/// bf16 compute, through candle's scalar bf16 arithmetic).
+pub struct CheckpointOut {
+    /// Taken (moved into the op's result) by the forward pass.
+    pub out: std::sync::Mutex<Option<Tensor>>,
+    pub recompute: Arc<RecomputeFn>,
+}
+
+impl candle_core::CustomOp2 for CheckpointOut {
+    fn name(&self) -> &'static str {
+        "checkpoint-out"
+    }
+
+    fn cpu_fwd(&self, _s1: &CpuStorage, l1: &Layout, _s2: &CpuStorage, _l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = self.out.lock().map_err(|_| candle_core::Error::Msg("checkpoint state poisoned".into()))?.take();
+        let Some(out) = out else { candle_core::bail!("checkpoint: forward ran twice") };
+        if out.shape() != l1.shape() {
+            candle_core::bail!("checkpoint: block output {:?} is not shaped like its input {:?}", out.dims(), l1.dims());
+        }
+        let (storage, layout) = out.storage_and_layout();
+        let Storage::Cpu(src) = &*storage else { candle_core::bail!("checkpoint: cpu block output expected") };
+        // SAFETY: every element is written by the copy below.
+        let mut dst = unsafe { candle_core::cpu_backend::CpuDevice.alloc_uninit(layout.shape(), src.dtype())? };
+        src.copy_strided_src(&mut dst, 0, layout)?;
+        Ok((dst, layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg1: &Tensor, _arg2: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some((self.recompute)(arg1, grad_res)?), None))
+    }
+}
+
+/// A scalar whose gradient with respect to its input `y` is `grad` (CPU): what a
+/// checkpointed block's recomputation backpropagates from, in place of `sum(y * grad)`
+/// (a product, a sum and, for bf16, two conversions, each with its backward).
+pub struct GradSeed {
+    pub grad: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl candle_core::CustomOp1 for GradSeed {
+    fn name(&self) -> &'static str {
+        "grad-seed"
+    }
+
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((CpuStorage::F32(vec![0.0]), Shape::from(())))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, _grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let g = self.grad.lock().map_err(|_| candle_core::Error::Msg("gradient seed poisoned".into()))?.take();
+        match g {
+            Some(g) if g.shape() == arg.shape() => Ok(Some(g.to_dtype(arg.dtype())?)),
+            Some(g) => candle_core::bail!("gradient seed {:?} for an output {:?}", g.dims(), arg.dims()),
+            None => candle_core::bail!("gradient seed used twice"),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // Differentiable building blocks.
 

@@ -287,7 +287,11 @@ impl Transformer {
             let v = if input.track_op() { Some(Var::from_tensor(&input.detach())?) } else { None };
             let x = v.as_ref().map_or_else(|| input.detach(), |v| v.as_tensor().clone());
             let y = blk.forward(&x, &env2, &ctx2, Kv::None).map_err(to_candle)?;
-            let s = (y.to_dtype(DType::F32)? * grad_out.to_dtype(DType::F32)?)?.sum_all()?;
+            let s = if crate::ops::cpu_ops(y.device()) {
+                y.apply_op1(crate::ops::GradSeed { grad: std::sync::Mutex::new(Some(grad_out.clone())) })?
+            } else {
+                (y.to_dtype(DType::F32)? * grad_out.to_dtype(DType::F32)?)?.sum_all()?
+            };
             let grads = s.backward()?;
             let mut side = side.lock().map_err(|_| candle_core::Error::Msg("gradient store poisoned".into()))?;
             for l in blk.linears() {
@@ -308,6 +312,10 @@ impl Transformer {
                 None => input.zeros_like(),
             }
         };
+        if crate::ops::cpu_ops(x.device()) {
+            let op = crate::ops::CheckpointOut { out: std::sync::Mutex::new(Some(out)), recompute: Arc::new(recompute) };
+            return Ok(x.apply_op2_arc(self.anchor.as_tensor(), Arc::new(Box::new(op)))?);
+        }
         let hook = CheckpointHook { recompute: Arc::new(recompute) };
         let h = x.apply_op2_arc(self.anchor.as_tensor(), Arc::new(Box::new(hook)))?;
         Ok((out + h)?)
