@@ -146,6 +146,19 @@ impl Tile<'_> {
     /// Those elements are inside the output and no other thread writes them.
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn store_transposed(&self, out: Out, n: usize, row0: usize, j: usize, rows: usize, cols: usize, acc: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if rows == MR && cols == NR && std::arch::is_x86_feature_detected!("avx512f") {
+            return store_transposed_avx512(self.0, out, n, row0, j, acc);
+        }
+        self.store_transposed_scalar(out, n, row0, j, rows, cols, acc)
+    }
+
+    /// [`Tile::store_transposed`] element by element.
+    ///
+    /// # Safety
+    /// As [`Tile::store_transposed`].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn store_transposed_scalar(&self, out: Out, n: usize, row0: usize, j: usize, rows: usize, cols: usize, acc: bool) {
         for c in 0..cols {
             let dst = std::slice::from_raw_parts_mut(out.at((row0 + c) * n + j), rows);
             if acc {
@@ -173,6 +186,66 @@ impl Tile<'_> {
             }
         }
     }
+}
+
+/// A whole tile stored transposed ([`Tile::store_transposed`] with all `MR` rows and
+/// `NR` columns): each 16-column half transposed in registers (rows padded to 16), then
+/// one 12-lane masked store (after a masked load and add when accumulating) per output
+/// row, instead of 384 scalar stores.
+///
+/// # Safety
+/// AVX-512F; as [`Tile::store_transposed`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn store_transposed_avx512(tile: &[f32; MR * NR], out: Out, n: usize, row0: usize, j: usize, acc: bool) {
+    const LANES: __mmask16 = (1 << MR) - 1;
+    for half in 0..2 {
+        let mut r = [_mm512_setzero_ps(); 16];
+        for (i, v) in r.iter_mut().enumerate().take(MR) {
+            *v = _mm512_loadu_ps(tile.as_ptr().add(i * NR + half * 16));
+        }
+        let r = transpose16(r);
+        for (c, &v) in r.iter().enumerate() {
+            let p = out.at((row0 + half * 16 + c) * n + j);
+            let v = if acc { _mm512_add_ps(v, _mm512_maskz_loadu_ps(LANES, p)) } else { v };
+            _mm512_mask_storeu_ps(p, LANES, v);
+        }
+    }
+}
+
+/// The transpose of a 16 x 16 block held as 16 row vectors: 32-bit, 64-bit and two
+/// 128-bit interleaving stages.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    let (pd, ps) = (_mm512_castps_pd, _mm512_castpd_ps);
+    let mut u = [_mm512_setzero_ps(); 16];
+    for i in 0..4 {
+        let b = 4 * i;
+        u[b] = ps(_mm512_unpacklo_pd(pd(t[b]), pd(t[b + 2])));
+        u[b + 1] = ps(_mm512_unpackhi_pd(pd(t[b]), pd(t[b + 2])));
+        u[b + 2] = ps(_mm512_unpacklo_pd(pd(t[b + 1]), pd(t[b + 3])));
+        u[b + 3] = ps(_mm512_unpackhi_pd(pd(t[b + 1]), pd(t[b + 3])));
+    }
+    let mut v = [_mm512_setzero_ps(); 16];
+    for h in 0..2 {
+        let b = 8 * h;
+        for q in 0..4 {
+            v[b + q] = _mm512_shuffle_f32x4::<0x88>(u[b + q], u[b + 4 + q]);
+            v[b + 4 + q] = _mm512_shuffle_f32x4::<0xdd>(u[b + q], u[b + 4 + q]);
+        }
+    }
+    let mut w = [_mm512_setzero_ps(); 16];
+    for q in 0..8 {
+        w[q] = _mm512_shuffle_f32x4::<0x88>(v[q], v[8 + q]);
+        w[8 + q] = _mm512_shuffle_f32x4::<0xdd>(v[q], v[8 + q]);
+    }
+    w
 }
 
 /// Split `0..n` into per-thread ranges aligned to `align` (one range unless `parallel`
@@ -325,7 +398,7 @@ fn fwd_blocks(isa: Isa, m: usize, n: usize, k: usize, x: &[f32], w: Rows, second
             let kc = KF.min(k - pc);
             let last = pc + kc == k;
             // x^T block as contiguous NR-column panels, shared by the threads:
-            // xt[t * kc * NR + p * NR + c] = x[ic + t * NR + c, pc + p], zero-padded
+            // xt[t * kc * NR + p * NR + c] = x[ic + t * NR + c, pc + p], padded
             // (contiguous panels: rows of x^T at their natural stride alias in L1).
             pack_xt(&mut xt, x, k, ic, mc, pc, kc, parallel);
             let extra = match second {
@@ -410,11 +483,12 @@ fn lora_hs_block(isa: Isa, xt: &[f32], l: LoraBranch, hs: Out, k: usize, ic: usi
 }
 
 /// `xt[t * kc * NR + p * NR + c] = x[ic + t * NR + c, pc + p]` (row stride `k`) for
-/// `mc` rows, zero-padded to whole NR panels.
+/// `mc` rows, padded to whole NR panels (the padding is left as it was: its tile columns are never stored).
 #[allow(clippy::too_many_arguments)]
 fn pack_xt(xt: &mut Vec<f32>, x: &[f32], k: usize, ic: usize, mc: usize, pc: usize, kc: usize, parallel: bool) {
     let mc_pad = mc.div_ceil(NR) * NR;
-    xt.clear();
+    // Not cleared: every element of the mc rows is written below, and the padding rows
+    // of a last partial panel only feed tile columns that are never stored.
     xt.resize(kc * mc_pad, 0f32);
     let xt_out = Out(xt.as_mut_ptr());
     // Panel by panel, 16 depth steps at a time: the 16 panel rows being filled (2 KiB)
@@ -871,6 +945,23 @@ mod tests {
             let mut gx = vec![0f32; m * k];
             linear_bwd(isa, m, n, k, &g, Rows::Nf4(&q), &mut gx, false);
             close(&gx, &reference(m, k, n, &g, &dense, false), &format!("{isa:?} nf4 bwd {m}x{n}x{k}"));
+        }
+    }
+
+    #[test]
+    fn a_whole_tile_stores_transposed_like_the_scalar_code() {
+        let tile: [f32; MR * NR] = std::array::from_fn(|i| i as f32 * 0.5 - 17.0);
+        let (n, row0, j) = (40, 3, 7);
+        for acc in [false, true] {
+            let start: Vec<f32> = (0..(row0 + NR) * n).map(|i| (i % 13) as f32).collect();
+            let (mut a, mut b) = (start.clone(), start.clone());
+            // SAFETY: rows row0 .. row0 + NR and columns j .. j + MR are inside both.
+            unsafe {
+                Tile(&tile).store_transposed(Out(a.as_mut_ptr()), n, row0, j, MR, NR, acc);
+                Tile(&tile).store_transposed_scalar(Out(b.as_mut_ptr()), n, row0, j, MR, NR, acc);
+            }
+            assert_eq!(a, b, "acc={acc}");
+            assert_ne!(a, start);
         }
     }
 
