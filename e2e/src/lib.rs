@@ -382,6 +382,23 @@ impl Cluster {
         Ok(JobServiceClient::with_interceptor(ch, token).max_decoding_message_size(64 * 1024 * 1024))
     }
 
+    /// Every event of a job's history (WatchJob from seq 0 until the stream ends, which it
+    /// does once the job is terminal); panics if no event comes for `stall`.
+    pub async fn job_events(&self, job: &str, stall: Duration) -> Vec<pb::JobEvent> {
+        let client = self.client().await.expect("connect");
+        let mut s = patiently(|| {
+            let mut client = client.clone();
+            async move { client.watch_job(pb::WatchJobRequest { job_id: job.into(), after_seq: 0 }).await }
+        })
+        .await
+        .into_inner();
+        let mut out = Vec::new();
+        while let Some(e) = tokio::time::timeout(stall, s.message()).await.expect("watch stalled").expect("watch") {
+            out.push(e);
+        }
+        out
+    }
+
     pub async fn job(&self, id: &str) -> pb::Job {
         self.client().await.expect("connect").get_job(pb::GetJobRequest { job_id: id.into() }).await.expect("get job").into_inner()
     }
@@ -552,5 +569,20 @@ pub fn assert_same_weights(a: &Path, b: &Path, tol: f32) {
         let (vx, vy) = (f(x.data()), f(y.data()));
         let max = vx.iter().zip(&vy).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
         assert!(max <= tol, "{n}: max abs difference {max} > {tol}");
+    }
+}
+
+/// An API call, retried while the coordinator's rate limit refuses it (ResourceExhausted):
+/// tests that poll many jobs stay correct under the limit instead of failing on it.
+pub async fn patiently<T, F, Fut>(mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    loop {
+        match call().await {
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => tokio::time::sleep(Duration::from_millis(100)).await,
+            r => return r.expect("call"),
+        }
     }
 }

@@ -49,19 +49,10 @@ fn via(p: &FaultProxy) -> String {
 }
 
 /// Every event of a finished job (the stream ends at the final state).
-async fn events(c: &Cluster, job: &str) -> Vec<pb::JobEvent> {
-    let mut s = c.client().await.expect("connect").watch_job(pb::WatchJobRequest { job_id: job.into(), after_seq: 0 }).await.expect("watch").into_inner();
-    let mut out = Vec::new();
-    while let Some(e) = tokio::time::timeout(Duration::from_secs(10), s.message()).await.expect("watch stalled").expect("watch") {
-        out.push(e);
-    }
-    out
-}
-
 /// Steps reported, sorted and deduplicated, and the states the job entered.
 async fn steps_and_states(c: &Cluster, job: &str) -> (Vec<u64>, Vec<pb::JobState>) {
     let (mut steps, mut states) = (Vec::new(), Vec::new());
-    for e in events(c, job).await {
+    for e in c.job_events(job, Duration::from_secs(10)).await {
         match e.event {
             Some(pb::job_event::Event::Step(s)) => steps.push(s.step),
             Some(pb::job_event::Event::StateChange(s)) => states.push(pb::JobState::try_from(s.to).unwrap_or(pb::JobState::Unspecified)),
@@ -309,7 +300,7 @@ async fn object_store_outage_is_retried_then_fails_the_attempt_past_its_budget()
     let done = c.wait_job(&job, "success", Duration::from_secs(120), |j| state(j).is_final_pb()).await;
     assert_eq!(state(&done), pb::JobState::Succeeded, "{done:?}");
     assert!(done.attempt >= 2);
-    let reasons: Vec<String> = events(&c, &job).await.into_iter().filter_map(|e| match e.event {
+    let reasons: Vec<String> = c.job_events(&job, Duration::from_secs(10)).await.into_iter().filter_map(|e| match e.event {
         Some(pb::job_event::Event::StateChange(s)) => Some(s.reason),
         _ => None,
     }).collect();

@@ -59,36 +59,6 @@ enum Fault {
 
 const FAULTS: [Fault; 6] = [Fault::KillWorker, Fault::StopWorker, Fault::KillCoordinator, Fault::Partition, Fault::S3Outage, Fault::Latency];
 
-/// Run a call again while the coordinator's rate limit refuses it (the checks make many
-/// calls in a row).
-async fn patiently<T, F, Fut>(mut call: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
-{
-    loop {
-        match call().await {
-            Err(s) if s.code() == tonic::Code::ResourceExhausted => tokio::time::sleep(Duration::from_millis(100)).await,
-            r => return r.expect("call"),
-        }
-    }
-}
-
-async fn events(c: &Cluster, job: &str) -> Vec<pb::JobEvent> {
-    let client = c.client().await.expect("connect");
-    let mut s = patiently(|| {
-        let mut client = client.clone();
-        async move { client.watch_job(pb::WatchJobRequest { job_id: job.into(), after_seq: 0 }).await }
-    })
-    .await
-    .into_inner();
-    let mut out = Vec::new();
-    while let Some(e) = tokio::time::timeout(Duration::from_secs(20), s.message()).await.expect("watch stalled").expect("watch") {
-        out.push(e);
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn randomized_faults_lose_nothing() {
     let _g = serial().await;
@@ -186,7 +156,7 @@ async fn randomized_faults_lose_nothing() {
         let j = c.wait_job(job, "succeeded", Duration::from_secs(10), |j| state(j) == pb::JobState::Succeeded).await;
         attempts += u64::from(j.attempt);
         // Succeeded exactly once.
-        let ev = events(&c, job).await;
+        let ev = c.job_events(job, Duration::from_secs(20)).await;
         let succeeded = ev.iter().filter(|e| matches!(&e.event, Some(pb::job_event::Event::StateChange(s)) if s.to == pb::JobState::Succeeded as i32)).count();
         assert_eq!(succeeded, 1, "job {job} succeeded {succeeded} times");
         // Checkpoints committed in epoch order: no older attempt committed after a newer one.
