@@ -109,12 +109,19 @@ impl Blas {
 /// `OPENBLAS_THREAD_TIMEOUT=4` unless the user set it (OpenBLAS reads it when the library
 /// is loaded; its default keeps idle BLAS threads spinning for ~0.1 s after every call,
 /// which on a 2-core machine takes a core away from the element-wise ops in between:
-/// 480-540 -> 630-680 tokens/s in `lorafleet bench train`), then loads the BLAS.
+/// 480-540 -> 630-680 tokens/s in `lorafleet bench train`) and `RAYON_NUM_THREADS` to
+/// candle's own thread count (see below), then loads the BLAS.
 pub fn init_early() {
     keep_freed_memory();
     if std::env::var_os("OPENBLAS_THREAD_TIMEOUT").is_none() {
         // Single-threaded here (see above), so no other thread reads the environment.
         std::env::set_var("OPENBLAS_THREAD_TIMEOUT", "4");
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // candle asks for its thread count before every parallel op, and without this
+        // variable each answer parses /proc/cpuinfo (num_cpus::get_physical): tens of
+        // thousands of reads in a short run, ~10% of decoding. The same count, once.
+        std::env::set_var("RAYON_NUM_THREADS", candle_core::utils::get_num_threads().to_string());
     }
     if !matches!(backend(), Backend::GemmCrate) && std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         // candle's worker threads spin 25,000 times before parking between ops; with

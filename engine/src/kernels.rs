@@ -251,7 +251,9 @@ unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
 /// Split `0..n` into per-thread ranges aligned to `align` (one range unless `parallel`
 /// and the product has enough `flops` to pay for a hand-off).
 pub(crate) fn split(n: usize, align: usize, flops: usize, parallel: bool) -> Vec<std::ops::Range<usize>> {
-    let threads = if parallel { candle_core::utils::get_num_threads().max(1) } else { 1 };
+    // candle's count, asked once (see blas::init_early: each answer may read /proc).
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let threads = if parallel { *THREADS.get_or_init(|| candle_core::utils::get_num_threads().max(1)) } else { 1 };
     // A hand-off costs ~10 µs: below ~2 MFLOP run on the calling thread.
     let threads = if flops < 2_000_000 { 1 } else { threads };
     let per = n.div_ceil(align).div_ceil(threads).max(1) * align;
