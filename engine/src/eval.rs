@@ -76,30 +76,17 @@ impl candle_core::CustomOp1 for HeadLoss {
         let v = self.inner.out_dim;
         let bf16 = matches!(storage, candle_core::CpuStorage::BF16(_));
         let x = crate::ops::cpu_f32(storage, layout, "output head input")?;
-        let mut logits = vec![0f32; n * v];
-        {
+        let mut logits = {
             let _span = crate::profile::span(crate::profile::Op::FrozenFwd);
-            let bias = match &self.inner.bias_f32 {
-                Some(b) => {
-                    logits.chunks_exact_mut(v).for_each(|row| row.copy_from_slice(b));
-                    true
-                }
-                None => false,
-            };
+            let (mut logits, bias) = crate::ops::output_rows(&self.inner, n);
             crate::ops::frozen_fwd(&self.inner, n, &x, &mut logits, bias)?;
-        }
+            logits
+        };
         let _span = crate::profile::span(crate::profile::Op::LossFwd);
         if bf16 {
             par_rows(&mut logits, v, |_, rows| round_to_bf16(rows));
         }
-        let mut lse = vec![0f32; n];
-        par_rows(&mut lse, 1, |first, out| {
-            for (j, o) in out.iter_mut().enumerate() {
-                let r = first + j;
-                *o = row_lse(&logits[r * v..(r + 1) * v]);
-            }
-        });
-        let total: f64 = (0..n).map(|r| (lse[r] - logits[r * v + self.targets[r] as usize]) as f64).sum();
+        let (lse, total) = rows_lse_and_loss(&logits, v, &self.targets);
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some((logits, lse));
         Ok((candle_core::CpuStorage::F32(vec![total as f32]), candle_core::Shape::from(())))
     }
@@ -111,20 +98,9 @@ impl candle_core::CustomOp1 for HeadLoss {
         let Some((mut grad, lse)) = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             candle_core::bail!("output head loss: backward before forward (or twice)")
         };
-        let bf16 = arg.dtype() == DType::BF16;
         {
             let _span = crate::profile::span(crate::profile::Op::LossBwd);
-            let targets = &self.targets;
-            par_rows(&mut grad, v, |first, out| {
-                for (j, row) in out.chunks_mut(v).enumerate() {
-                    let r = first + j;
-                    softmax_grad_row_in_place(row, lse[r], g);
-                    row[targets[r] as usize] -= g;
-                    if bf16 {
-                        round_to_bf16(row);
-                    }
-                }
-            });
+            logits_to_grad(&mut grad, v, &lse, &self.targets, g, arg.dtype() == DType::BF16);
         }
         let _span = crate::profile::span(crate::profile::Op::FrozenBwd);
         let mut gx = vec![0f32; n * k];
@@ -190,6 +166,35 @@ pub fn evaluate(model: &dyn CausalLm, batches: &[MicroBatch], device: &Device) -
 }
 
 /// Fused cross-entropy (sum over rows) for contiguous f32 CPU logits.
+/// Each row's log-sum-exp of `[n, v]` logits, and the summed loss against `targets`.
+fn rows_lse_and_loss(logits: &[f32], v: usize, targets: &[u32]) -> (Vec<f32>, f64) {
+    let n = targets.len();
+    let mut lse = vec![0f32; n];
+    par_rows(&mut lse, 1, |first, out| {
+        for (j, o) in out.iter_mut().enumerate() {
+            let r = first + j;
+            *o = row_lse(&logits[r * v..(r + 1) * v]);
+        }
+    });
+    let total = (0..n).map(|r| (lse[r] - logits[r * v + targets[r] as usize]) as f64).sum();
+    (lse, total)
+}
+
+/// Logits `[n, v]` turned in place into the gradient of `g` times their summed loss:
+/// `g (softmax - onehot)`, each row rounded to bf16 when `bf16`.
+fn logits_to_grad(rows: &mut [f32], v: usize, lse: &[f32], targets: &[u32], g: f32, bf16: bool) {
+    par_rows(rows, v, |first, out| {
+        for (j, row) in out.chunks_mut(v).enumerate() {
+            let r = first + j;
+            softmax_grad_row(row, lse[r], g);
+            row[targets[r] as usize] -= g;
+            if bf16 {
+                round_to_bf16(row);
+            }
+        }
+    });
+}
+
 struct CrossEntropySum {
     targets: std::sync::Arc<Vec<u32>>,
     /// Row log-sum-exp saved by the forward pass for the backward pass.
@@ -334,10 +339,9 @@ pub(crate) fn swiglu_bwd_slice(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f
     on_loss_isa!(body(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) -> ())
 }
 
-/// `out[i] = g * exp(x[i] - lse)`: one row of the loss gradient (before the target's
-/// `-g`), vectorized like [`row_lse`].
-/// [`softmax_grad_row`] over the logits themselves: `row[j] = g * exp(row[j] - lse)`.
-fn softmax_grad_row_in_place(row: &mut [f32], lse: f32, g: f32) {
+/// One row of the loss gradient in place over the logits: `row[j] = g * exp(row[j] -
+/// lse)` (before the target's `-g`), vectorized like [`row_lse`].
+fn softmax_grad_row(row: &mut [f32], lse: f32, g: f32) {
     #[inline(always)]
     fn body(row: &mut [f32], lse: f32, g: f32) {
         for o in row.iter_mut() {
@@ -345,16 +349,6 @@ fn softmax_grad_row_in_place(row: &mut [f32], lse: f32, g: f32) {
         }
     }
     on_loss_isa!(body(row: &mut [f32], lse: f32, g: f32) -> ())
-}
-
-fn softmax_grad_row(out: &mut [f32], x: &[f32], lse: f32, g: f32) {
-    #[inline(always)]
-    fn body(out: &mut [f32], x: &[f32], lse: f32, g: f32) {
-        for (o, xi) in out.iter_mut().zip(x) {
-            *o = g * exp_neg(xi - lse);
-        }
-    }
-    on_loss_isa!(body(out: &mut [f32], x: &[f32], lse: f32, g: f32) -> ())
 }
 
 /// One attention row in place: `row[j] = softmax_j(row[j] * scale + mask[j])`, masked
@@ -423,17 +417,7 @@ impl candle_core::CustomOp1 for CrossEntropySum {
         if self.targets.len() != n {
             candle_core::bail!("cross-entropy-sum: {} targets for {n} rows", self.targets.len());
         }
-        let mut lse = vec![0f32; n];
-        par_rows(&mut lse, 1, |first, out| {
-            for (j, o) in out.iter_mut().enumerate() {
-                let r = first + j;
-                *o = row_lse(&data[r * v..(r + 1) * v]);
-            }
-        });
-        let mut total = 0f64;
-        for r in 0..n {
-            total += (lse[r] - data[r * v + self.targets[r] as usize]) as f64;
-        }
+        let (lse, total) = rows_lse_and_loss(&data, v, &self.targets);
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
         Ok((candle_core::CpuStorage::F32(vec![total as f32]), candle_core::Shape::from(())))
     }
@@ -452,16 +436,8 @@ impl candle_core::CustomOp1 for CrossEntropySum {
             Some(l) => l,
             None => (0..n).map(|r| row_lse(&x[r * v..(r + 1) * v])).collect(),
         };
-        let mut grad = vec![0f32; n * v];
-        let targets = &self.targets;
-        par_rows(&mut grad, v, |first, out| {
-            for (j, row) in out.chunks_mut(v).enumerate() {
-                let r = first + j;
-                let xr = &x[r * v..(r + 1) * v];
-                softmax_grad_row(row, xr, lse[r], g);
-                row[targets[r] as usize] -= g;
-            }
-        });
+        let mut grad = x[..n * v].to_vec();
+        logits_to_grad(&mut grad, v, &lse, &self.targets, g, false);
         drop(x);
         drop(storage);
         Ok(Some(crate::ops::cpu_tensor(grad, (n, v), arg.dtype())?))

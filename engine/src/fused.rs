@@ -40,9 +40,7 @@ pub fn lora_fusable(base: &FrozenLinear, x: &Tensor) -> bool {
 /// returns the gradients of x, A and B in one go. `mask` is the inverted-dropout mask of
 /// x's elements (`None`: no dropout).
 pub fn lora_linear_fused(base: &FrozenLinear, x: &Tensor, a: &Tensor, b: &Tensor, scaling: f64, mask: Option<Vec<f32>>) -> candle_core::Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let Some((&k, lead)) = dims.split_last() else { candle_core::bail!("lora linear: scalar input") };
-    let m: usize = lead.iter().product();
+    let (m, k, _) = rows_of(x.shape(), base.out_dim())?;
     let (r, ka) = a.dims2()?;
     let (n, rb) = b.dims2()?;
     if k != base.in_dim() || ka != k || rb != r || n != base.out_dim() {
@@ -150,14 +148,7 @@ impl candle_core::CustomOp3 for LoraFused {
         let a = cpu_f32(s2, l2, "lora A")?;
         let b = cpu_f32(s3, l3, "lora B")?;
         let mut hs = vec![0f32; m * r];
-        let mut y = vec![0f32; m * n];
-        let acc = match &self.inner.bias_f32 {
-            Some(bias) => {
-                y.chunks_exact_mut(n).for_each(|row| row.copy_from_slice(bias));
-                true
-            }
-            None => false,
-        };
+        let (mut y, acc) = crate::ops::output_rows(&self.inner, m);
         let bf16_dot = crate::ops::bf16_dot(&self.inner);
         if self.mask.is_none() && !bf16_dot {
             // f32 compute without dropout: x A^T from the frozen product's own blocks of x.

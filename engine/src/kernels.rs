@@ -664,16 +664,8 @@ fn linear_bwd_any(isa: Isa, m: usize, rows: usize, cols: usize, lhs: Lhs, rhs: R
                         };
                         for (t, chunk) in src.chunks(NR).enumerate() {
                             let dst = &mut b[t * kc * NR + p * NR..t * kc * NR + (p + 1) * NR];
-                            match (<&mut [f32; NR]>::try_from(&mut *dst), <&[f32; NR]>::try_from(chunk)) {
-                                // A whole panel row as one fixed-size copy (inline vector
-                                // moves: a memmove call per 128 bytes cost ~15% of the
-                                // output head's input gradient at 256 tokens).
-                                (Ok(d), Ok(c)) => *d = *c,
-                                _ => {
-                                    dst[..chunk.len()].copy_from_slice(chunk);
-                                    dst[chunk.len()..].fill(0.0);
-                                }
-                            }
+                            dst[..chunk.len()].copy_from_slice(chunk);
+                            dst[chunk.len()..].fill(0.0);
                         }
                     }
                 }

@@ -226,6 +226,19 @@ pub(crate) fn frozen_fwd(inner: &FrozenInner, m: usize, x: &[f32], y: &mut [f32]
     })
 }
 
+/// A layer's `[m, out]` output before its products: the bias in every row (then `true`:
+/// the products accumulate onto it), or zeros.
+pub(crate) fn output_rows(inner: &FrozenInner, m: usize) -> (Vec<f32>, bool) {
+    let mut y = vec![0f32; m * inner.out_dim];
+    match &inner.bias_f32 {
+        Some(b) => {
+            y.chunks_exact_mut(inner.out_dim.max(1)).for_each(|row| row.copy_from_slice(b));
+            (y, true)
+        }
+        None => (y, false),
+    }
+}
+
 /// `gx[m, in] = g[m, out] W` on the process-wide backend.
 pub(crate) fn frozen_bwd(inner: &FrozenInner, m: usize, g: &[f32], gx: &mut [f32]) -> candle_core::Result<()> {
     let (n, k) = (inner.out_dim, inner.in_dim);
@@ -277,15 +290,7 @@ impl candle_core::CustomOp1 for FrozenLinearFwd {
         let (m, _k) = l.shape().dims2()?;
         let n = self.inner.out_dim;
         let x = cpu_f32(s, l, "frozen linear")?;
-        let mut dst = vec![0f32; m * n];
-        let read_dst = if let Some(b) = &self.inner.bias_f32 {
-            for row in dst.chunks_exact_mut(n) {
-                row.copy_from_slice(b);
-            }
-            true
-        } else {
-            false
-        };
+        let (mut dst, read_dst) = output_rows(&self.inner, m);
         frozen_fwd(&self.inner, m, &x, &mut dst, read_dst)?;
         Ok((to_storage(dst, s.dtype())?, Shape::from((m, n))))
     }
