@@ -9,12 +9,13 @@
 //!   each 64-block (plus the 8-bit codes and nested statistics with double quantization,
 //!   both kept, `nf4::Nf4Tensor`); full precision is the compute dtype;
 //! - **embeddings and output head** in the compute dtype (the head is the embedding when
-//!   tied), norms and biases;
+//!   tied), norms and biases in the activations' dtype (`model::activation_dtype`: the
+//!   compute dtype, or f32 for bf16 compute on a CPU with bf16 dot products);
 //! - **LoRA**: the f32 parameters, their gradient as the model returns it, the step's
 //!   reduction buffers (packed, reduced, unpacked: three more f32 copies) and AdamW's two
 //!   moments (f32, or one byte each with 8-bit AdamW);
 //! - **activations kept for the backward pass**: candle keeps every tensor of the forward
-//!   graph until the backward pass ends, so without checkpointing every intermediate of
+//!   graph until the backward pass ends (in the activations' dtype), so without checkpointing every intermediate of
 //!   every block (counted op by op for each architecture below, with the attention
 //!   probabilities in f32: `[b, heads]` times the causal query blocks' visible keys, about
 //!   `s^2 / 2`, see `fused::causal_probabilities_kept`); with checkpointing a block keeps three
@@ -23,7 +24,7 @@
 //!   backward pass recomputes one block at a time: one block's intermediates, plus as
 //!   much again for their gradients in flight;
 //! - **logits** of the labelled positions and their gradient, `[tokens, vocab]` in the
-//!   compute dtype, plus one f32 copy;
+//!   activations' dtype, plus one f32 copy;
 //! - the **load transient**: converting the largest tensor while the model is built (its
 //!   bytes as stored, plus, for a linear quantized at load, an f32 tensor and the f32
 //!   values), counted instead of the training terms when larger;
@@ -52,8 +53,11 @@ pub const MARGIN_PERCENT: u64 = 10;
 #[derive(Debug, Clone, PartialEq)]
 pub struct MemoryParams {
     pub quant: Quant,
-    /// F32 or BF16.
+    /// F32 or BF16: frozen dense weights and the embedding table.
     pub compute_dtype: DType,
+    /// The activations' dtype (`model::activation_dtype`: f32 for bf16 compute on a CPU
+    /// with bf16 dot products).
+    pub activation_dtype: DType,
     pub lora_r: usize,
     /// Resolved target module names (`model::resolve_targets`).
     pub lora_targets: Vec<String>,
@@ -73,6 +77,7 @@ impl MemoryParams {
         Ok(Self {
             quant: load.quant,
             compute_dtype: load.compute_dtype,
+            activation_dtype: crate::model::activation_dtype(load.compute_dtype, &load.device),
             lora_r: lora.r,
             lora_targets: crate::model::loader::resolve_targets(cfg, lora.target_modules.as_ref())?,
             lora_dropout: lora.dropout > 0.0,
@@ -148,7 +153,7 @@ fn frozen_bytes(n: u64, quant: Quant, dsize: u64) -> u64 {
 }
 
 /// Per block and per token: elements of the tensors the forward pass keeps, as
-/// `(compute-dtype elements, f32 elements)`, attention probabilities excluded.
+/// `(activation-dtype elements, f32 elements)`, attention probabilities excluded.
 fn block_activations_per_token(cfg: &ModelConfig, compute_is_f32: bool, lora_in: usize) -> (u64, u64) {
     match &cfg.arch {
         ArchConfig::Llama(c) => {
@@ -174,20 +179,23 @@ fn block_activations_per_token(cfg: &ModelConfig, compute_is_f32: bool, lora_in:
 
 /// The peak memory of a training run of `cfg` with `p` (module docs).
 pub fn estimate_training(cfg: &ModelConfig, p: &MemoryParams) -> Result<MemoryEstimate> {
-    if !matches!(p.compute_dtype, DType::F32 | DType::BF16) {
-        return Err(EngineError::Config(format!("compute dtype {:?} is not supported (f32 or bf16)", p.compute_dtype)));
+    for dt in [p.compute_dtype, p.activation_dtype] {
+        if !matches!(dt, DType::F32 | DType::BF16) {
+            return Err(EngineError::Config(format!("compute dtype {dt:?} is not supported (f32 or bf16)")));
+        }
     }
     if p.seq_len == 0 || p.micro_batch == 0 {
         return Err(EngineError::Config("memory estimate: sequence length and micro-batch size must be positive".into()));
     }
     let c = p.compute_dtype.size_in_bytes() as u64;
+    let act = p.activation_dtype.size_in_bytes() as u64;
     let quant = if cfg.bnb_4bit.is_some() { Quant::Nf4 { double_quant: cfg.bnb_4bit.as_ref().is_some_and(|b| b.double_quant) } } else { p.quant };
     let (vocab, hidden, layers) = (cfg.vocab_size() as u64, cfg.hidden_size() as u64, cfg.num_layers() as u64);
     let linears = block_linears(cfg);
 
     let frozen: u64 = linears.iter().map(|(_, o, i)| frozen_bytes((o * i) as u64, quant, c)).sum::<u64>() * layers;
     let heads = if cfg.tie_word_embeddings() { 1 } else { 2 };
-    let norms = layers * 4 * hidden * c + 2 * hidden * c;
+    let norms = layers * 4 * hidden * act + 2 * hidden * act;
     let embeddings = heads * vocab * hidden * c + norms;
 
     let targeted: Vec<&(&str, usize, usize)> = linears.iter().filter(|(n, _, _)| p.lora_targets.iter().any(|t| t == n)).collect();
@@ -198,23 +206,23 @@ pub fn estimate_training(cfg: &ModelConfig, p: &MemoryParams) -> Result<MemoryEs
     let tokens = (p.seq_len * p.micro_batch) as u64;
     // The LoRA branch keeps its (dropped-out) input and the r-wide product per target.
     let lora_in: usize = targeted.iter().map(|(_, _, i)| if p.lora_dropout { *i } else { 0 } + p.lora_r).sum();
-    let (act_c, act_f) = block_activations_per_token(cfg, c == 4, lora_in);
+    let (act_c, act_f) = block_activations_per_token(cfg, act == 4, lora_in);
     let num_heads = match &cfg.arch {
         ArchConfig::Llama(l) => l.num_heads,
         ArchConfig::Falcon(f) => f.num_heads,
     } as u64;
     let probs = p.micro_batch as u64 * num_heads * crate::fused::causal_probabilities_kept(p.seq_len) as u64 * 4;
-    let per_block = tokens * (act_c * c + act_f * 4) + probs;
+    let per_block = tokens * (act_c * act + act_f * 4) + probs;
     let activations = if p.gradient_checkpointing {
         // Three hidden-size tensors per block, then one block recomputed with its
         // gradients in flight.
-        layers * tokens * 3 * hidden * c + 2 * per_block
+        layers * tokens * 3 * hidden * act + 2 * per_block
     } else {
         // Every block's intermediates, plus the gradients in flight of the block whose
         // backward is running.
         layers * per_block + per_block
     };
-    let logits = tokens * vocab * (2 * c + 4);
+    let logits = tokens * vocab * (2 * act + 4);
 
     // Building a weight reads its stored bytes (bf16 as published) into a tensor first.
     // A dense weight (the embedding, or every linear without NF4) is then converted
@@ -367,7 +375,10 @@ pub fn check_fits(est: &MemoryEstimate, replicas: usize, p: &MemoryParams, probe
         advice.push("quantize the frozen weights (quantization.method: nf4)".to_string());
     }
     if p.compute_dtype == DType::F32 {
-        advice.push("use quantization.compute_dtype: bf16 (halves activations and embeddings)".to_string());
+        // On a CPU with bf16 dot products, bf16 compute keeps f32 activations.
+        let bf16_acts = crate::model::activation_dtype(DType::BF16, &candle_core::Device::Cpu) == DType::BF16;
+        let what = if bf16_acts { "activations and embeddings" } else { "embeddings" };
+        advice.push(format!("use quantization.compute_dtype: bf16 (halves {what})"));
     }
     let copies = if replicas > 1 { format!(" x {replicas} model replicas in this process") } else { String::new() };
     Err(EngineError::Memory(format!(
@@ -394,6 +405,7 @@ mod tests {
         MemoryParams {
             quant: Quant::Nf4 { double_quant: true },
             compute_dtype: DType::F32,
+            activation_dtype: DType::F32,
             lora_r: 8,
             lora_targets: vec!["query_key_value".into(), "q_proj".into(), "v_proj".into()],
             lora_dropout: true,

@@ -53,7 +53,12 @@ pub(crate) struct FrozenInner {
     pub(crate) bias_f32: Option<Vec<f32>>,
     pub(crate) out_dim: usize,
     pub(crate) in_dim: usize,
+    /// The dtype of the layer's input and output (the activations).
     pub(crate) dtype: DType,
+    /// The dtype the products run in (bitsandbytes' `bnb_4bit_compute_dtype`): the same
+    /// as `dtype`, or bf16 for f32 activations on a CPU with bf16 dot products
+    /// ([`crate::model::activation_dtype`]). A dense weight is kept in it.
+    pub(crate) products: DType,
 }
 
 /// A frozen linear layer.
@@ -63,8 +68,18 @@ pub struct FrozenLinear {
 }
 
 impl FrozenLinear {
-    /// `weight` `[out, in]`, `bias` `[out]`; `dtype` is the compute dtype (F32 or BF16).
+    /// `weight` `[out, in]`, `bias` `[out]`; `dtype` is the compute dtype (F32 or BF16),
+    /// of the products and of the activations alike.
     pub fn new(weight: FrozenWeight, bias: Option<Tensor>, dtype: DType) -> candle_core::Result<Self> {
+        Self::mixed(weight, bias, dtype, dtype)
+    }
+
+    /// Like [`FrozenLinear::new`], with activations (input, output, bias) in `activations`
+    /// and the products in `products` (a dense weight is kept in it): f32 activations with
+    /// bf16 products are what bf16 compute runs on a CPU with bf16 dot products
+    /// ([`crate::model::activation_dtype`]).
+    pub fn mixed(weight: FrozenWeight, bias: Option<Tensor>, activations: DType, products: DType) -> candle_core::Result<Self> {
+        let dtype = activations;
         let nf4_dims = |s: &[usize]| match s {
             [o, i] => Ok((*o, *i)),
             s => Err(candle_core::Error::Msg(format!("nf4 linear weight must be 2-d, got {s:?}"))),
@@ -75,7 +90,7 @@ impl FrozenLinear {
             FrozenWeight::Nf4Device(q) => nf4_dims(q.shape())?,
         };
         let weight = match weight {
-            FrozenWeight::Dense(w) => FrozenWeight::Dense(w.to_dtype(dtype)?.contiguous()?),
+            FrozenWeight::Dense(w) => FrozenWeight::Dense(w.to_dtype(products)?.contiguous()?),
             q => q,
         };
         let bias = bias.map(|b| b.to_dtype(dtype)).transpose()?;
@@ -85,7 +100,7 @@ impl FrozenLinear {
                 candle_core::bail!("linear bias has {} values, weight has {out_dim} rows", b.len());
             }
         }
-        Ok(Self { inner: Arc::new(FrozenInner { weight, bias, bias_f32, out_dim, in_dim, dtype }) })
+        Ok(Self { inner: Arc::new(FrozenInner { weight, bias, bias_f32, out_dim, in_dim, dtype, products }) })
     }
 
     pub fn out_dim(&self) -> usize {
@@ -196,10 +211,10 @@ pub(crate) fn with_weight_rows<R>(inner: &FrozenInner, f: impl FnOnce(Rows) -> R
 }
 
 /// Whether a layer's frozen products run on the bf16 dot-product kernels
-/// ([`crate::kernels_bf16`]): bf16 compute, the AVX-512 kernels as the backend, a CPU
+/// ([`crate::kernels_bf16`]): bf16 products, the AVX-512 kernels as the backend, a CPU
 /// with AVX512-BF16, and `LORAFLEET_BF16_DOT` not `off`.
 pub(crate) fn bf16_dot(inner: &FrozenInner) -> bool {
-    inner.dtype == DType::BF16 && bf16_dot_products()
+    inner.products == DType::BF16 && bf16_dot_products()
 }
 
 /// Whether bf16 compute's frozen products run on the bf16 dot-product kernels in this

@@ -163,6 +163,43 @@ fn tiny_falcon_nf4_adapter_logits() {
     check("tiny-falcon", m.as_ref(), "logits_nf4_adapter", NF4_FIXTURE_TOL);
 }
 
+/// bf16 compute (the QLoRA default): the products round both operands to bf16, so the
+/// logits are HF's f32 ones to bf16 precision. On a CPU with bf16 dot products the
+/// activations are f32 (`model::activation_dtype`), and bf16 again with
+/// `LORAFLEET_CPU_ACTIVATIONS=bf16` (the rerun below); elsewhere bf16.
+#[test]
+fn bf16_compute_logits() {
+    use lorafleet_engine::model::activation_dtype;
+    let keep_bf16 = std::env::var("LORAFLEET_CPU_ACTIVATIONS").is_ok_and(|v| v == "bf16");
+    let cpu = lorafleet_engine::ops::cpu_ops(&Device::Cpu);
+    let want = if cpu && lorafleet_engine::ops::bf16_dot_products() && !keep_bf16 { DType::F32 } else { DType::BF16 };
+    assert_eq!(activation_dtype(DType::BF16, &Device::Cpu), want);
+    assert_eq!(activation_dtype(DType::F32, &Device::Cpu), DType::F32);
+    for (model, quant, which, tol) in [
+        ("tiny-llama", Quant::None, "logits_adapter", 0.02),
+        ("tiny-falcon", Quant::None, "logits_adapter", 0.02),
+        ("tiny-falcon", Quant::Nf4 { double_quant: true }, "logits_nf4_adapter", 0.02),
+    ] {
+        let opts = LoadOptions { compute_dtype: DType::BF16, ..adapter_opts(model, quant) };
+        let m = load_model(&fixtures().join(format!("models/{model}")), &opts).unwrap();
+        let exp = expected(model);
+        let ids = exp["input_ids.0"].to_dtype(DType::U32).unwrap();
+        let ids = ids.reshape((1, ids.elem_count())).unwrap();
+        let h = m.hidden_states(&ForwardInput { input_ids: ids, position_ids: None, segment_ids: None }).unwrap();
+        assert_eq!(h.dtype(), want, "{model}: hidden states");
+        check(model, m.as_ref(), which, tol);
+    }
+}
+
+#[test]
+fn bf16_compute_logits_with_bf16_activations() {
+    if !(lorafleet_engine::ops::bf16_dot_products() && lorafleet_engine::ops::cpu_ops(&Device::Cpu)) {
+        eprintln!("bf16 compute already keeps bf16 activations on this CPU: not rerun");
+        return;
+    }
+    common::rerun_bf16_activations("bf16_compute_logits", 1);
+}
+
 /// Every logits check again on the portable ops (the path of CUDA devices): the NF4
 /// models hold their weights as [`lorafleet_engine::nf4::DeviceNf4`] there.
 #[test]

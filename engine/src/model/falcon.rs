@@ -111,7 +111,7 @@ impl Block for FalconBlock {
 pub fn build(cfg: &FalconConfig, mut b: Builder) -> Result<Transformer> {
     let (hs, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
     let qkv_out = cfg.qkv_out();
-    let embed = b.dense("transformer.word_embeddings.weight", &[cfg.vocab_size, hs])?;
+    let embed = b.embedding("transformer.word_embeddings.weight", &[cfg.vocab_size, hs])?;
     let mut blocks: Vec<Arc<dyn Block>> = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = format!("transformer.h.{i}");

@@ -51,7 +51,7 @@ impl Block for LlamaBlock {
 /// Build a Llama-family model from its weights.
 pub fn build(cfg: &LlamaConfig, mut b: Builder) -> Result<Transformer> {
     let (hs, hd, nh, nkv, inter) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size);
-    let embed = b.dense("model.embed_tokens.weight", &[cfg.vocab_size, hs])?;
+    let embed = b.embedding("model.embed_tokens.weight", &[cfg.vocab_size, hs])?;
     let mut blocks: Vec<Arc<dyn Block>> = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = format!("model.layers.{i}");

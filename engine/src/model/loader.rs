@@ -149,16 +149,27 @@ fn resolve_lora(cfg: &ModelConfig, req: &LoraSettingsRequest) -> Result<(LoraSet
 pub struct Builder {
     weights: Weights,
     cfg: ModelConfig,
+    /// The activations' dtype ([`activation_dtype`]).
     dtype: DType,
+    /// The compute dtype: of the products, and of the dense frozen weights and the
+    /// embedding table.
+    compute: DType,
     device: Device,
     quant: Quant,
     lora: LoraBuilder,
 }
 
 impl Builder {
-    /// A non-linear tensor (embedding, norm) in the compute dtype, shape-checked.
+    /// A small non-linear tensor (norm weight, bias) in the activations' dtype,
+    /// shape-checked.
     pub fn dense(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         self.weights.tensor_shaped(name, shape, self.dtype, &self.device)
+    }
+
+    /// The embedding table `[vocab, hidden]` in the compute dtype (looked-up rows are
+    /// converted to the activations' dtype), shape-checked.
+    pub fn embedding(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.weights.tensor_shaped(name, shape, self.compute, &self.device)
     }
 
     /// A frozen linear `prefix.weight` `[out, in]` (+ `prefix.bias`), NF4 when asked or
@@ -174,7 +185,7 @@ impl Builder {
             FrozenWeight::Nf4(Arc::new(q))
         } else {
             match self.quant {
-                Quant::None => FrozenWeight::Dense(self.weights.tensor_shaped(&wname, &[out, inp], self.dtype, &self.device)?),
+                Quant::None => FrozenWeight::Dense(self.weights.tensor_shaped(&wname, &[out, inp], self.compute, &self.device)?),
                 Quant::Nf4 { double_quant } => {
                     let (shape, values) = self.weights.f32_values(&wname)?;
                     if shape != [out, inp] {
@@ -190,7 +201,7 @@ impl Builder {
             w => w,
         };
         let b = if bias { Some(self.dense(&format!("{prefix}.bias"), &[out])?) } else { None };
-        let base = FrozenLinear::new(weight, b, self.dtype)?;
+        let base = FrozenLinear::mixed(weight, b, self.dtype, self.compute)?;
         self.lora.wrap(prefix, base)
     }
 
@@ -202,9 +213,9 @@ impl Builder {
             }
             embed.clone()
         } else {
-            self.dense(name, &[vocab, hidden])?
+            self.embedding(name, &[vocab, hidden])?
         };
-        Ok(FrozenLinear::new(FrozenWeight::Dense(w), None, self.dtype)?)
+        Ok(FrozenLinear::mixed(FrozenWeight::Dense(w), None, self.dtype, self.compute)?)
     }
 
     pub fn finish(
@@ -220,6 +231,32 @@ impl Builder {
         let params = self.lora.finish()?;
         let info = model_info(&self.cfg, settings);
         Transformer::new(info, embed, blocks, norm, lm_head, inv_freq, sliding_window, self.dtype, self.device, params)
+    }
+}
+
+/// The environment variable that keeps bf16 compute's activations in bf16 on a CPU with
+/// bf16 dot products (`bf16`; anything else: f32, see [`activation_dtype`]).
+pub const CPU_ACTIVATIONS_ENV: &str = "LORAFLEET_CPU_ACTIVATIONS";
+
+/// The dtype a model's activations (hidden states, their gradients, the KV cache) are
+/// kept in for `compute` (the spec's `quantization.compute_dtype`, bitsandbytes'
+/// `bnb_4bit_compute_dtype`: the dtype of the frozen products) on `device`.
+///
+/// The compute dtype itself, except for bf16 on a CPU running the engine's ops with bf16
+/// dot products (AVX512-BF16): there the products take bf16 operands (rounded as they
+/// are packed) and everything else runs in f32, i.e. `torch_dtype=float32` with
+/// `bnb_4bit_compute_dtype=bfloat16` in Hugging Face terms. A CPU has no bf16
+/// arithmetic besides those dot products: bf16 activations cost a conversion in and out
+/// of every op, and candle's backward pass sums their gradients through a slow bf16 path
+/// (~20% of a step at sequence 1024, `docs/benchmarks.md`). Activations take twice the
+/// memory of bf16 ones; `LORAFLEET_CPU_ACTIVATIONS=bf16` keeps them in bf16.
+pub fn activation_dtype(compute: DType, device: &Device) -> DType {
+    static BF16: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let keep_bf16 = *BF16.get_or_init(|| std::env::var(CPU_ACTIVATIONS_ENV).is_ok_and(|v| v == "bf16"));
+    if compute == DType::BF16 && crate::ops::cpu_ops(device) && crate::ops::bf16_dot_products() && !keep_bf16 {
+        DType::F32
+    } else {
+        compute
     }
 }
 
@@ -245,7 +282,8 @@ pub fn load_model(dir: &Path, opts: &LoadOptions) -> Result<Box<dyn CausalLm>> {
     let b = Builder {
         weights,
         cfg: cfg.clone(),
-        dtype: opts.compute_dtype,
+        dtype: activation_dtype(opts.compute_dtype, &opts.device),
+        compute: opts.compute_dtype,
         device: opts.device.clone(),
         quant: opts.quant,
         lora: LoraBuilder::new(settings, source, &opts.device),

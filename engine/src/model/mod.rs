@@ -19,7 +19,7 @@ pub mod transformer;
 pub mod weights;
 
 pub use config::{ArchConfig, ModelConfig};
-pub use loader::{load_model, read_model_config, read_model_info, LoadOptions, LoraInit, LoraSettingsRequest, Quant};
+pub use loader::{activation_dtype, load_model, read_model_config, read_model_info, LoadOptions, LoraInit, LoraSettingsRequest, Quant};
 
 /// What every architecture exposes.
 pub trait CausalLm: Send + Sync {

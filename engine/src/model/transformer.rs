@@ -213,6 +213,7 @@ pub struct Transformer {
     pub lm_head: FrozenLinear,
     pub inv_freq: Vec<f32>,
     pub sliding_window: Option<usize>,
+    /// The activations' dtype (`model::activation_dtype`).
     pub dtype: DType,
     pub device: Device,
     lora: BTreeMap<String, Var>,
@@ -266,7 +267,7 @@ impl Transformer {
         if b * s > 0 && max >= self.info.vocab_size {
             return Err(EngineError::Data(format!("token id {max} is outside the vocabulary ({})", self.info.vocab_size)));
         }
-        Ok(self.embed.index_select(&flat, 0)?.reshape((b, s, self.embed.dim(1)?))?)
+        Ok(self.embed.index_select(&flat, 0)?.reshape((b, s, self.embed.dim(1)?))?.to_dtype(self.dtype)?)
     }
 
     /// Run one block, checkpointed when asked (and a graph is being built), except the

@@ -6,7 +6,7 @@ use std::process::Command;
 
 /// The variables a rerun sets; a process with any of them set is such a child and
 /// reruns nothing itself.
-const RERUN_VARS: [&str; 2] = ["LORAFLEET_BLAS", "LORAFLEET_OPS"];
+const RERUN_VARS: [&str; 3] = ["LORAFLEET_BLAS", "LORAFLEET_OPS", "LORAFLEET_CPU_ACTIVATIONS"];
 
 /// Runs the tests of this test binary whose names contain `filter` again in a child
 /// process with `LORAFLEET_BLAS=avx2`, so that the AVX2 kernels (and the fused ops on
@@ -31,6 +31,13 @@ pub fn rerun_on_avx2(filter: &str, at_least: usize) {
 /// ran and all passed; returns at once inside a rerun child.
 pub fn rerun_portable(filter: &str, at_least: usize) {
     rerun(filter, ("LORAFLEET_OPS", "portable"), at_least);
+}
+
+/// Runs the tests of this test binary whose names contain `filter` again in a child
+/// process with `LORAFLEET_CPU_ACTIVATIONS=bf16` (bf16 compute keeps bf16 activations on
+/// a CPU with bf16 dot products too). Fails like [`rerun_portable`].
+pub fn rerun_bf16_activations(filter: &str, at_least: usize) {
+    rerun(filter, ("LORAFLEET_CPU_ACTIVATIONS", "bf16"), at_least);
 }
 
 fn rerun(filter: &str, (var, value): (&str, &str), at_least: usize) {
