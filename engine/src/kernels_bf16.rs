@@ -21,8 +21,12 @@ use crate::ops::f32_to_bf16;
 const KPF: usize = 1024;
 /// Pairs of the inner dimension per block of the input-gradient kernel (depth 256).
 const KPB: usize = 128;
-/// Rows of the left operand per block.
+/// Rows of the left operand per block, at least.
 const MC: usize = 256;
+/// Bytes of the forward's packed `x^T` block: more rows per block where the depth is
+/// small, so that each weight row is dequantized and paired fewer times (the block stays
+/// in L2).
+const XT_BYTES: usize = 512 << 10;
 
 /// Whether this CPU has AVX512-BF16 (and AVX-512F).
 pub fn available() -> bool {
@@ -103,6 +107,19 @@ unsafe fn pack_interleaved_wide(dst: *mut u32, lo: *const f32, hi: *const f32, c
     }
 }
 
+/// The packed `x^T` panels, written by several threads (each its own panels).
+struct PanelsOut(*mut u32);
+// SAFETY: threads write disjoint panels (see `linear_fwd`).
+unsafe impl Send for PanelsOut {}
+unsafe impl Sync for PanelsOut {}
+
+impl PanelsOut {
+    /// The element `i` (a method, so that closures capture the whole `PanelsOut`).
+    fn at(&self, i: usize) -> *mut u32 {
+        self.0.wrapping_add(i)
+    }
+}
+
 /// Fill `panel`, rows of `kp` pairs: the first `valid` rows by `fill(row, dst)`, the
 /// rest (padding up to whole tiles) with zeros.
 fn pack_panel(panel: &mut [u32], kp: usize, valid: usize, mut fill: impl FnMut(usize, &mut [u32])) {
@@ -134,37 +151,43 @@ pub fn linear_fwd(m: usize, n: usize, k: usize, x: &[f32], w: Rows, y: &mut [f32
     }
     let out = Out(y.as_mut_ptr());
     let kp_all = k.div_ceil(2);
+    let mc_max = (XT_BYTES / (4 * KPF.min(kp_all)) / NR * NR).max(MC);
     let mut xt: Vec<u32> = Vec::new();
-    for ic in (0..m).step_by(MC) {
-        let mc = MC.min(m - ic);
+    for ic in (0..m).step_by(mc_max) {
+        let mc = mc_max.min(m - ic);
         let mc_pad = mc.div_ceil(NR) * NR;
         for pp in (0..kp_all).step_by(KPF) {
             let kp = KPF.min(kp_all - pp);
             let (k0, k1) = (2 * pp, (2 * (pp + kp)).min(k));
             // xt[t * kp * NR + p * NR + c] = pair of x[ic + t * NR + c, k0 + 2p ..], zero
-            // rows up to whole panels.
+            // rows up to whole panels; panels split between the threads.
             xt.clear();
             xt.resize(kp * mc_pad, 0);
-            // Panel by panel: its rows paired into `rows_buf`, then moved 16 depth steps
-            // at a time, so that the panel rows being filled stay in L1.
-            let mut rows_buf = vec![0u32; NR * kp];
-            for t in 0..mc.div_ceil(NR) {
-                let rows = NR.min(mc - t * NR);
-                for c in 0..rows {
-                    let i = ic + t * NR + c;
-                    pack_pairs(&mut rows_buf[c * kp..(c + 1) * kp], &x[i * k + k0..i * k + k1]);
-                }
-                let panel = &mut xt[t * kp * NR..(t + 1) * kp * NR];
-                for p0 in (0..kp).step_by(16) {
-                    let pl = 16.min(kp - p0);
+            let xt_out = PanelsOut(xt.as_mut_ptr());
+            run_split(split(mc.div_ceil(NR), 1, 16 * mc * kp, parallel), |panels| {
+                // Panel by panel: its rows paired into `rows_buf`, then moved 16 depth
+                // steps at a time, so that the panel rows being filled stay in L1.
+                let mut rows_buf = vec![0u32; NR * kp];
+                for t in panels {
+                    let rows = NR.min(mc - t * NR);
                     for c in 0..rows {
-                        let src = &rows_buf[c * kp + p0..c * kp + p0 + pl];
-                        for (d, &v) in panel[p0 * NR + c..].iter_mut().step_by(NR).zip(src) {
-                            *d = v;
+                        let i = ic + t * NR + c;
+                        pack_pairs(&mut rows_buf[c * kp..(c + 1) * kp], &x[i * k + k0..i * k + k1]);
+                    }
+                    // SAFETY: panel t of xt (kp * NR pairs from t * kp * NR) is inside it
+                    // and written by this thread only.
+                    let panel = unsafe { std::slice::from_raw_parts_mut(xt_out.at(t * kp * NR), kp * NR) };
+                    for p0 in (0..kp).step_by(16) {
+                        let pl = 16.min(kp - p0);
+                        for c in 0..rows {
+                            let src = &rows_buf[c * kp + p0..c * kp + p0 + pl];
+                            for (d, &v) in panel[p0 * NR + c..].iter_mut().step_by(NR).zip(src) {
+                                *d = v;
+                            }
                         }
                     }
                 }
-            }
+            });
             let xt = &xt[..];
             let acc = accumulate || pp > 0;
             run_split(split(n, MR, 4 * mc * n * kp, parallel), |cols| {
@@ -330,8 +353,9 @@ mod tests {
             eprintln!("no AVX512-BF16 on this CPU: skipped");
             return;
         }
-        // Odd depths (a half pair), ragged tiles, several passes and blocks, threads.
-        for &(m, n, k) in &[(1, 1, 1), (13, 33, 7), (25, 65, 257), (300, 40, 300), (30, 130, 2101), (255, 96, 513)] {
+        // Odd depths (a half pair), ragged tiles, several passes and blocks (of 256 rows
+        // at depth 2101, of 4096 at depth 64), threads.
+        for &(m, n, k) in &[(1, 1, 1), (13, 33, 7), (25, 65, 257), (300, 40, 300), (30, 130, 2101), (255, 96, 513), (600, 33, 2101), (4200, 17, 64)] {
             let v = |len: usize, s: usize| -> Vec<f32> { (0..len).map(|i| (((i * 37 + s * 11) % 101) as f32 - 50.0) / 37.0).collect() };
             let (x, w, g) = (v(m * k, 1), v(n * k, 2), v(m * n, 3));
             for accumulate in [false, true] {
