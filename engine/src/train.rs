@@ -322,7 +322,8 @@ pub fn load_options(spec: &JobSpec, init_adapter: Option<&Path>, device: &Device
 /// ([`crate::ops::bf16_dot_products`]: no AVX512-BF16, another matmul backend, or
 /// `LORAFLEET_BF16_DOT=off`) and every op converts: in `lorafleet
 /// bench train` (NF4, sequence 256, 2026-12-01) that ran ~1.05-1.2x slower than f32
-/// compute, where with AVX512-BF16 bf16 compute is ~1.05-1.1x faster than f32.
+/// compute, where with AVX512-BF16 bf16 compute is ~1.3x faster than f32
+/// (`scripts/bench-compare.sh` at `7fc74a2`).
 pub fn device_advice(spec: &JobSpec, device: &Device) -> Option<String> {
     (device.is_cpu() && spec.quantization.compute_dtype == ComputeDtype::Bf16 && !crate::ops::bf16_dot_products()).then(|| {
         "quantization.compute_dtype: bf16 on a CPU without bf16 dot products (AVX512-BF16 and the built-in AVX-512 \
