@@ -121,16 +121,17 @@ impl Rows<'_> {
     }
 }
 
-/// Raw output pointer shared by the threads, each writing disjoint elements.
+/// Raw output pointer shared by the threads, each writing disjoint elements (f32
+/// outputs; `u32` for the bf16 kernels' packed pairs).
 #[derive(Clone, Copy)]
-pub(crate) struct Out(pub(crate) *mut f32);
-// SAFETY: threads write disjoint column ranges of the output (see the callers).
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
+pub(crate) struct Out<T = f32>(pub(crate) *mut T);
+// SAFETY: threads write disjoint parts of the output (see the callers).
+unsafe impl<T> Send for Out<T> {}
+unsafe impl<T> Sync for Out<T> {}
 
-impl Out {
+impl<T> Out<T> {
     /// The element `i` (a method, so that closures capture the whole `Out`).
-    pub(crate) fn at(&self, i: usize) -> *mut f32 {
+    pub(crate) fn at(&self, i: usize) -> *mut T {
         self.0.wrapping_add(i)
     }
 }

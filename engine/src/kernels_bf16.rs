@@ -107,19 +107,6 @@ unsafe fn pack_interleaved_wide(dst: *mut u32, lo: *const f32, hi: *const f32, c
     }
 }
 
-/// The packed `x^T` panels, written by several threads (each its own panels).
-struct PanelsOut(*mut u32);
-// SAFETY: threads write disjoint panels (see `linear_fwd`).
-unsafe impl Send for PanelsOut {}
-unsafe impl Sync for PanelsOut {}
-
-impl PanelsOut {
-    /// The element `i` (a method, so that closures capture the whole `PanelsOut`).
-    fn at(&self, i: usize) -> *mut u32 {
-        self.0.wrapping_add(i)
-    }
-}
-
 /// Fill `panel`, rows of `kp` pairs: the first `valid` rows by `fill(row, dst)`, the
 /// rest (padding up to whole tiles) with zeros.
 fn pack_panel(panel: &mut [u32], kp: usize, valid: usize, mut fill: impl FnMut(usize, &mut [u32])) {
@@ -163,7 +150,7 @@ pub fn linear_fwd(m: usize, n: usize, k: usize, x: &[f32], w: Rows, y: &mut [f32
             // rows up to whole panels; panels split between the threads.
             xt.clear();
             xt.resize(kp * mc_pad, 0);
-            let xt_out = PanelsOut(xt.as_mut_ptr());
+            let xt_out = Out(xt.as_mut_ptr());
             run_split(split(mc.div_ceil(NR), 1, 16 * mc * kp, parallel), |panels| {
                 // Panel by panel: its rows paired into `rows_buf`, then moved 16 depth
                 // steps at a time, so that the panel rows being filled stay in L1.
