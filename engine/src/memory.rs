@@ -14,9 +14,10 @@
 //! - **LoRA**: the f32 parameters, their gradient as the model returns it, the step's
 //!   reduction buffers (packed, reduced, unpacked: three more f32 copies) and AdamW's two
 //!   moments (f32, or one byte each with 8-bit AdamW);
-//! - **activations kept for the backward pass**: candle keeps every tensor of the forward
-//!   graph until the backward pass ends (in the activations' dtype), so without checkpointing every intermediate of
-//!   every block (counted op by op for each architecture below, with the attention
+//! - **activations kept for the backward pass** (in the activations' dtype): candle keeps
+//!   every tensor of the forward graph until the backward pass ends, so without
+//!   checkpointing every intermediate of every block (counted op by op for each
+//!   architecture below, with the attention
 //!   probabilities in f32: `[b, heads]` times the causal query blocks' visible keys, about
 //!   `s^2 / 2`, see `fused::causal_probabilities_kept`); with checkpointing a block keeps three
 //!   hidden-size tensors on a GPU (its detached output, the hook's and their sum; one on
@@ -154,7 +155,7 @@ fn frozen_bytes(n: u64, quant: Quant, dsize: u64) -> u64 {
 
 /// Per block and per token: elements of the tensors the forward pass keeps, as
 /// `(activation-dtype elements, f32 elements)`, attention probabilities excluded.
-fn block_activations_per_token(cfg: &ModelConfig, compute_is_f32: bool, lora_in: usize) -> (u64, u64) {
+fn block_activations_per_token(cfg: &ModelConfig, f32_activations: bool, lora_in: usize) -> (u64, u64) {
     match &cfg.arch {
         ArchConfig::Llama(c) => {
             let (h, qd, kv, i) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
@@ -168,7 +169,7 @@ fn block_activations_per_token(cfg: &ModelConfig, compute_is_f32: bool, lora_in:
             let norms = if c.two_layernorms || !c.parallel_attn { 2 } else { 1 };
             // The composite LayerNorm works in f32: centred, squared, normalized, scaled,
             // shifted (+ the f32 input and the rounded output in bf16).
-            let (ln_c, ln_f) = if compute_is_f32 { (0, 5 * h) } else { (h, 6 * h) };
+            let (ln_c, ln_f) = if f32_activations { (0, 5 * h) } else { (h, 6 * h) };
             // fused qkv, its q/k/v copies, rope(q), rope(k), attention out, dense,
             // h_to_4h, gelu, 4h_to_h, two residual adds.
             let rest = 2 * (qd + 2 * kv) + (qd + kv) + qd + h + 2 * ffn + h + 2 * h;

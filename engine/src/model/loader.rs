@@ -248,7 +248,7 @@ pub const CPU_ACTIVATIONS_ENV: &str = "LORAFLEET_CPU_ACTIVATIONS";
 /// `bnb_4bit_compute_dtype=bfloat16` in Hugging Face terms. A CPU has no bf16
 /// arithmetic besides those dot products: bf16 activations cost a conversion in and out
 /// of every op, and candle's backward pass sums their gradients through a slow bf16 path
-/// (~20% of a step at sequence 1024, `docs/benchmarks.md`). Activations take twice the
+/// (together ~14% of a step at sequence 1024, `docs/benchmarks.md`). Activations take twice the
 /// memory of bf16 ones; `LORAFLEET_CPU_ACTIVATIONS=bf16` keeps them in bf16.
 pub fn activation_dtype(compute: DType, device: &Device) -> DType {
     static BF16: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
